@@ -1,0 +1,254 @@
+"""Typed, frozen parameters loaded from params.yaml.
+
+One section per stage plus `base`, as in DVC's example-get-started. Every stage loads and validates the whole file
+before doing any work, so a typo anywhere fails fast with one message naming the key and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid. The message names every bad key and why."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a misspelt knob must not be silently ignored); configs are immutable once loaded.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class BaseParams(_Section):
+    seed: NonNegInt = 42  # seeds Python, NumPy and torch; splits and training derive from it
+    data_root: str = "data"  # folder (relative to the project) that holds the stages' data outputs
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto picks CUDA when available
+    threads: PositiveInt = 2  # torch intra-op threads on CPU
+    mlflow_dir: str = "mlflow"  # SQLite store + artifacts, relative to the project, unless MLFLOW_TRACKING_URI
+    experiment: str = "anime-fgvc"  # MLflow experiment name
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+
+class EmbeddedSource(_Section):
+    path: str = "datasets/emoji"  # committed copy of the cross-artist emoji set (see datasets/emoji/ATTRIBUTION.md)
+    categories: tuple[str, ...] = ("Smileys & Emotion", "People & Body")  # emoji categories kept as classes
+    styles: tuple[str, ...] = ("noto", "twemoji", "openmoji", "emojione")  # artists kept (the group column)
+
+
+class FolderSource(_Section):
+    path: str | None = None  # ImageFolder layout: <path>/<class name>/<image>
+
+
+class AcquireParams(_Section):
+    source: Literal["embedded", "folder"] = "embedded"  # which source fills data/raw
+    embedded: EmbeddedSource = EmbeddedSource()
+    folder: FolderSource = FolderSource()
+
+
+class CleanParams(_Section):
+    min_per_class: PositiveInt = 4  # classes with fewer clean images are dropped (DAF:re used 20)
+    max_per_class: PositiveInt | None = None  # optional cap (first N in manifest order)
+    background: tuple[int, int, int] = (255, 255, 255)  # transparent pixels are composited on this (DAF:re: white)
+    max_image_pixels: PositiveInt = 89_478_485  # larger images are quarantined (decompression-bomb guard)
+    resize_short_side: PositiveInt | None = None  # optional downscale so training reads small files
+
+    @field_validator("max_per_class")
+    @classmethod
+    def _max(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v < info.data.get("min_per_class", 1):
+            raise ValueError(f"{v} is below clean.min_per_class={info.data['min_per_class']}: every class would go")
+        return v
+
+    @field_validator("background")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in v):
+            raise ValueError(f"each channel must be in 0..255, got {list(v)}")
+        return v
+
+
+class SplitRatios(_Section):
+    train: Fraction = 0.7  # DAF:re: first int(0.7 n) of each class
+    val: Fraction = 0.1  # DAF:re: up to int(0.8 n)
+    test: Fraction = 0.2  # the rest
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitRatios":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class SplitParams(_Section):
+    strategy: Literal["per_class", "group"] = "group"  # per_class: DAF:re rule; group: hold out whole groups
+    ratios: SplitRatios = SplitRatios()  # used by per_class
+    shuffle: bool = False  # per_class: seeded shuffle inside each class first (DAF:re: manifest order)
+    group_column: str = "group"  # group: manifest column whose values are held out (artist, post, ...)
+    test_groups: tuple[str, ...] = ("twemoji",)  # group: these groups form the test set (unseen artist)
+    val_groups: tuple[str, ...] = ("emojione",)  # group: these groups form the validation set
+
+    # Field validators (not model validators) so that errors name the exact dotted key.
+    @field_validator("test_groups")
+    @classmethod
+    def _test_groups(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if info.data.get("strategy") == "group" and not v:
+            raise ValueError("must name at least one group for strategy 'group'")
+        return v
+
+    @field_validator("val_groups")
+    @classmethod
+    def _val_groups(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        both = set(v) & set(info.data.get("test_groups", ()))
+        if both:
+            raise ValueError(f"groups {sorted(both)} are also in split.test_groups")
+        return v
+
+
+class TrainParams(_Section):
+    method: Literal["cnn", "linear", "vit"] = "cnn"  # cnn/vit: full fine-tune; linear: frozen backbone + head
+    model: str = "tf_efficientnet_lite0"  # any timm model name
+    weights: str = "package:efficientnet_lite0"  # none | hub | file:PATH | package:efficientnet_lite0
+    img_size: PositiveInt = 96  # training/eval resolution (square)
+    epochs: PositiveInt = 15  # full passes over the train split
+    batch_size: PositiveInt = 32  # images per optimiser step
+    optimizer: str = "adamw"  # any timm optimizer name (create_optimizer_v2)
+    lr: Annotated[float, Field(gt=0)] = 1.0e-3  # peak learning rate
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05  # decoupled weight decay (AdamW)
+    warmup_epochs: NonNegInt = 1  # linear warm-up before the cosine decay (stepped per iteration)
+    min_lr: Annotated[float, Field(ge=0)] = 1.0e-5  # floor of the cosine schedule
+    label_smoothing: Fraction = 0.1  # cross-entropy label smoothing
+    hflip: Fraction = 0.0  # horizontal-flip probability (0 for emoji: 'pointing left' != 'pointing right')
+    scale_min: Annotated[float, Field(gt=0, le=1)] = 0.6  # RandomResizedCrop lower area bound
+    color_jitter: Fraction = 0.4  # probability of brightness/contrast/saturation/hue jitter (artists differ)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 only on CUDA
+    num_workers: NonNegInt = 0  # DataLoader workers (0 is fastest for small images on 2 cores)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        if not re.fullmatch(r"none|hub|file:.+|package:efficientnet_lite0", v):
+            raise ValueError(f"must be none, hub, file:PATH or package:efficientnet_lite0, got {v!r}")
+        return v
+
+    @field_validator("img_size")
+    @classmethod
+    def _img_size(cls, v: int, info: ValidationInfo) -> int:
+        patch = re.search(r"patch(\d+)", info.data.get("model", ""))
+        if patch and v % int(patch.group(1)):
+            raise ValueError(f"{v} is not divisible by the patch size {patch.group(1)} of {info.data['model']}")
+        return v
+
+
+class EvaluateParams(_Section):
+    batch_size: PositiveInt = 64  # images per forward pass
+    top_k: PositiveInt = 5  # the k of top-k accuracy
+
+
+class ReportParams(_Section):
+    grid_classes: PositiveInt = 8  # classes shown in the sample grid (one row per class, one column per split)
+
+
+class Params(_Section):
+    base: BaseParams = BaseParams()
+    acquire: AcquireParams = AcquireParams()
+    clean: CleanParams = CleanParams()
+    split: SplitParams = SplitParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    report: ReportParams = ReportParams()
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt? see the defaults in pipeline/config.py)"
+        elif e["type"] != "value_error" and "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  - {key}: {msg}")
+    return f"invalid parameters in {source}:\n" + "\n".join(lines)
+
+
+def _check_paths(params: Params, root: Path) -> list[str]:
+    """Paths that the chosen settings need must exist: checked here, before any stage starts work."""
+    errors = []
+    acq = params.acquire
+    if acq.source == "embedded" and not (root / acq.embedded.path).is_dir():
+        errors.append(f"  - acquire.embedded.path: folder {acq.embedded.path!r} does not exist")
+    if acq.source == "folder":
+        if acq.folder.path is None:
+            errors.append("  - acquire.folder.path: required when acquire.source is 'folder'")
+        elif not (root / acq.folder.path).is_dir():
+            errors.append(f"  - acquire.folder.path: folder {acq.folder.path!r} does not exist")
+    if params.train.weights.startswith("file:"):
+        wfile = params.train.weights.removeprefix("file:")
+        if not (root / wfile).is_file():
+            errors.append(f"  - train.weights: file {wfile!r} does not exist")
+    return errors
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    """Load and validate params.yaml; relative paths in it are resolved against the file's folder.
+
+    Raises ParamsError listing every schema problem (key + reason) without touching any output; paths are checked
+    once the schema is valid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(_format_errors(exc, str(path))) from None
+    path_errors = _check_paths(params, path.resolve().parent)
+    if path_errors:
+        raise ParamsError(f"invalid parameters in {path}:\n" + "\n".join(path_errors))
+    return params
+
+
+def _set_dotted(d: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def flatten(params: BaseModel, prefix: str = "") -> dict[str, object]:
+    """{'train.lr': 0.001, ...}: the form MLflow params and `dvc exp run -S` use."""
+    out: dict[str, object] = {}
+    for key, value in params.model_dump(mode="json").items():
+        _flatten_into(out, f"{prefix}{key}", value)
+    return out
+
+
+def _flatten_into(out: dict, key: str, value) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten_into(out, f"{key}.{k}", v)
+    else:
+        out[key] = value

@@ -1,0 +1,92 @@
+"""The `acquire` stage: fill an output folder with images + manifest.parquet from one source.
+
+Each source is a function (params section, project root, out dir) -> manifest DataFrame, registered in SOURCES.
+Images are copied under `out/images/`, so the stage output is self-contained (DVC caches and pushes it as one folder).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+from PIL import Image
+
+from pipeline.config import AcquireParams, EmbeddedSource, FolderSource
+from pipeline.data import manifest
+from pipeline.io import md5_file
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _image_size(path: Path) -> tuple[int | None, int | None]:
+    """Header-only read; undecodable files are kept here and quarantined by `clean`, which has the reasons."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return None, None
+
+
+def _rows_from_files(files: list[tuple[Path, str, str, str, str]], out: Path, source: str) -> pl.DataFrame:
+    """Copy (src, rel_dest, image_id, class_name, group) files under out/ and describe them."""
+    rows = []
+    for src, rel, image_id, class_name, group in files:
+        dest = out / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        w, h = _image_size(dest)
+        rows.append(dict(image_id=image_id, path=rel, class_name=class_name, source=source, group=group,
+                         md5=md5_file(dest), width=w, height=h))
+    df = pl.DataFrame(rows, schema={k: v for k, v in manifest.SCHEMA.items() if k not in ("class_id", "split")})
+    names = sorted(df["class_name"].unique().to_list())
+    ids = pl.DataFrame({"class_name": names, "class_id": list(range(len(names)))})
+    return df.join(ids, on="class_name", how="left").with_columns(pl.lit(None, pl.String).alias("split"))
+
+
+def from_embedded(cfg: EmbeddedSource, root: Path, out: Path) -> pl.DataFrame:
+    """The committed cross-artist emoji set: one class per emoji, one group per drawing style (artist)."""
+    base = root / cfg.path
+    index = pl.read_csv(base / "index.csv", infer_schema_length=0)  # all strings: codepoints like 0023 stay text
+    for key, column, wanted in (("categories", "category", cfg.categories), ("styles", "style", cfg.styles)):
+        unknown = sorted(set(wanted) - set(index[column]))
+        if unknown:
+            raise ValueError(f"acquire.embedded.{key}: {unknown} not in {base / 'index.csv'} "
+                             f"(available: {sorted(set(index[column]))})")
+    index = index.filter(pl.col("category").is_in(cfg.categories) & pl.col("style").is_in(cfg.styles))
+    files = [(base / r["file"], f"images/{r['file'].removeprefix('images/')}", f"{r['style']}-{r['codepoint']}",
+              r["class_name"], r["style"]) for r in index.sort("codepoint", "style").iter_rows(named=True)]
+    return _rows_from_files(files, out, "embedded")
+
+
+def from_folder(cfg: FolderSource, root: Path, out: Path) -> pl.DataFrame:
+    """ImageFolder layout: <path>/<class name>/<image>. Each image is its own group."""
+    base = root / str(cfg.path)
+    files = []
+    for cls_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+        for f in sorted(p for p in cls_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+            rel = f.relative_to(base).as_posix()
+            files.append((f, f"images/{rel}", rel, cls_dir.name, rel))
+    if not files:
+        raise ValueError(f"acquire.folder.path: no images found under {base} (expected <class>/<image> files)")
+    return _rows_from_files(files, out, "folder")
+
+
+SOURCES: dict[str, Callable[..., pl.DataFrame]] = {"embedded": from_embedded, "folder": from_folder}
+
+
+def acquire(cfg: AcquireParams, root: Path, out: Path) -> pl.DataFrame:
+    """Run the configured source into `out` (emptied first) and write out/manifest.parquet."""
+    section = getattr(cfg, cfg.source)
+    src = (root / str(section.path)).resolve()
+    dest = out.resolve()
+    if dest == src or dest in src.parents or src in dest.parents:
+        raise ValueError(f"acquire: output folder {out} overlaps the source folder {src}; "
+                         "it is emptied before acquiring, so choose another --out")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    df = SOURCES[cfg.source](section, root, out)
+    manifest.write(df, out)
+    return df

@@ -1,0 +1,37 @@
+"""Shared entry-point plumbing for stages/*.py and `python -m pipeline`: params loading and clean failures.
+
+Known bad input (invalid params, a missing or malformed manifest, a split that breaks its guarantees) ends the
+process with exit code 2 and one message that names the problem, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from pipeline.config import Params, load_params
+
+# ParamsError, ManifestError, SplitError and WeightsError are all ValueErrors. Importing nothing heavier here keeps
+# a params error fast (no torch import before the message).
+KNOWN_ERRORS = (ValueError, FileNotFoundError)
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return p
+
+
+def run(main: Callable[[argparse.Namespace, Params, Path], object], parser: argparse.ArgumentParser,
+        argv: list[str] | None = None) -> int:
+    """Parse args, load + validate params (before any work), call main(args, params, project_root)."""
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        main(args, params, Path(args.params).resolve().parent)
+    except KNOWN_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

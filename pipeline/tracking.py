@@ -1,0 +1,46 @@
+"""MLflow set-up: a SQLite store at an absolute path inside the project unless MLFLOW_TRACKING_URI is set.
+
+Absolute, because Ray workers and `dvc exp run` change the working directory. The store is a side effect of runs,
+never a DVC output (DVC deletes outputs before re-running a stage).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from pipeline.config import BaseParams
+
+
+def tracking_uri(base: BaseParams, root: Path) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    store = (root / base.mlflow_dir).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def setup(base: BaseParams, root: Path) -> str:
+    """Point MLflow at the store and return the experiment id (created once, artifacts beside the database)."""
+    import mlflow
+
+    from_env = bool(os.environ.get("MLFLOW_TRACKING_URI"))  # read first: set_tracking_uri() exports it
+    uri = tracking_uri(base, root)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(base.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if not from_env:
+        artifacts = ((root / base.mlflow_dir).resolve() / "artifacts").as_uri()
+    return mlflow.create_experiment(base.experiment, artifact_location=artifacts)
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -1,0 +1,22 @@
+"""DVC stage `train`: train params.train on the train split, select on val, track in MLflow."""
+
+import sys
+from pathlib import Path
+
+from pipeline.stage_runner import run, stage_parser
+from pipeline.training.engine import TrainOutputs, train
+
+
+def main(args, params, root):
+    outputs = TrainOutputs(Path(args.out), Path(args.metrics), Path(args.history))
+    train(params, Path(args.split), Path(args.images), outputs, root)
+
+
+if __name__ == "__main__":
+    parser = stage_parser(__doc__)
+    parser.add_argument("--split", required=True, help="split manifest (.parquet)")
+    parser.add_argument("--images", required=True, help="folder the manifest paths are relative to")
+    parser.add_argument("--out", required=True, help="model folder (model.pt, run.json, config.yaml)")
+    parser.add_argument("--metrics", required=True, help="DVC metrics json")
+    parser.add_argument("--history", required=True, help="per-epoch history csv (DVC plots)")
+    sys.exit(run(main, parser))

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real config and the real embedded dataset, shrunk (lightning-hydra-template style)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Offline, quiet, and never the developer's own MLflow server.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def make_tiny_emoji(dest: Path, n_classes: int = 12) -> Path:
+    """A copy of datasets/emoji restricted to the first n classes (all four styles), same layout."""
+    index = pl.read_csv(REPO / "datasets/emoji/index.csv", infer_schema_length=0)
+    keep = index["codepoint"].unique(maintain_order=True).head(n_classes)
+    small = index.filter(pl.col("codepoint").is_in(keep.to_list()))
+    for f in small["file"]:
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / "datasets/emoji" / f, dest / f)
+    small.write_csv(dest / "index.csv")
+    return dest
+
+
+TINY_TRAIN = {"img_size": 32, "epochs": 2, "batch_size": 16, "warmup_epochs": 0}
+
+
+def write_tiny_params(project: Path, dataset: Path, **train) -> Path:
+    """The repo's params.yaml, shrunk: tiny dataset, 32 px, 2 epochs, CPU."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["acquire"]["embedded"]["path"] = str(dataset)
+    params["base"]["device"] = "cpu"
+    params["train"].update({**TINY_TRAIN, **train})
+    path = project / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_emoji(tmp_path_factory) -> Path:
+    return make_tiny_emoji(tmp_path_factory.mktemp("tiny_emoji"))
+
+
+def run_cmd(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,381 @@
+"""The `clean` stage on a corpus of bad and odd images: every bad one quarantined with its reason, no good one lost.
+
+The corpus is an ImageFolder tree made here with Pillow/numpy and turned into a raw manifest by the real `acquire`
+folder source, so the manifest (md5, sizes, ids) is exactly what the pipeline would produce.
+"""
+
+from __future__ import annotations
+
+import io
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from pipeline.config import AcquireParams, CleanParams, FolderSource
+from pipeline.data import manifest
+from pipeline.data.acquire import acquire
+from pipeline.data.clean import QUARANTINE, QUARANTINE_SCHEMA, Rejected, load_clean, to_rgb
+from pipeline.io import md5_file
+
+WHITE = (255, 255, 255)
+SIZE = 32  # valid images are 32x32 = 1024 pixels; max_image_pixels below is 2000
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+
+def png_bytes(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def jpeg_bytes(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def solid_rgb(color: tuple[int, int, int], size: int = SIZE) -> Image.Image:
+    return Image.new("RGB", (size, size), color)
+
+
+def noise_rgb(seed: int, size: int = SIZE) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+
+
+def p_with_transparency() -> Image.Image:
+    im = Image.new("P", (SIZE, SIZE), 0)
+    im.putpalette([0, 255, 0] + [255, 0, 0] + [0, 0, 0] * 254)  # index 0 green (transparent), 1 red
+    im.paste(1, (SIZE // 2, 0, SIZE, SIZE))  # right half red, left half transparent
+    return im
+
+
+def la_image() -> Image.Image:
+    arr = np.zeros((SIZE, SIZE, 2), np.uint8)
+    arr[..., 0] = 50
+    arr[:, SIZE // 2:, 1] = 255  # left half alpha 0, right half opaque grey 50
+    return Image.fromarray(arr, "LA")
+
+
+def rgba_image() -> Image.Image:
+    arr = np.zeros((SIZE, SIZE, 4), np.uint8)
+    arr[..., 2] = 255  # blue everywhere
+    arr[:, : SIZE // 2, 3] = 0  # left half fully transparent
+    arr[:, SIZE // 2:, 3] = 255  # right half opaque
+    arr[:4, SIZE // 2:, 3] = 128  # a half-transparent band on top of the right half
+    return Image.fromarray(arr, "RGBA")
+
+
+def i16_image(value: int) -> Image.Image:
+    return Image.fromarray(np.full((SIZE, SIZE), value, np.uint16))  # mode I;16
+
+
+def truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def acquire_folder(src: Path, out: Path) -> pl.DataFrame:
+    return acquire(AcquireParams(source="folder", folder=FolderSource(path=str(src))), src.parent, out)
+
+
+# --------------------------------------------------------------------------------------------------------- the corpus
+
+VALID_ALPHA = {  # image_id -> expected mode when opened before cleaning
+    "alpha/cmyk.jpg": "CMYK", "alpha/i16.png": "I;16", "alpha/l.png": "L", "alpha/la.png": "LA",
+    "alpha/p_trans.png": "P", "alpha/rgb.jpg": "RGB", "alpha/rgba.png": "RGBA",
+}
+BAD_REASONS = {
+    "alpha/big.png": "too_many_pixels",
+    "alpha/empty.png": "empty_file",
+    "alpha/html.png": "not_an_image",
+    "alpha/text.jpg": "not_an_image",
+    "alpha/trunc.jpg": "corrupt",
+    "alpha/trunc.png": "corrupt",
+    "alpha/zz_dup_of_rgb.jpg": "duplicate",
+}
+RARE = {"beta/b0.png", "beta/b1.png"}  # 2 images < min_per_class=3
+GAMMA = {f"gamma/g{i}.png" for i in range(4)}
+CFG = CleanParams(min_per_class=3, max_image_pixels=2000)
+
+
+def make_corpus(src: Path) -> None:
+    a = src / "alpha"
+    write(a / "cmyk.jpg", jpeg_bytes(Image.new("CMYK", (SIZE, SIZE), (0, 255, 255, 0))))  # pure red in CMYK
+    write(a / "i16.png", png_bytes(i16_image(40000)))
+    write(a / "l.png", png_bytes(Image.new("L", (SIZE, SIZE), 77)))
+    write(a / "la.png", png_bytes(la_image()))
+    write(a / "p_trans.png", png_bytes(p_with_transparency(), transparency=0))
+    rgb_jpg = write(a / "rgb.jpg", jpeg_bytes(noise_rgb(1)))
+    write(a / "rgba.png", png_bytes(rgba_image()))
+    write(a / "big.png", png_bytes(solid_rgb((1, 2, 3), size=100)))  # 10000 px > max_image_pixels=2000
+    write(a / "empty.png", b"")
+    write(a / "html.png", b"<!doctype html><html><body><h1>404 Not Found</h1></body></html>\n")
+    write(a / "text.jpg", b"this is a caption, not a JPEG\n")
+    write(a / "trunc.jpg", truncated(jpeg_bytes(noise_rgb(2, size=40))))
+    write(a / "trunc.png", truncated(png_bytes(noise_rgb(3, size=40))))
+    write(a / "zz_dup_of_rgb.jpg", rgb_jpg.read_bytes())  # same bytes, later in manifest order
+    write(src / "beta" / "b0.png", png_bytes(solid_rgb((10, 0, 0))))
+    write(src / "beta" / "b1.png", png_bytes(solid_rgb((20, 0, 0))))
+    for i in range(4):
+        write(src / "gamma" / f"g{i}.png", png_bytes(solid_rgb((0, 40 + i, 0))))
+
+
+@pytest.fixture(scope="module")
+def cleaned(tmp_path_factory):
+    from pipeline.data.clean import clean
+
+    base = tmp_path_factory.mktemp("clean")
+    src = base / "src"
+    make_corpus(src)
+    raw = acquire_folder(src, base / "raw")
+    out = base / "clean"
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        df, q, counts = clean(CFG, base / "raw", out)
+    finally:  # belt and braces: Pillow's limit is process-global
+        Image.MAX_IMAGE_PIXELS = pil_limit
+    return dict(src=src, raw_dir=base / "raw", raw=raw, out=out, df=df, q=q, counts=counts)
+
+
+# ------------------------------------------------------------------------------------------------------------- tests
+
+def test_corpus_is_what_it_claims(cleaned) -> None:
+    """Guard for the test itself: the valid files really have the modes under test."""
+    src = cleaned["src"]
+    for image_id, mode in VALID_ALPHA.items():
+        with Image.open(src / image_id) as im:
+            assert im.mode == mode, image_id
+    assert (src / "alpha" / "empty.png").stat().st_size == 0
+    assert md5_file(src / "alpha" / "rgb.jpg") == md5_file(src / "alpha" / "zz_dup_of_rgb.jpg")
+    assert cleaned["raw"].height == len(VALID_ALPHA) + len(BAD_REASONS) + len(RARE) + len(GAMMA)
+
+
+def test_bad_images_quarantined_with_reason(cleaned) -> None:
+    q = cleaned["q"]
+    reasons = dict(zip(q["image_id"], q["reason"]))
+    expected = {**BAD_REASONS, **{i: "too_few_in_class" for i in RARE}}
+    assert reasons == expected
+    details = dict(zip(q["image_id"], q["detail"]))
+    assert details["alpha/empty.png"] == "0 bytes"
+    assert "100x100" in details["alpha/big.png"] or "10000 pixels" in details["alpha/big.png"]
+    assert "truncated" in details["alpha/trunc.jpg"] and "truncated" in details["alpha/trunc.png"]
+
+
+def test_duplicate_points_at_first_image(cleaned) -> None:
+    q = cleaned["q"]
+    dup = dict(zip(q["image_id"], q["duplicate_of"]))
+    assert dup["alpha/zz_dup_of_rgb.jpg"] == "alpha/rgb.jpg"
+    assert [k for k, v in dup.items() if v is not None] == ["alpha/zz_dup_of_rgb.jpg"]
+
+
+def test_no_valid_image_dropped(cleaned) -> None:
+    df = cleaned["df"]
+    assert set(df["image_id"]) == set(VALID_ALPHA) | GAMMA
+    assert set(df["image_id"]).isdisjoint(cleaned["q"]["image_id"])
+    assert set(df["image_id"]) | set(cleaned["q"]["image_id"]) == set(cleaned["raw"]["image_id"])
+
+
+def test_counts_by_reason(cleaned) -> None:
+    assert cleaned["counts"] == {
+        "input": 20, "kept": 11, "classes": 2, "quarantined": 9,
+        "by_reason": {"corrupt": 2, "duplicate": 1, "empty_file": 1, "not_an_image": 2, "too_few_in_class": 2,
+                      "too_many_pixels": 1},
+    }
+
+
+def test_outputs_on_disk_match_returned_frames(cleaned) -> None:
+    out = cleaned["out"]
+    on_disk = manifest.read(out)
+    assert on_disk.equals(cleaned["df"].select(on_disk.columns))
+    q = pl.read_parquet(out / QUARANTINE)
+    assert q.schema == pl.Schema(QUARANTINE_SCHEMA)
+    assert q.equals(cleaned["q"])
+
+
+def test_kept_images_are_rgb_files_with_matching_metadata(cleaned) -> None:
+    out = cleaned["out"]
+    for row in cleaned["df"].iter_rows(named=True):
+        path = out / row["path"]
+        with Image.open(path) as im:
+            im.load()
+            assert im.mode == "RGB", row["image_id"]
+            assert im.size == (row["width"], row["height"]) == (SIZE, SIZE)
+        assert md5_file(path) == row["md5"]
+    files = {p.relative_to(out).as_posix() for p in (out / "images").rglob("*") if p.is_file()}
+    assert files == set(cleaned["df"]["path"])  # no stray file of a quarantined or rare image
+
+
+def test_converted_images_become_png_and_rgb_jpeg_is_copied_unchanged(cleaned) -> None:
+    paths = dict(zip(cleaned["df"]["image_id"], cleaned["df"]["path"]))
+    assert paths["alpha/rgb.jpg"] == "images/alpha/rgb.jpg"
+    assert (cleaned["out"] / paths["alpha/rgb.jpg"]).read_bytes() == (cleaned["src"] / "alpha/rgb.jpg").read_bytes()
+    assert paths["gamma/g0.png"] == "images/gamma/g0.png"  # RGB PNG: also copied as is
+    for image_id in set(VALID_ALPHA) - {"alpha/rgb.jpg"}:  # re-encoded: PNG named after the original
+        stem = "images/" + image_id.rsplit(".", 1)[0]
+        assert paths[image_id].endswith(".png") and paths[image_id].startswith(stem), image_id
+
+
+def pixels(cleaned, image_id: str) -> np.ndarray:
+    path = cleaned["out"] / dict(zip(cleaned["df"]["image_id"], cleaned["df"]["path"]))[image_id]
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=int)
+
+
+def test_transparency_composited_on_white(cleaned) -> None:
+    h = SIZE // 2
+    p = pixels(cleaned, "alpha/p_trans.png")
+    assert tuple(p[0, 0]) == WHITE and tuple(p[0, -1]) == (255, 0, 0)
+    la = pixels(cleaned, "alpha/la.png")
+    assert tuple(la[10, 0]) == WHITE and tuple(la[10, -1]) == (50, 50, 50)
+    rgba = pixels(cleaned, "alpha/rgba.png")
+    assert (rgba[:, :h] == 255).all()  # alpha 0 -> white, whatever the colour underneath
+    assert tuple(rgba[10, -1]) == (0, 0, 255)
+    r, g, b = rgba[0, -1]  # alpha 128 of blue over white
+    assert abs(r - 127) <= 2 and abs(g - 127) <= 2 and b == 255
+
+
+def test_other_modes_converted(cleaned) -> None:
+    assert tuple(pixels(cleaned, "alpha/l.png")[5, 5]) == (77, 77, 77)
+    assert tuple(pixels(cleaned, "alpha/i16.png")[5, 5]) == (156, 156, 156)  # 40000 / 65535 * 255
+    r, g, b = pixels(cleaned, "alpha/cmyk.jpg")[16, 16]
+    assert r > 230 and g < 25 and b < 25
+
+
+def test_class_ids_contiguous_after_dropping_rare_class(cleaned) -> None:
+    raw_ids = dict(zip(cleaned["raw"]["class_name"], cleaned["raw"]["class_id"]))
+    assert raw_ids == {"alpha": 0, "beta": 1, "gamma": 2}
+    ids = dict(zip(cleaned["df"]["class_name"], cleaned["df"]["class_id"]))
+    assert ids == {"alpha": 0, "gamma": 1}
+
+
+def test_rare_class_files_removed(cleaned) -> None:
+    out = cleaned["out"]
+    assert "beta" not in cleaned["df"]["class_name"].to_list()
+    assert not [p for p in (out / "images" / "beta").rglob("*") if p.is_file()]
+    q = cleaned["q"].filter(pl.col("reason") == "too_few_in_class")
+    assert q["detail"].to_list() == ["class has fewer than clean.min_per_class=3"] * 2
+
+
+def test_manifest_order_preserved(cleaned) -> None:
+    raw_order = [i for i in cleaned["raw"]["image_id"] if i in set(cleaned["df"]["image_id"])]
+    assert cleaned["df"]["image_id"].to_list() == raw_order
+
+
+def test_max_per_class_caps_in_manifest_order(tmp_path: Path) -> None:
+    from pipeline.data.clean import clean
+
+    src = tmp_path / "src"
+    for i in range(6):
+        write(src / "a" / f"a{i}.png", png_bytes(solid_rgb((i, 100, 0))))
+    for i in range(2):
+        write(src / "b" / f"b{i}.png", png_bytes(solid_rgb((i, 0, 100))))
+    acquire_folder(src, tmp_path / "raw")
+    df, q, counts = clean(CleanParams(min_per_class=2, max_per_class=4), tmp_path / "raw", tmp_path / "out")
+    assert df["image_id"].to_list() == ["a/a0.png", "a/a1.png", "a/a2.png", "a/a3.png", "b/b0.png", "b/b1.png"]
+    assert dict(zip(q["image_id"], q["reason"])) == {"a/a4.png": "over_class_cap", "a/a5.png": "over_class_cap"}
+    assert counts["by_reason"] == {"over_class_cap": 2}
+    assert not (tmp_path / "out" / "images" / "a" / "a4.png").exists()
+    assert not (tmp_path / "out" / "images" / "a" / "a5.png").exists()
+    assert (tmp_path / "out" / "images" / "a" / "a3.png").is_file()
+
+
+def test_rerun_replaces_output(tmp_path: Path) -> None:
+    from pipeline.data.clean import clean
+
+    src = tmp_path / "src"
+    for i in range(4):
+        write(src / "a" / f"a{i}.png", png_bytes(solid_rgb((i, 1, 2))))
+    acquire_folder(src, tmp_path / "raw")
+    stale = write(tmp_path / "out" / "images" / "stale.png", png_bytes(solid_rgb((9, 9, 9))))
+    clean(CleanParams(), tmp_path / "raw", tmp_path / "out")
+    assert not stale.exists()
+    first = (tmp_path / "out" / "manifest.parquet").read_bytes()
+    clean(CleanParams(), tmp_path / "raw", tmp_path / "out")
+    assert (tmp_path / "out" / "manifest.parquet").read_bytes() == first  # deterministic bytes
+
+
+def test_missing_file_rejected(tmp_path: Path) -> None:
+    with pytest.raises(Rejected) as info:
+        load_clean(tmp_path / "gone.png", CleanParams())
+    assert info.value.reason == "missing"
+
+
+def test_to_rgb_uses_configured_background() -> None:
+    out = to_rgb(rgba_image(), (10, 20, 30))
+    assert out.mode == "RGB"
+    assert out.getpixel((0, 10)) == (10, 20, 30)
+    assert out.getpixel((SIZE - 1, 10)) == (0, 0, 255)
+
+
+def test_resize_short_side(tmp_path: Path) -> None:
+    path = write(tmp_path / "wide.png", png_bytes(Image.new("RGB", (80, 40), (5, 6, 7))))
+    im, changed = load_clean(path, CleanParams(resize_short_side=20))
+    assert im.size == (40, 20) and changed is True
+    im, changed = load_clean(path, CleanParams(resize_short_side=64))
+    assert im.size == (80, 40) and changed is False
+
+
+# ------------------------------------------------------------------------------------- regressions of fixed bugs
+
+def test_converted_name_does_not_collide_with_existing_png(tmp_path: Path) -> None:
+    """x.jpg (converted to PNG) and x.png (converted too) in one class folder must stay two files."""
+    from pipeline.data.clean import clean
+
+    src = tmp_path / "src"
+    write(src / "a" / "x.jpg", jpeg_bytes(Image.new("L", (SIZE, SIZE), 30)))  # mode L -> converted
+    write(src / "a" / "x.png", png_bytes(rgba_image()))  # mode RGBA -> converted
+    write(src / "a" / "y.png", png_bytes(solid_rgb((1, 1, 1))))
+    acquire_folder(src, tmp_path / "raw")
+    df, _, _ = clean(CleanParams(min_per_class=1), tmp_path / "raw", tmp_path / "out")
+    assert df.height == 3
+    assert df["path"].n_unique() == 3
+    for row in df.iter_rows(named=True):
+        assert md5_file(tmp_path / "out" / row["path"]) == row["md5"], row["image_id"]
+
+
+def test_max_image_pixels_above_pil_limit_is_honoured(tmp_path: Path, monkeypatch) -> None:
+    """clean.max_image_pixels may be raised above Pillow's own limit (scaled down: 1000 px stands for 89.5 Mpx)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = write(tmp_path / "ok.png", png_bytes(solid_rgb((1, 2, 3), size=40)))  # 1600 px
+    try:
+        im, _ = load_clean(path, CleanParams(max_image_pixels=100_000))
+    except Rejected as r:
+        pytest.fail(f"quarantined as {r.reason}: {r.detail}")
+    assert im.size == (40, 40)
+
+
+def test_dark_16bit_image_stays_dark() -> None:
+    out = to_rgb(i16_image(200), WHITE)
+    assert out.getpixel((0, 0)) == (1, 1, 1)  # 200 / 65535 * 255 = 0.78
+
+
+def test_rejected_propagates_through_context_manager() -> None:
+    @contextmanager
+    def step():
+        yield
+
+    with pytest.raises(Rejected) as info:
+        with step():
+            raise Rejected("corrupt", "demo")
+    assert (info.value.reason, info.value.detail) == ("corrupt", "demo")
+
+
+# ------------------------------------------------------------------------------------------------ regressions
+
+def test_load_clean_leaves_pillow_limit_alone(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # restored after the test whatever happens
+    small = write(tmp_path / "small.png", png_bytes(solid_rgb((1, 2, 3), size=10)))
+    load_clean(small, CleanParams(max_image_pixels=1000))
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485
+    with Image.open(write(tmp_path / "big.png", png_bytes(solid_rgb((4, 5, 6), size=64)))) as im:  # 4096 px
+        im.load()

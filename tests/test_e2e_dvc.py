@@ -1,0 +1,83 @@
+"""One real `dvc repro` of the whole DAG in a temporary copy of the repository (tiny data, 2 epochs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, TINY_TRAIN, make_tiny_emoji, run_cmd
+
+pytestmark = pytest.mark.slow
+
+
+def _copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    for f in files:
+        if f.startswith("datasets/emoji/") or not (REPO / f).is_file():
+            continue
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, dest / f)
+    make_tiny_emoji(dest / "datasets/emoji", n_classes=10)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("repo")
+    _copy_repo(dest)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["train"].update(TINY_TRAIN)
+    params["base"]["device"] = "cpu"
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    result = run_cmd(["dvc", "repro"], dest)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return dest
+
+
+def test_repro_produces_every_stage_output(repo):
+    for out in ("data/raw/manifest.parquet", "data/clean/manifest.parquet", "data/split/manifest.parquet",
+                "models/model.pt", "models/run.json", "metrics/evaluate.json", "plots/train_history.csv",
+                "reports/report.md", "reports/figures/training_curves.png", "dvc.lock", "mlflow/mlflow.db"):
+        assert (repo / out).is_file(), out
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"acquire", "clean", "split", "train", "evaluate", "report"}
+    assert json.loads((repo / "metrics/evaluate.json").read_text())["test_images"] == 10
+
+
+def test_second_repro_is_a_no_op_and_status_is_clean(repo):
+    again = run_cmd(["dvc", "repro"], repo)
+    assert again.returncode == 0
+    assert "Running stage" not in again.stdout
+    status = run_cmd(["dvc", "status", "--json"], repo)
+    assert json.loads(status.stdout) == {}
+
+
+def test_metrics_and_plots_commands(repo):
+    shown = run_cmd(["dvc", "metrics", "show", "--json"], repo)
+    assert shown.returncode == 0
+    assert "test_top1" in shown.stdout and "best_val_top1" in shown.stdout
+    plots = run_cmd(["dvc", "plots", "show", "-o", "dvc_plots"], repo)
+    assert plots.returncode == 0, plots.stderr
+    assert (repo / "dvc_plots/index.html").is_file()
+
+
+def test_training_knob_does_not_invalidate_acquisition(repo):
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["train"]["lr"] = 0.5
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        changed = set(json.loads(run_cmd(["dvc", "status", "--json"], repo).stdout))
+        assert "train" in changed
+        assert not changed & {"acquire", "clean", "split"}
+    finally:
+        params_file.write_text(original)
