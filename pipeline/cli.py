@@ -19,16 +19,38 @@ def _acquire(args: argparse.Namespace) -> int:
     from pipeline.config import AcquireParams
     from pipeline.data.acquire import acquire
 
-    if args.source == "folder" and not args.path:
-        raise ParamsError("--path: required for the folder source (a <class>/<image> tree)")
-    section = {"embedded": {"path": args.path} if args.path else {}, "folder": {"path": args.path}}[args.source]
+    section = args.section_from_cli(args)
     cfg = AcquireParams.model_validate({"source": args.source, args.source: section})
     root = Path.cwd()
-    if args.source == "folder" and not (root / args.path).is_dir():
-        raise ParamsError(f"--path: folder {args.path!r} does not exist")
+    path = getattr(getattr(cfg, args.source), "path", None)
+    if path is not None and not (root / path).is_dir():
+        raise ParamsError(f"--path: folder {path!r} does not exist")
     df = acquire(cfg, root, Path(args.out))
     print(f"acquire: {df.height} images, {df['class_name'].n_unique()} classes -> {args.out}/manifest.parquet")
     return 0
+
+
+def _add_acquire_parsers(sub) -> None:
+    """`acquire <source> --out DIR ...`: each source module declares its own flags (add_cli_arguments) and turns
+    them into its params section (section_from_cli), so the command line and params.yaml share one validation."""
+    import importlib
+
+    p = sub.add_parser("acquire", help="run one acquisition source into a folder (images + manifest.parquet)")
+    sources = p.add_subparsers(dest="source", required=True)
+    for name, module in (("embedded", "acquire"), ("folder", "acquire"), ("csv", "labelcsv"), ("dafre", "dafre"),
+                         ("danbooru", "danbooru")):
+        try:
+            mod = importlib.import_module(f"pipeline.data.{module}")
+        except ModuleNotFoundError as exc:  # a source still being built is simply not offered
+            if exc.name != f"pipeline.data.{module}":
+                raise
+            continue
+        suffix = f"_{name}" if module == "acquire" else ""
+        help_text = mod.CLI_HELP[name] if isinstance(mod.CLI_HELP, dict) else mod.CLI_HELP
+        sp = sources.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("--out", required=True, help="output folder: images + manifest.parquet (paths relative)")
+        getattr(mod, f"add_cli_arguments{suffix}")(sp)
+        sp.set_defaults(fn=_acquire, section_from_cli=getattr(mod, f"section_from_cli{suffix}"))
 
 
 def _build_emoji(args: argparse.Namespace) -> int:
@@ -45,11 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(fn=_check_params)
 
-    p = sub.add_parser("acquire", help="run one acquisition source into a folder (images + manifest.parquet)")
-    p.add_argument("source", choices=["embedded", "folder"])
-    p.add_argument("--path", help="embedded: dataset folder (default datasets/emoji); folder: <class>/<image> root")
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=_acquire)
+    _add_acquire_parsers(sub)
 
     # Its own options (--packages, --out, ...) are parsed by pipeline.data.emoji_build.main.
     p = sub.add_parser("build-emoji", help="rebuild datasets/emoji from the unpacked font/image packages",

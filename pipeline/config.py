@@ -53,10 +53,55 @@ class FolderSource(_Section):
     path: str | None = None  # ImageFolder layout: <path>/<class name>/<image>
 
 
+class CsvSource(_Section):
+    path: str | None = None  # image root that the CSVs' `dir` column is relative to
+    labels: str | None = None  # folder with train.csv/val.csv/test.csv (`class_id,dir`, no header); default <path>/labels
+    class_names: str | None = None  # optional `id,name` CSV; default <labels>/classid_classname.csv if present
+    dataset: str | None = None  # optional registry name (pipeline/data/registry.py): checks the class count
+
+
+class DafreSource(_Section):
+    path: str | None = None  # unpacked DAF:re release: faces/ or fullMin256/ plus labels/
+    images: Literal["faces", "fullMin256"] = "faces"  # which image folder of the release to import
+    shard_size: PositiveInt | None = 2048  # images per tar shard (pipeline/data/images.py); null: plain files
+
+
+class DanbooruSource(_Section):
+    base_url: str = "https://danbooru.donmai.us"  # API host; only http(s)
+    cdn_hosts: tuple[str, ...] = ("cdn.donmai.us",)  # hosts images may be downloaded from, besides the API host
+    characters: tuple[str, ...] = ()  # character tags to crawl; empty: the top_characters by post count
+    top_characters: NonNegInt = 0  # with characters empty: crawl the N character tags with most posts
+    max_posts_per_character: PositiveInt = 200  # stop paging a character after this many kept posts
+    ratings: tuple[Literal["g", "s", "q", "e"], ...] = ("g", "s")  # keep posts with these ratings
+    exclude_tags: tuple[str, ...] = ()  # drop posts carrying any of these tags
+    single_character: bool = True  # DAF:re rule: keep posts tagged with exactly one character
+    file: Literal["large", "original"] = "large"  # large_file_url (smaller, jpg/webp) or file_url (original)
+    page_limit: Annotated[int, Field(ge=1, le=200)] = 200  # posts per API page (the API caps it at 200)
+    requests_per_second: Annotated[float, Field(gt=0)] = 2.0  # polite rate across all connections
+    max_connections: Annotated[int, Field(ge=1, le=16)] = 2  # concurrent downloads
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0  # per request (connect + read)
+    max_retries: NonNegInt = 5  # retries of 429/5xx/timeouts/truncated bodies before a clear error
+    backoff_s: Annotated[float, Field(gt=0)] = 1.0  # first backoff; doubles each retry, with jitter
+    max_file_mb: Annotated[float, Field(gt=0)] = 50.0  # larger files are skipped
+    credentials_file: str = ".danbooru-credentials"  # git-ignored `login=...`/`api_key=...` file (env vars win)
+
+
 class AcquireParams(_Section):
-    source: Literal["embedded", "folder"] = "embedded"  # which source fills data/raw
+    source: Literal["embedded", "folder", "csv", "dafre", "danbooru"] = "embedded"  # which source fills data/raw
     embedded: EmbeddedSource = EmbeddedSource()
     folder: FolderSource = FolderSource()
+    csv: CsvSource = CsvSource()
+    dafre: DafreSource = DafreSource()
+    danbooru: DanbooruSource = DanbooruSource()
+
+
+class FacesParams(_Section):
+    enabled: bool = False  # crop anime faces (animeface); off: images pass through unchanged (hard links)
+    threshold: Fraction = 0.85  # keep detections with at least this confidence (DAF:re: 0.85)
+    margin: Annotated[float, Field(ge=0)] = 0.25  # grow the box by this fraction of its size on each side
+    one_face_only: bool = True  # DAF:re rule: images with several confident faces are dropped
+    no_face: Literal["drop", "keep"] = "drop"  # images without a confident face: drop (recorded) or keep whole
+    max_side: PositiveInt | None = 1024  # downscale before detection for speed (boxes are mapped back)
 
 
 class CleanParams(_Section):
@@ -166,6 +211,7 @@ class ReportParams(_Section):
 class Params(_Section):
     base: BaseParams = BaseParams()
     acquire: AcquireParams = AcquireParams()
+    faces: FacesParams = FacesParams()
     clean: CleanParams = CleanParams()
     split: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
@@ -197,6 +243,13 @@ def _check_paths(params: Params, root: Path) -> list[str]:
             errors.append("  - acquire.folder.path: required when acquire.source is 'folder'")
         elif not (root / acq.folder.path).is_dir():
             errors.append(f"  - acquire.folder.path: folder {acq.folder.path!r} does not exist")
+    for name in ("csv", "dafre"):
+        section = getattr(acq, name)
+        if acq.source == name:
+            if section.path is None:
+                errors.append(f"  - acquire.{name}.path: required when acquire.source is '{name}'")
+            elif not (root / section.path).is_dir():
+                errors.append(f"  - acquire.{name}.path: folder {section.path!r} does not exist")
     if params.train.weights.startswith("file:"):
         wfile = params.train.weights.removeprefix("file:")
         if not (root / wfile).is_file():

@@ -194,5 +194,8 @@ def test_cli_acquire_embedded_default_path(tmp_path: Path, monkeypatch, capsys) 
 
 def test_cli_acquire_folder_without_path(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["acquire", "folder", "--out", "Y"]) == 2
+    with pytest.raises(SystemExit) as exc:  # argparse: a required flag is missing
+        cli.main(["acquire", "folder", "--out", "Y"])
+    assert exc.value.code == 2
     assert "--path" in capsys.readouterr().err
+    assert not (tmp_path / "Y").exists()

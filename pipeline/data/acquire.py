@@ -73,20 +73,63 @@ def from_folder(cfg: FolderSource, root: Path, out: Path) -> pl.DataFrame:
     return _rows_from_files(files, out, "folder")
 
 
-SOURCES: dict[str, Callable[..., pl.DataFrame]] = {"embedded": from_embedded, "folder": from_folder}
+CLI_HELP = {"embedded": "the committed cross-artist emoji set (the default dataset)",
+            "folder": "an ImageFolder tree: <path>/<class name>/<image>"}
+
+
+def add_cli_arguments_embedded(p) -> None:
+    p.add_argument("--path", help="dataset folder (default datasets/emoji)")
+
+
+def section_from_cli_embedded(args) -> dict:
+    return {"path": args.path} if args.path else {}
+
+
+def add_cli_arguments_folder(p) -> None:
+    p.add_argument("--path", required=True, help="<class>/<image> root")
+
+
+def section_from_cli_folder(args) -> dict:
+    return {"path": args.path}
+
+
+def _source(name: str) -> Callable[..., pl.DataFrame]:
+    """Source functions by name; imported lazily so the embedded default never imports the crawler."""
+    if name == "embedded":
+        return from_embedded
+    if name == "folder":
+        return from_folder
+    if name == "csv":
+        from pipeline.data.labelcsv import from_csv
+        return from_csv
+    if name == "dafre":
+        from pipeline.data.dafre import from_dafre
+        return from_dafre
+    if name == "danbooru":
+        from pipeline.data.danbooru import from_danbooru
+        return from_danbooru
+    raise ValueError(f"acquire.source: unknown source {name!r}")
+
+
+SOURCES = ("embedded", "folder", "csv", "dafre", "danbooru")
 
 
 def acquire(cfg: AcquireParams, root: Path, out: Path) -> pl.DataFrame:
-    """Run the configured source into `out` (emptied first) and write out/manifest.parquet."""
+    """Run the configured source into `out` and write out/manifest.parquet.
+
+    Local sources empty `out` first. The crawler keeps what it already downloaded there (its journal makes a killed
+    crawl resumable) and only rewrites the manifest.
+    """
     section = getattr(cfg, cfg.source)
-    src = (root / str(section.path)).resolve()
     dest = out.resolve()
-    if dest == src or dest in src.parents or src in dest.parents:
-        raise ValueError(f"acquire: output folder {out} overlaps the source folder {src}; "
-                         "it is emptied before acquiring, so choose another --out")
-    if out.exists():
+    if getattr(section, "path", None) is not None:
+        src = (root / str(section.path)).resolve()
+        if dest == src or dest in src.parents or src in dest.parents:
+            raise ValueError(f"acquire: output folder {out} overlaps the source folder {src}; "
+                             "it is emptied before acquiring, so choose another --out")
+    if cfg.source != "danbooru" and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
-    df = SOURCES[cfg.source](section, root, out)
+    out.mkdir(parents=True, exist_ok=True)
+    df = _source(cfg.source)(section, root, out)
     manifest.write(df, out)
     return df
