@@ -182,6 +182,8 @@ class TrainParams(_Section):
     color_jitter: Fraction = 0.4  # probability of brightness/contrast/saturation/hue jitter (artists differ)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 only on CUDA
     num_workers: NonNegInt = 0  # DataLoader workers (0 is fastest for small images on 2 cores)
+    resume: bool = True  # continue a killed run from checkpoint_dir/<run key>/last.pt (same params + data only)
+    checkpoint_dir: str = "checkpoints"  # per-epoch resumable state, outside DVC outputs; removed when a run ends
 
     @field_validator("weights")
     @classmethod

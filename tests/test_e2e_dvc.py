@@ -48,7 +48,7 @@ def test_repro_produces_every_stage_output(repo):
                 "reports/report.md", "reports/figures/training_curves.png", "dvc.lock", "mlflow/mlflow.db"):
         assert (repo / out).is_file(), out
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"acquire", "clean", "split", "train", "evaluate", "report"}
+    assert set(lock["stages"]) == {"acquire", "faces", "clean", "split", "train", "evaluate", "report"}
     assert json.loads((repo / "metrics/evaluate.json").read_text())["test_images"] == 10
 
 
@@ -78,6 +78,31 @@ def test_training_knob_does_not_invalidate_acquisition(repo):
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         changed = set(json.loads(run_cmd(["dvc", "status", "--json"], repo).stdout))
         assert "train" in changed
-        assert not changed & {"acquire", "clean", "split"}
+        assert not changed & {"acquire", "faces", "clean", "split"}
     finally:
         params_file.write_text(original)
+
+
+def test_push_to_a_remote_and_pull_into_a_fresh_clone(repo, tmp_path):
+    """Issue 3: an acquired dataset travels through a DVC remote (a local directory here; S3 works the same)."""
+    remote = tmp_path / "remote"
+    assert run_cmd(["dvc", "remote", "add", "-d", "-f", "store", str(remote)], repo).returncode == 0
+    pushed = run_cmd(["dvc", "push", "acquire"], repo)
+    assert pushed.returncode == 0, pushed.stderr
+    assert any(remote.rglob("*")), "nothing reached the remote"
+    for cmd in (["git", "add", ".dvc/config", "dvc.lock"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "remote"]):
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, capture_output=True)
+    assert not (clone / "data/raw").exists()
+    pulled = run_cmd(["dvc", "pull", "acquire"], clone)
+    assert pulled.returncode == 0, pulled.stderr
+
+    def tree(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    assert tree(clone / "data/raw") == tree(repo / "data/raw")
+    status = json.loads(run_cmd(["dvc", "status", "acquire", "--json"], clone).stdout)
+    assert status == {}

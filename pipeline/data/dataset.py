@@ -1,4 +1,12 @@
-"""A torch Dataset over a manifest: (image tensor, class id) pairs."""
+"""A torch Dataset over a manifest: (image tensor, class id) pairs, with epoch-keyed randomness.
+
+Images are read through pipeline.data.images, so plain files and tar shards (DAF:re scale) both work.
+
+Why `EpochSampler`: the order and the augmentation of epoch e are pure functions of (seed, e, index). The sampler
+yields (index, epoch) keys; the dataset seeds the albumentations pipeline from them per sample. So a run resumed at
+an epoch boundary replays exactly what the killed run would have done, whatever the number of DataLoader workers
+(albumentations 2 would otherwise give every worker a copy of the same generator, i.e. identical augmentations).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +15,48 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.data import images
+
+
+STREAM_AUGMENT, STREAM_ORDER, STREAM_TORCH = 0, 1, 2  # independent random streams derived from one seed
+
+
+def sample_seed(seed: int, epoch: int, index: int = 0, stream: int = STREAM_AUGMENT) -> int:
+    """A well-mixed 32-bit seed for one (run seed, stream, epoch, image); NumPy's SeedSequence does the mixing."""
+    return int(np.random.SeedSequence([seed, stream, epoch, index]).generate_state(1)[0])
+
+
+class EpochSampler(Sampler):
+    """Yields (index, epoch) keys: a seeded permutation per epoch (or in order), optionally one rank's shard."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, stream=STREAM_ORDER))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        # Data-parallel ranks take interleaved slices of the same permutation (DistributedSampler's scheme).
+        return iter((i, self.epoch) for i in order[self.rank::self.world])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
 
 
 class ManifestDataset(Dataset):
-    def __init__(self, df: pl.DataFrame, image_root: str | Path, transform, cache: bool = False):
-        self.paths = [Path(image_root) / p for p in df["path"].to_list()]
+    def __init__(self, df: pl.DataFrame, image_root: str | Path, transform, cache: bool = False, seed: int = 0):
+        self.root = Path(image_root)
+        self.paths = df["path"].to_list()
         self.labels = df["class_id"].to_list()
-        self.transform = transform
+        self.transform, self.seed = transform, seed
         # Small sets (the embedded default) are decoded once; big ones are read from disk every time.
         self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
@@ -25,11 +66,14 @@ class ManifestDataset(Dataset):
     def load(self, i: int) -> np.ndarray:
         if self._cache is not None and i in self._cache:
             return self._cache[i]
-        with Image.open(self.paths[i]) as im:
+        with images.open_image(self.root, self.paths[i]) as im:
             arr = np.asarray(im.convert("RGB"))
         if self._cache is not None:
             self._cache[i] = arr
         return arr
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, epoch = key if isinstance(key, tuple) else (key, None)
+        if epoch is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(sample_seed(self.seed, epoch, i))
         return self.transform(image=self.load(i))["image"], self.labels[i]

@@ -3,6 +3,10 @@
 Reads the split manifest, builds the model by name, trains with timm's optimizer and scheduler factories on
 albumentations pipelines, selects the best epoch on val (never on test), tracks everything in MLflow and writes
 the checkpoint, DVC metrics and the per-epoch history.
+
+Killed runs resume: after every epoch the full state (model, optimiser, scheduler, RNG, history, MLflow run id) is
+written atomically to `train.checkpoint_dir/<run key>/` (see checkpoint.py). Every epoch reseeds from (seed, epoch),
+so the resumed run ends with the same metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import contextlib
 import csv
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +30,11 @@ from pipeline.progress import progress
 
 from pipeline.config import Params, flatten
 from pipeline.data import manifest
-from pipeline.data.dataset import ManifestDataset
+from pipeline.data.dataset import STREAM_TORCH, EpochSampler, ManifestDataset, sample_seed
 from pipeline.data.transforms import data_config, eval_transform, train_transform
 from pipeline.io import md5_file, write_json, write_text
 from pipeline.models import build_model, save_checkpoint
+from pipeline.training import checkpoint
 from pipeline.training.metrics import summarize
 
 CACHE_LIMIT = 20_000  # decode-once cache for sets up to this many images (the embedded default has ~1k)
@@ -68,11 +74,11 @@ def autocast(device: torch.device, precision: str):
 
 
 def make_loader(ds: ManifestDataset, batch_size: int, train: bool, seed: int, workers: int,
-                device: torch.device) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train and len(ds) > batch_size,
-                      num_workers=workers, generator=g, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0)
+                device: torch.device, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Order and augmentation come from EpochSampler's (index, epoch) keys: call loader.sampler.set_epoch(e)."""
+    sampler = EpochSampler(len(ds), shuffle=train, seed=seed, rank=rank, world_size=world_size)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train and len(sampler) > batch_size,
+                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
 
 @torch.no_grad()
@@ -99,6 +105,14 @@ def class_names(df: pl.DataFrame) -> list[str]:
     return pairs["class_name"].to_list()
 
 
+def _run_key(params: Params, split_manifest: Path) -> str:
+    """What decides the result: train params (minus where/how to checkpoint), seed, device, the split's content."""
+    flat = {k: v for k, v in flatten(params).items() if k.startswith("train.") or k in ("base.seed", "base.device")}
+    for k in ("train.resume", "train.checkpoint_dir", "train.num_workers"):
+        flat.pop(k, None)
+    return checkpoint.run_key(flat, md5_file(split_manifest))
+
+
 def train(params: Params, split_manifest: Path, image_root: Path, outputs: TrainOutputs, root: Path) -> dict:
     """Train `params.train` on the train split, select on val; returns the summary that is also written."""
     import mlflow
@@ -118,7 +132,8 @@ def train(params: Params, split_manifest: Path, image_root: Path, outputs: Train
     dcfg = data_config(model)
     model = model.to(device)
     cache = df.height <= CACHE_LIMIT
-    train_loader = make_loader(ManifestDataset(tr_df, image_root, train_transform(cfg, dcfg, base.seed), cache),
+    train_loader = make_loader(ManifestDataset(tr_df, image_root, train_transform(cfg, dcfg, base.seed), cache,
+                                               seed=base.seed),
                                cfg.batch_size, True, base.seed, cfg.num_workers, device)
     val_loader = make_loader(ManifestDataset(va_df, image_root, eval_transform(cfg.img_size, dcfg), cache),
                              cfg.batch_size, False, base.seed, cfg.num_workers, device)
@@ -141,19 +156,36 @@ def train(params: Params, split_manifest: Path, image_root: Path, outputs: Train
     meta = {"classes": classes, "data_config": dcfg,
             "model_spec": {"method": cfg.method, "model": cfg.model, "img_size": cfg.img_size}}
 
-    experiment_id = tracking.setup(base, root)
+    ckpt_dir = root / cfg.checkpoint_dir / _run_key(params, split_manifest)
+    state = checkpoint.load_state(ckpt_dir / "last.pt") if cfg.resume else None
     history: list[dict] = []
     best = {"val_top1": -1.0, "epoch": 0}
+    step, images_seen, train_seconds, start_epoch, run_id = 0, 0, 0.0, 1, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        history, best, step = state["history"], state["best"], state["step"]
+        images_seen, train_seconds, run_id = state["images_seen"], state["train_seconds"], state["run_id"]
+        start_epoch = state["epoch"] + 1
+        print(f"train: resuming after epoch {state['epoch']}/{cfg.epochs} from {ckpt_dir / 'last.pt'}", flush=True)
+
+    experiment_id = tracking.setup(base, root)
     t0 = time.perf_counter()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.method}-{cfg.model}") as run:
-        mlflow.log_params(flatten(params))
-        mlflow.set_tags({"git_commit": tracking.git_commit(root), "split_manifest_md5": md5_file(split_manifest),
-                         "device": str(device), "torch": torch.__version__, "timm": _timm_version(),
-                         "stage": "train", "method": cfg.method, "model": cfg.model})
-        mlflow.log_params({"params_total": n_params, "params_trainable": n_trainable, "num_classes": len(classes)})
+    with _mlflow_run(mlflow, experiment_id, run_id, f"{cfg.method}-{cfg.model}") as run:
+        if run_id is None:
+            mlflow.log_params(flatten(params))
+            mlflow.set_tags({"git_commit": tracking.git_commit(root), "split_manifest_md5": md5_file(split_manifest),
+                             "device": str(device), "torch": torch.__version__, "timm": _timm_version(),
+                             "stage": "train", "method": cfg.method, "model": cfg.model})
+            mlflow.log_params({"params_total": n_params, "params_trainable": n_trainable,
+                               "num_classes": len(classes)})
         write_json(outputs.model_dir / "run.json", {"run_id": run.info.run_id, "experiment_id": experiment_id})
-        step, images_seen, train_seconds = 0, 0, 0.0
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            # Everything random in this epoch derives from (seed, epoch): resuming here replays it exactly.
+            torch.manual_seed(sample_seed(base.seed, epoch, stream=STREAM_TORCH))
+            train_loader.sampler.set_epoch(epoch)
             model.train(not frozen)  # a linear probe keeps BatchNorm statistics and dropout of the backbone fixed
             te = time.perf_counter()
             loss_sum, correct, seen = 0.0, 0, 0
@@ -187,17 +219,22 @@ def train(params: Params, split_manifest: Path, image_root: Path, outputs: Train
             score = row.get("val_top1", float(epoch))  # without a val split the last epoch is kept
             if score > best["val_top1"]:
                 best = {"val_top1": score, "epoch": epoch}
-                save_checkpoint(outputs.model_dir / "model.pt", model, {**meta, "epoch": epoch})
+                save_checkpoint(ckpt_dir / "best.pt", model, {**meta, "epoch": epoch})
+            checkpoint.save_state(ckpt_dir / "last.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                  scheduler=scheduler.state_dict(), epoch=epoch, step=step, history=history,
+                                  best=best, images_seen=images_seen, train_seconds=train_seconds,
+                                  run_id=run.info.run_id)
             print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.3f}  train {row['train_top1']:.3f}"
-                       + (f"  val {row['val_top1']:.3f}" if "val_top1" in row else "")
-                       + f"  ({row['epoch_seconds']:.1f}s)", flush=True)
+                  + (f"  val {row['val_top1']:.3f}" if "val_top1" in row else "")
+                  + f"  ({row['epoch_seconds']:.1f}s)", flush=True)
 
+        shutil.copyfile(ckpt_dir / "best.pt", outputs.model_dir / "model.pt")
         seconds = time.perf_counter() - t0
         _write_history(outputs.history_file, history)
-        summary = {"best_epoch": best["epoch"], "epochs": cfg.epochs, "train_seconds": round(seconds, 2),
+        summary = {"best_epoch": best["epoch"], "epochs": cfg.epochs, "train_seconds": round(train_seconds, 2),
                    "train_images": tr_df.height, "val_images": va_df.height, "num_classes": len(classes),
                    "params_total": n_params, "params_trainable": n_trainable,
-                   "train_img_per_s": round(images_seen / train_seconds, 2)}
+                   "train_img_per_s": round(images_seen / max(train_seconds, 1e-9), 2)}
         if va_df.height:
             summary["best_val_top1"] = best["val_top1"]
         write_json(outputs.metrics_file, summary)
@@ -206,10 +243,22 @@ def train(params: Params, split_manifest: Path, image_root: Path, outputs: Train
         for f in (outputs.model_dir / "config.yaml", outputs.history_file, outputs.metrics_file,
                   outputs.model_dir / "model.pt"):
             mlflow.log_artifact(str(f))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the resumable state has served its purpose
     print(f"train: {cfg.method}/{cfg.model} {len(classes)} classes, best epoch {best['epoch']}"
           + (f" val top-1 {best['val_top1']:.3f}" if va_df.height else "")
           + f", {seconds:.0f}s, MLflow run {run.info.run_id}")
     return summary
+
+
+def _mlflow_run(mlflow, experiment_id: str, run_id: str | None, run_name: str):
+    """Continue the killed run's MLflow run when it still exists in the store; otherwise start a new one."""
+    if run_id is not None:
+        try:
+            mlflow.get_run(run_id)
+            return mlflow.start_run(run_id=run_id)
+        except Exception:  # store was wiped or moved: the history is in the state, log it to a fresh run
+            pass
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
