@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 
     _add_acquire_parsers(sub)
 
+    from pipeline.training.bench import add_bench_parser
+
+    add_bench_parser(sub)
+
     # Its own options (--packages, --out, ...) are parsed by pipeline.data.emoji_build.main.
     p = sub.add_parser("build-emoji", help="rebuild datasets/emoji from the unpacked font/image packages",
                        add_help=False)

@@ -58,6 +58,7 @@ class CsvSource(_Section):
     labels: str | None = None  # folder with train.csv/val.csv/test.csv (`class_id,dir`, no header); default <path>/labels
     class_names: str | None = None  # optional `id,name` CSV; default <labels>/classid_classname.csv if present
     dataset: str | None = None  # optional registry name (pipeline/data/registry.py): checks the class count
+    shard_size: PositiveInt | None = None  # images per tar shard (pipeline/data/images.py); null: plain files
 
 
 class DafreSource(_Section):

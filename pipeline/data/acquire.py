@@ -122,11 +122,13 @@ def acquire(cfg: AcquireParams, root: Path, out: Path) -> pl.DataFrame:
     """
     section = getattr(cfg, cfg.source)
     dest = out.resolve()
-    if getattr(section, "path", None) is not None:
-        src = (root / str(section.path)).resolve()
+    for key in ("path", "labels", "class_names"):  # every input location the source reads
+        if getattr(section, key, None) is None:
+            continue
+        src = (root / str(getattr(section, key))).resolve()
         if dest == src or dest in src.parents or src in dest.parents:
-            raise ValueError(f"acquire: output folder {out} overlaps the source folder {src}; "
-                             "it is emptied before acquiring, so choose another --out")
+            raise ValueError(f"acquire.{cfg.source}.{key}: {src} overlaps the output folder {out}, which is "
+                             "emptied before acquiring; choose another --out")
     if cfg.source != "danbooru" and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,116 @@
+"""`python -m pipeline bench`: training-step throughput of our engine against a plain reference loop.
+
+Both sides train the same timm architecture on the same synthetic batch, with the same threads and precision, in
+one process. Ours is `engine.train_step` with the model, optimiser and loss the engine builds; the reference is
+the textbook loop (timm.create_model, torch.optim.AdamW, zero_grad/backward/step). Rounds alternate between the two
+so that machine noise (other processes, turbo clocks) hits both alike; the median per round is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+
+def _time_steps(step, steps: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def run(model_name: str, method: str, img_size: int, batch_size: int, num_classes: int = 100, steps: int = 5,
+        rounds: int = 3, warmup: int = 2, precision: str = "fp32", device: str = "auto", threads: int = 2,
+        optimizer: str = "adamw") -> dict:
+    import timm
+    from timm.optim import create_optimizer_v2
+
+    from pipeline.models import build_model
+    from pipeline.training.engine import autocast, resolve_device, train_step
+
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
+    y = torch.randint(0, num_classes, (batch_size,), device=dev)
+
+    ours = build_model(method, model_name, num_classes, "none", img_size).to(dev).train()
+    ours_opt = create_optimizer_v2([p for p in ours.parameters() if p.requires_grad], opt=optimizer, lr=1e-4,
+                                   weight_decay=0.05, foreach=True)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def ours_step():
+        train_step(ours, x, y, ours_opt, loss_fn, dev, precision)
+
+    kwargs = {"img_size": img_size} if method in ("vit", "glsim", "ila") else {}
+    ref = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs).to(dev).train()
+    if method == "linear":
+        for p in ref.parameters():
+            p.requires_grad = False
+        for p in ref.get_classifier().parameters():
+            p.requires_grad = True
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+
+    def ref_step():
+        ref_opt.zero_grad()
+        with autocast(dev, precision):
+            loss = loss_fn(ref(x), y)
+        loss.backward()
+        ref_opt.step()
+
+    for step in (ours_step, ref_step):
+        _time_steps(step, warmup, dev)
+    ours_s, ref_s = [], []
+    for _ in range(rounds):
+        ours_s.append(_time_steps(ours_step, steps, dev))
+        ref_s.append(_time_steps(ref_step, steps, dev))
+    ours_ips = steps * batch_size / statistics.median(ours_s)
+    ref_ips = steps * batch_size / statistics.median(ref_s)
+    if method in ("glsim", "ila"):
+        note = "reference is the plain timm ViT of the same backbone (GLSim runs the encoder twice)"
+    else:
+        note = "same architecture"
+    return {"model": model_name, "method": method, "img_size": img_size, "batch_size": batch_size,
+            "precision": precision, "device": str(dev), "threads": torch.get_num_threads(),
+            "steps": steps, "rounds": rounds, "ours_img_per_s": round(ours_ips, 2),
+            "reference_img_per_s": round(ref_ips, 2), "ratio": round(ours_ips / ref_ips, 3), "note": note}
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="training-step img/s: our engine vs a plain reference loop",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tf_efficientnet_lite0", help="timm model name")
+    p.add_argument("--method", default="cnn", help="cnn | vit | linear | glsim | ila")
+    p.add_argument("--img-size", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    r = run(args.model, args.method, args.img_size, args.batch_size, args.num_classes, args.steps, args.rounds,
+            precision=args.precision, device=args.device, threads=args.threads)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['method']}/{r['model']} {r['img_size']}px batch {r['batch_size']} {r['precision']} on "
+              f"{r['device']} ({r['threads']} threads): ours {r['ours_img_per_s']} img/s, reference "
+              f"{r['reference_img_per_s']} img/s, ratio {r['ratio']}", file=sys.stdout)
+    return 0
