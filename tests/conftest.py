@@ -56,3 +56,14 @@ def tiny_emoji(tmp_path_factory) -> Path:
 def run_cmd(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def dafre_labels(tmp_path_factory) -> Path:
+    """The real DAF:re label files (val/test/class names), unpacked from tests/fixtures/dafre-labels."""
+    import gzip
+
+    dest = tmp_path_factory.mktemp("dafre-labels")
+    for gz in sorted((REPO / "tests/fixtures/dafre-labels").glob("*.csv.gz")):
+        (dest / gz.name.removesuffix(".gz")).write_bytes(gzip.decompress(gz.read_bytes()))
+    return dest

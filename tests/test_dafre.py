@@ -25,14 +25,9 @@ from pipeline.data import dafre, images, labelcsv, manifest
 from pipeline.data.labelcsv import LabelFileError
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_LABELS = REPO.parent / "shared" / "data" / "dafre-labels"
 VAL_ROWS, TEST_ROWS, CLASSES = 46_050, 94_440, 3_263
 EVERY = 470  # subset of rows that get an image
 SHARD = 64
-
-needs_real_labels = pytest.mark.skipif(not (REAL_LABELS / "test.csv").is_file(),
-                                       reason=f"real DAF:re labels not found at {REAL_LABELS}")
-
 
 def csv_rows(path: Path) -> list[list[str]]:
     with path.open(newline="") as f:
@@ -72,16 +67,15 @@ def small_release(base: Path, splits: dict[str, list[tuple[int, str]]], header: 
 # ------------------------------------------------------------------------------------------ the real label files
 
 @pytest.fixture(scope="module")
-def real_release(tmp_path_factory) -> dict:
+def real_release(tmp_path_factory, dafre_labels: Path) -> dict:
     """Release folder with the real val/test/class-name files (no train.csv, as offline) and ~300 real JPEGs."""
-    if not (REAL_LABELS / "test.csv").is_file():
-        pytest.skip(f"real DAF:re labels not found at {REAL_LABELS}")
+    labels = dafre_labels
     base = tmp_path_factory.mktemp("dafre") / "release"
     (base / "labels").mkdir(parents=True)
     for name in ("val.csv", "test.csv", labelcsv.CLASS_NAMES_FILE):
-        shutil.copyfile(REAL_LABELS / name, base / "labels" / name)
-    rows = [("val", *r) for r in csv_rows(REAL_LABELS / "val.csv")] + \
-           [("test", *r) for r in csv_rows(REAL_LABELS / "test.csv")]
+        shutil.copyfile(labels / name, base / "labels" / name)
+    rows = [("val", *r) for r in csv_rows(labels / "val.csv")] + \
+           [("test", *r) for r in csv_rows(labels / "test.csv")]
     present = {}
     for i in range(0, len(rows), EVERY):
         split, class_id, d = rows[i]
@@ -89,14 +83,14 @@ def real_release(tmp_path_factory) -> dict:
     out = base.parent / "out"
     df = run_dafre(base, out, shard_size=SHARD)
     manifest.write(df, out)
-    names = {int(i): n for i, n in csv_rows(REAL_LABELS / labelcsv.CLASS_NAMES_FILE)}
+    names = {int(i): n for i, n in csv_rows(labels / labelcsv.CLASS_NAMES_FILE)}
     return {"base": base, "out": out, "df": df, "rows": rows, "present": present, "names": names}
 
 
-@needs_real_labels
-def test_real_label_files_parse_to_full_size() -> None:
+def test_real_label_files_parse_to_full_size(dafre_labels: Path) -> None:
     """The real size and format: every row of the real val/test files in the label table, 3,263 classes."""
-    table = dafre.label_table(REAL_LABELS)
+    labels = dafre_labels
+    table = dafre.label_table(labels)
     counts = dict(table.group_by("split").len().iter_rows())
     assert counts == {"val": VAL_ROWS, "test": TEST_ROWS}
     assert table["class_id"].n_unique() == CLASSES
@@ -106,7 +100,7 @@ def test_real_label_files_parse_to_full_size() -> None:
         "split": "val", "file": None, "line": 1, "class_id": 0, "class_name": "morrigan_aensland",
         "dir": "0933/194933.jpg", "post_id": 194933, "image_id": "dafre-194933", "group": "post-194933",
         "official_class_id": 0}
-    assert labelcsv.read_class_names(REAL_LABELS / labelcsv.CLASS_NAMES_FILE).height == CLASSES
+    assert labelcsv.read_class_names(labels / labelcsv.CLASS_NAMES_FILE).height == CLASSES
 
 
 def test_real_release_rows_and_missing_add_up(real_release: dict) -> None:
