@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ParamsError, flatten, load_params
+from pipeline.stage_runner import KNOWN_ERRORS
 
 
 def _check_params(args: argparse.Namespace) -> int:
@@ -16,11 +17,12 @@ def _check_params(args: argparse.Namespace) -> int:
 
 
 def _acquire(args: argparse.Namespace) -> int:
-    from pipeline.config import AcquireParams
+    from pipeline.config import AcquireParams, validate_section
     from pipeline.data.acquire import acquire
 
     section = args.section_from_cli(args)
-    cfg = AcquireParams.model_validate({"source": args.source, args.source: section})
+    cfg = validate_section(AcquireParams, {"source": args.source, args.source: section}, "the command line",
+                           prefix="acquire.")
     root = Path.cwd()
     path = getattr(getattr(cfg, args.source), "path", None)
     if path is not None and not (root / path).is_dir():
@@ -69,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
 
     _add_acquire_parsers(sub)
 
-    from pipeline.training.bench import add_bench_parser
+    from pipeline.training.bench import add_bench_parser  # light: torch is imported when the command runs
 
     add_bench_parser(sub)
+
+    from pipeline.models.profile import add_profile_parser
+
+    add_profile_parser(sub)
 
     # Its own options (--packages, --out, ...) are parsed by pipeline.data.emoji_build.main.
     p = sub.add_parser("build-emoji", help="rebuild datasets/emoji from the unpacked font/image packages",
@@ -84,6 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     try:
         return args.fn(args)
-    except (ParamsError, ValueError, FileNotFoundError) as exc:
+    except KNOWN_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Literal
 
 import yaml
@@ -86,6 +87,23 @@ class DanbooruSource(_Section):
     max_file_mb: Annotated[float, Field(gt=0)] = 50.0  # larger files are skipped
     credentials_file: str = ".danbooru-credentials"  # git-ignored `login=...`/`api_key=...` file (env vars win)
 
+    @field_validator("base_url")
+    @classmethod
+    def _http_origin(cls, v: str) -> str:
+        try:
+            parts = urlsplit(v)
+            parts.port  # raises on a malformed port
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL ({exc})") from None
+        if parts.username or parts.password:  # checked first: the URL holds a secret, so it is never echoed
+            raise ValueError("must not contain a login; use DANBOORU_LOGIN/DANBOORU_API_KEY or "
+                             "acquire.danbooru.credentials_file")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{v!r} is not an http(s) URL (expected e.g. https://danbooru.donmai.us)")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{v!r} must not have a query or fragment")
+        return v
+
 
 class AcquireParams(_Section):
     source: Literal["embedded", "folder", "csv", "dafre", "danbooru"] = "embedded"  # which source fills data/raw
@@ -110,7 +128,14 @@ class CleanParams(_Section):
     max_per_class: PositiveInt | None = None  # optional cap (first N in manifest order)
     background: tuple[int, int, int] = (255, 255, 255)  # transparent pixels are composited on this (DAF:re: white)
     max_image_pixels: PositiveInt = 89_478_485  # larger images are quarantined (decompression-bomb guard)
-    resize_short_side: PositiveInt | None = None  # optional downscale so training reads small files
+    resize_short_side: PositiveInt | None = None  # optional downscale so training reads small files (DAF:re Full: 256)
+    reencode: Literal["png", "jpeg"] = "png"  # format of converted/resized images (RGB input is copied byte for byte)
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95  # used when reencode is jpeg
+    normalize_class_names: bool = False  # NFKC, trim, lower case, runs of spaces/underscores -> '_'; equal names merge
+    near_dup_hamming: Annotated[int, Field(ge=0, le=16)] = 0  # pHash bits; 0: off (see pipeline/data/clean.py why)
+    near_dup_action: Literal["drop", "group"] = "group"  # drop: keep the first; group: keep all, share a dup_group
+    shard_size: PositiveInt | None = 2048  # images per output tar shard when the input is sharded; null: plain files
+    workers: PositiveInt = 2  # decode processes (results do not depend on it)
 
     @field_validator("max_per_class")
     @classmethod
@@ -141,19 +166,21 @@ class SplitRatios(_Section):
 
 
 class SplitParams(_Section):
-    strategy: Literal["per_class", "group"] = "group"  # per_class: DAF:re rule; group: hold out whole groups
-    ratios: SplitRatios = SplitRatios()  # used by per_class
+    # per_class: DAF:re rule; group: hold out whole groups; official: keep the source's split column (DAF:re, CUB)
+    strategy: Literal["official", "per_class", "group"] = "group"
+    ratios: SplitRatios = SplitRatios()  # used by per_class and by group with group_assign: ratio
     shuffle: bool = False  # per_class: seeded shuffle inside each class first (DAF:re: manifest order)
-    group_column: str = "group"  # group: manifest column whose values are held out (artist, post, ...)
-    test_groups: tuple[str, ...] = ("twemoji",)  # group: these groups form the test set (unseen artist)
-    val_groups: tuple[str, ...] = ("emojione",)  # group: these groups form the validation set
+    group_column: str = "group"  # group: manifest column whose values are held out (artist, post, dup_group, ...)
+    group_assign: Literal["listed", "ratio"] = "listed"  # group: test/val_groups below, or seeded groups by ratios
+    test_groups: tuple[str, ...] = ("twemoji",)  # group + listed: these groups form the test set (unseen artist)
+    val_groups: tuple[str, ...] = ("emojione",)  # group + listed: these groups form the validation set
 
     # Field validators (not model validators) so that errors name the exact dotted key.
     @field_validator("test_groups")
     @classmethod
     def _test_groups(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
-        if info.data.get("strategy") == "group" and not v:
-            raise ValueError("must name at least one group for strategy 'group'")
+        if info.data.get("strategy") == "group" and info.data.get("group_assign") == "listed" and not v:
+            raise ValueError("must name at least one group for strategy 'group' (or set split.group_assign: ratio)")
         return v
 
     @field_validator("val_groups")
@@ -166,10 +193,16 @@ class SplitParams(_Section):
 
 
 class TrainParams(_Section):
-    method: Literal["cnn", "linear", "vit"] = "cnn"  # cnn/vit: full fine-tune; linear: frozen backbone + head
+    # cnn/vit: full fine-tune; linear: frozen backbone + head; glsim/ila: pipeline/models/glsim.py, ila.py
+    method: Literal["cnn", "linear", "vit", "glsim", "ila"] = "cnn"
     model: str = "tf_efficientnet_lite0"  # any timm model name
-    weights: str = "package:efficientnet_lite0"  # none | hub | file:PATH | package:efficientnet_lite0
+    patch_size: PositiveInt | None = None  # ViT patch size (timm resamples pretrained embeddings); null: from the name
+    backbone_cnn: str | None = None  # hybrid ViT: this timm CNN's stage at stride patch_size is the patch embedding
+    weights: str = "package:efficientnet_lite0"  # none | hub | file:PATH | package:efficientnet_lite0 (hybrid: CNN)
     img_size: PositiveInt = 96  # training/eval resolution (square)
+    glsim_top_k: PositiveInt | None = None  # glsim: patches selected by similarity; null: 8, 16 from img_size 448
+    glsim_box: Literal["paper", "corrected"] = "paper"  # glsim crop end: paper max_index*P (as published) or (max+1)*P
+    ila_variant: Literal["ila", "ila+", "ila++"] = "ila"  # ila: 2 down-sampling ILAs; +: plain ILAs; ++: adapters
     epochs: PositiveInt = 15  # full passes over the train split
     batch_size: PositiveInt = 32  # images per optimiser step
     optimizer: str = "adamw"  # any timm optimizer name (create_optimizer_v2)
@@ -193,18 +226,38 @@ class TrainParams(_Section):
             raise ValueError(f"must be none, hub, file:PATH or package:efficientnet_lite0, got {v!r}")
         return v
 
+    @field_validator("patch_size", "backbone_cnn")
+    @classmethod
+    def _vit_only(cls, v: object, info: ValidationInfo) -> object:
+        if v is not None and info.data.get("method") == "cnn":
+            raise ValueError("applies to ViT models (method vit, linear, glsim or ila), not method cnn")
+        return v
+
     @field_validator("img_size")
     @classmethod
     def _img_size(cls, v: int, info: ValidationInfo) -> int:
-        patch = re.search(r"patch(\d+)", info.data.get("model", ""))
-        if patch and v % int(patch.group(1)):
-            raise ValueError(f"{v} is not divisible by the patch size {patch.group(1)} of {info.data['model']}")
+        name = re.search(r"patch(\d+)", info.data.get("model", ""))
+        patch = info.data.get("patch_size") or (int(name.group(1)) if name else None)
+        if patch and v % patch:
+            raise ValueError(f"{v} is not divisible by the patch size {patch} of {info.data['model']}")
         return v
 
 
 class EvaluateParams(_Section):
     batch_size: PositiveInt = 64  # images per forward pass
     top_k: PositiveInt = 5  # the k of top-k accuracy
+    # Long-tail groups by TRAINING images per class (ImageNet-LT many/medium/few-shot convention; see metrics.py):
+    head_above: NonNegInt = 100  # classes with more than this many training images are "head"
+    tail_below: NonNegInt = 20  # classes with fewer than this many training images are "tail"; the rest "medium"
+    confused_pairs: NonNegInt = 20  # the N most frequent (actual, predicted) mistakes written to confused_pairs.csv
+
+    @field_validator("tail_below")
+    @classmethod
+    def _tail_below(cls, v: int, info: ValidationInfo) -> int:
+        head = info.data.get("head_above")
+        if head is not None and v > head + 1:
+            raise ValueError(f"{v} is above evaluate.head_above + 1 = {head + 1}: a class would be head and tail")
+        return v
 
 
 class ReportParams(_Section):
@@ -222,10 +275,20 @@ class Params(_Section):
     report: ReportParams = ReportParams()
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def validate_section(model: type[BaseModel], data: dict, source: str, prefix: str = ""):
+    """Validate one section (e.g. built from command-line flags) with the same messages as params.yaml gets.
+
+    Never str(ValidationError): pydantic echoes the input there, which may hold a secret (a login in a URL)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ParamsError(_format_errors(exc, source, prefix)) from None
+
+
+def _format_errors(err: ValidationError, source: str, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = prefix + ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (misspelt? see the defaults in pipeline/config.py)"

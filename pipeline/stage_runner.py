@@ -13,9 +13,10 @@ from typing import Callable
 
 from pipeline.config import Params, load_params
 
-# ParamsError, ManifestError, SplitError and WeightsError are all ValueErrors. Importing nothing heavier here keeps
-# a params error fast (no torch import before the message).
-KNOWN_ERRORS = (ValueError, FileNotFoundError)
+# ParamsError, ManifestError, SplitError and WeightsError are ValueErrors; missing files, refused connections and a
+# crawl that ran out of retries (danbooru.CrawlError) are OSErrors. Importing nothing heavier here keeps a params
+# error fast (no torch import before the message).
+KNOWN_ERRORS = (ValueError, OSError)
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:

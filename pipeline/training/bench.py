@@ -14,11 +14,12 @@ import statistics
 import sys
 import time
 
-import torch
-from torch import nn
+# torch and timm are imported inside run(): building the CLI parser must stay light (no 3 s torch import).
 
 
-def _time_steps(step, steps: int, device: torch.device) -> float:
+def _time_steps(step, steps: int, device) -> float:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -33,7 +34,9 @@ def run(model_name: str, method: str, img_size: int, batch_size: int, num_classe
         rounds: int = 3, warmup: int = 2, precision: str = "fp32", device: str = "auto", threads: int = 2,
         optimizer: str = "adamw") -> dict:
     import timm
+    import torch
     from timm.optim import create_optimizer_v2
+    from torch import nn
 
     from pipeline.models import build_model
     from pipeline.training.engine import autocast, resolve_device, train_step
