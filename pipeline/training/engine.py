@@ -19,6 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -33,7 +34,7 @@ from pipeline.data import manifest
 from pipeline.data.dataset import STREAM_TORCH, EpochSampler, ManifestDataset, sample_seed
 from pipeline.data.transforms import data_config, eval_transform, train_transform
 from pipeline.io import md5_file, write_json, write_text
-from pipeline.models import build_model, save_checkpoint
+from pipeline.models import build_model, model_options, save_checkpoint
 from pipeline.training import checkpoint
 from pipeline.training.metrics import summarize
 
@@ -125,8 +126,15 @@ def _run_key(params: Params, split_manifest: Path) -> str:
     return checkpoint.run_key(flat, md5_file(split_manifest))
 
 
-def train(params: Params, split_manifest: Path, image_root: Path, outputs: TrainOutputs, root: Path) -> dict:
-    """Train `params.train` on the train split, select on val; returns the summary that is also written."""
+def train(params: Params, split_manifest: Path, image_root: Path, outputs: TrainOutputs, root: Path, *,
+          on_epoch: Callable[[dict], None] | None = None, run_name: str | None = None,
+          tags: dict[str, str] | None = None) -> dict:
+    """Train `params.train` on the train split, select on val; returns the summary that is also written.
+
+    Sweeps (pipeline/tuning) call this same function: `on_epoch(row)` receives each epoch's history row after it is
+    logged (a Ray Tune trial reports it; raising there stops the run), `run_name` and `tags` name the MLflow run
+    (e.g. `mlflow.parentRunId` nests a trial under its sweep).
+    """
     import mlflow
 
     from pipeline import tracking
@@ -140,7 +148,8 @@ def train(params: Params, split_manifest: Path, image_root: Path, outputs: Train
     if tr_df.height == 0:
         raise ValueError(f"{split_manifest}: the train split is empty")
 
-    model = build_model(cfg.method, cfg.model, len(classes), cfg.weights, cfg.img_size, root=root)
+    model = build_model(cfg.method, cfg.model, len(classes), cfg.weights, cfg.img_size, root=root,
+                        **model_options(cfg))
     dcfg = data_config(model)
     model = model.to(device)
     cache = df.height <= CACHE_LIMIT
@@ -188,12 +197,12 @@ def train(params: Params, split_manifest: Path, image_root: Path, outputs: Train
 
     experiment_id = tracking.setup(base, root)
     t0 = time.perf_counter()
-    with _mlflow_run(mlflow, experiment_id, run_id, f"{cfg.method}-{cfg.model}") as run:
+    with _mlflow_run(mlflow, experiment_id, run_id, run_name or f"{cfg.method}-{cfg.model}") as run:
         if run_id is None:
             mlflow.log_params(flatten(params))
             mlflow.set_tags({"git_commit": tracking.git_commit(root), "split_manifest_md5": md5_file(split_manifest),
                              "device": str(device), "torch": torch.__version__, "timm": _timm_version(),
-                             "stage": "train", "method": cfg.method, "model": cfg.model})
+                             "stage": "train", "method": cfg.method, "model": cfg.model, **(tags or {})})
             mlflow.log_params({"params_total": n_params, "params_trainable": n_trainable,
                                "num_classes": len(classes)})
         write_json(outputs.model_dir / "run.json", {"run_id": run.info.run_id, "experiment_id": experiment_id})
@@ -237,6 +246,8 @@ def train(params: Params, split_manifest: Path, image_root: Path, outputs: Train
             print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.3f}  train {row['train_top1']:.3f}"
                   + (f"  val {row['val_top1']:.3f}" if "val_top1" in row else "")
                   + f"  ({row['epoch_seconds']:.1f}s)", flush=True)
+            if on_epoch is not None:
+                on_epoch(row)
 
         shutil.copyfile(ckpt_dir / "best.pt", outputs.model_dir / "model.pt")
         seconds = time.perf_counter() - t0

@@ -1,0 +1,165 @@
+"""GLSim: global-local similarity crop selection on a timm ViT (reference-methods.md, section A).
+
+    feats  = encoder(x)                         last layer, after the final norm (A.2; G.1: the vanilla/checkpoint path)
+    sim    = cos(CLS, patch_i)                  (B, N), no gradient (A.1 step 3)
+    box    = rows/cols of the top-k patches     paper rule by default (A.3, G.2), `box="corrected"` for (max + 1) * P
+    crops  = bilinear resize of x[box] to x's size (align_corners=True, as upsample_bilinear; A.3, G.3)
+    feats' = encoder(crops)                     same weights, same CLS token (A.1 step 4)
+    logits = head(norm(block([CLS, CLS']))[:, 0])   one random-init ViT block + LayerNorm, zero-init head (A.1 5-7)
+
+Training uses one cross-entropy on the logits (A.1 step 8), so `forward` returns logits only; `forward_with_crops`
+also returns the crops and boxes for visualisation, and `last_boxes` keeps the boxes of the latest forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+BOX_RULES = ("paper", "corrected")
+
+
+@dataclass
+class GLSimOutput:
+    logits: torch.Tensor  # (B, C)
+    crops: torch.Tensor  # (B, 3, H, W): the crops fed to the second pass, in the input's normalisation
+    boxes: torch.Tensor  # (B, 4) long: x0, y0, x1, y1 in input pixels (end exclusive)
+
+
+def default_top_k(img_size: int) -> int:
+    """8 at 224; the ILA repo's GLSim doubles it from 448 up (A.2, G.5)."""
+    return 16 if img_size >= 448 else 8
+
+
+def gls_similarity(feats: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Cosine similarity of the CLS token (index 0) with every patch token: (B, 1 + N, D) -> (B, N).
+
+    Written as normalise-then-matmul so that the N*D multiply-adds show up in torch's FLOP counter (a bmm); the
+    normalisation adds about 2*N*D more elementwise FLOPs (the paper counts (3D + 3) * N in total, A.2).
+    """
+    g = F.normalize(feats[:, :1], dim=-1)
+    patches = F.normalize(feats[:, num_prefix_tokens:], dim=-1)
+    return (patches @ g.transpose(1, 2)).squeeze(-1)
+
+
+def boxes_from_indices(idx: torch.Tensor, grid: tuple[int, int], patch: tuple[int, int],
+                       img_hw: tuple[int, int], rule: str = "paper") -> torch.Tensor:
+    """Pixel box (x0, y0, x1, y1) covering the rows and columns of the selected patches, batched.
+
+    idx: (B, k) flat indices on the (gh, gw) grid. rule "paper" ends the box at the *start* of the last selected
+    row/column (max_index * P), at least one patch tall/wide, as the reference code does (A.3 quirk, G.2); "corrected"
+    ends it at (max_index + 1) * P so the last selected patches are inside the box.
+    """
+    if rule not in BOX_RULES:
+        raise ValueError(f"train.glsim_box: unknown rule {rule!r}, expected one of {BOX_RULES}")
+    gw = grid[1]
+    (ph, pw), (h, w) = patch, img_hw
+    rows, cols = idx // gw, idx % gw
+    r0, r1 = rows.amin(1), rows.amax(1)
+    c0, c1 = cols.amin(1), cols.amax(1)
+    y0, x0 = r0 * ph, c0 * pw
+    if rule == "paper":
+        y1 = torch.clamp(torch.maximum(r1 * ph, y0 + ph), max=h)
+        x1 = torch.clamp(torch.maximum(c1 * pw, x0 + pw), max=w)
+    else:
+        y1 = torch.clamp((r1 + 1) * ph, max=h)
+        x1 = torch.clamp((c1 + 1) * pw, max=w)
+    return torch.stack([x0, y0, x1, y1], dim=1)
+
+
+def select_boxes(feats: torch.Tensor, top_k: int, grid: tuple[int, int], patch: tuple[int, int],
+                 img_hw: tuple[int, int], rule: str = "paper", num_prefix_tokens: int = 1) -> torch.Tensor:
+    """The whole GLS selection: similarity, top-k patches, their box; (B, 1 + N, D) tokens -> (B, 4) boxes."""
+    sim = gls_similarity(feats, num_prefix_tokens)
+    idx = sim.topk(top_k, dim=1).indices
+    return boxes_from_indices(idx, grid, patch, img_hw, rule)
+
+
+def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """images[i, :, y0:y1, x0:x1] resized bilinearly (align_corners=True) to out_hw, for the whole batch at once.
+
+    One grid_sample instead of a per-sample slice + interpolate loop: output pixel j samples input pixel
+    start + j * (size - 1) / (out - 1), exactly what interpolate(align_corners=True) does on the slice.
+    """
+    _, _, h, w = images.shape
+    oh, ow = out_hw
+    b = boxes.to(images.dtype)
+    x0, y0, x1, y1 = b.unbind(1)
+    ty = torch.linspace(0, 1, oh, device=images.device, dtype=images.dtype)
+    tx = torch.linspace(0, 1, ow, device=images.device, dtype=images.dtype)
+    ys = y0[:, None] + ty[None] * (y1 - y0 - 1)[:, None]  # (B, oh) input rows
+    xs = x0[:, None] + tx[None] * (x1 - x0 - 1)[:, None]  # (B, ow) input columns
+    gy = ys * (2 / max(h - 1, 1)) - 1  # align_corners=True: pixel 0 -> -1, pixel size-1 -> +1
+    gx = xs * (2 / max(w - 1, 1)) - 1
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # (B, oh, ow, [x, y])
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+class GLSimViT(nn.Module):
+    """Two passes of one timm ViT (full crop + GLS crop), an aggregator over the two CLS tokens, a zero-init head."""
+
+    def __init__(self, vit: VisionTransformer, num_classes: int, top_k: int | None = None, box: str = "paper") -> None:
+        super().__init__()
+        if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
+            raise ValueError("train.model: glsim needs a timm VisionTransformer with a CLS token "
+                             "(e.g. vit_base_patch16_224)")
+        if box not in BOX_RULES:
+            raise ValueError(f"train.glsim_box: unknown rule {box!r}, expected one of {BOX_RULES}")
+        vit.reset_classifier(0)  # the head sits after the aggregator
+        self.vit = vit
+        self.pretrained_cfg = vit.pretrained_cfg  # mean/std for the data pipeline (timm.data.resolve_data_config)
+        self.grid: tuple[int, int] = tuple(vit.patch_embed.grid_size)
+        self.img_hw: tuple[int, int] = tuple(vit.patch_embed.img_size)
+        self.patch_px = (self.img_hw[0] // self.grid[0], self.img_hw[1] // self.grid[1])  # "patch_equivalent" (A.3)
+        n_patches = self.grid[0] * self.grid[1]
+        if top_k is None:
+            top_k = min(default_top_k(self.img_hw[0]), n_patches)
+        elif top_k > n_patches:
+            raise ValueError(f"train.glsim_top_k: {top_k} exceeds the {n_patches} patches at img_size "
+                             f"{self.img_hw[0]}")
+        self.top_k, self.box = top_k, box
+        dim = vit.embed_dim
+        first = vit.blocks[0]
+        self.aggregator = nn.Sequential(  # A.1 step 6: one encoder-type block (random init) + LayerNorm
+            Block(dim, num_heads=first.attn.num_heads, mlp_ratio=first.mlp.fc1.out_features / dim, qkv_bias=True,
+                  norm_layer=partial(LayerNorm, eps=1e-6)),
+            LayerNorm(dim, eps=1e-6))
+        for m in self.aggregator.modules():
+            if isinstance(m, nn.Linear):  # the ViT's own init convention for linear layers
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.zeros_(self.head.weight)  # A.1 step 7: zero-initialised head
+        nn.init.zeros_(self.head.bias)
+        self.last_boxes: torch.Tensor | None = None
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    @torch.no_grad()
+    def select(self, feats: torch.Tensor) -> torch.Tensor:
+        """GLS selection on final-layer tokens: similarity, top-k, box. No gradient (A.1 step 3)."""
+        return select_boxes(feats, self.top_k, self.grid, self.patch_px, self.img_hw, self.box,
+                            self.vit.num_prefix_tokens)
+
+    def forward_with_crops(self, x: torch.Tensor) -> GLSimOutput:
+        if tuple(x.shape[-2:]) != self.img_hw:
+            raise ValueError(f"glsim was built for {self.img_hw} inputs, got {tuple(x.shape[-2:])}")
+        feats = self.vit.forward_features(x)
+        boxes = self.select(feats)
+        with torch.no_grad():  # the crop is data, not a function to differentiate (as in the reference)
+            crops = crop_and_resize(x, boxes, self.img_hw)
+        crop_feats = self.vit.forward_features(crops)
+        tokens = torch.cat([feats[:, :1], crop_feats[:, :1]], dim=1)  # (B, 2, D): global and crop CLS
+        logits = self.head(self.aggregator(tokens)[:, 0])
+        self.last_boxes = boxes.detach()
+        return GLSimOutput(logits, crops, boxes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_crops(x).logits

@@ -1,0 +1,116 @@
+"""GLSim: the crop box rule on hand-made similarity maps, batched crops, selection without gradients, the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.models import build_model
+from pipeline.models import glsim
+from pipeline.models.glsim import boxes_from_indices, crop_and_resize, default_top_k, select_boxes
+from pipeline.models.profile import count_flops
+
+GRID, P, IMG = (4, 4), (16, 16), (64, 64)  # a 4x4 patch grid of 16 px: a 64 px image
+
+
+def feats_selecting(cells: list[list[tuple[int, int]]], dim: int = 8) -> torch.Tensor:
+    """Final-layer tokens (B, 1 + 16, dim) whose CLS is most similar (cosine 1) to the given (row, col) cells and
+    orthogonal (cosine 0) to all others: a hand-made similarity map."""
+    feats = torch.zeros(len(cells), 1 + GRID[0] * GRID[1], dim)
+    feats[:, :, 1] = 1.0  # every patch: e_1
+    feats[:, 0] = 0.0
+    feats[:, 0, 0] = 2.0  # CLS: 2 e_0
+    for b, sample in enumerate(cells):
+        for r, c in sample:
+            feats[b, 1 + r * GRID[1] + c] = torch.eye(dim)[0] * 3.0  # selected: e_0
+    return feats
+
+
+@pytest.mark.parametrize("cells, paper, corrected", [
+    ([(1, 2)], (32, 16, 48, 32), (32, 16, 48, 32)),  # k = 1: one patch either way
+    ([(3, 3)], (48, 48, 64, 64), (48, 48, 64, 64)),  # bottom-right edge patch, k = 1
+    ([(0, 0)], (0, 0, 16, 16), (0, 0, 16, 16)),  # top-left edge patch, k = 1
+    ([(0, 0), (3, 3)], (0, 0, 48, 48), (0, 0, 64, 64)),  # opposite corners: the paper box stops at the last start
+    ([(1, 0), (1, 3)], (0, 16, 48, 32), (0, 16, 64, 32)),  # one row: at least one patch tall
+    ([(r, c) for r in range(4) for c in range(4)], (0, 0, 48, 48), (0, 0, 64, 64)),  # k = all patches
+])
+def test_box_rule_on_hand_made_similarity(cells, paper, corrected):
+    feats = feats_selecting([cells])
+    for rule, want in (("paper", paper), ("corrected", corrected)):
+        box = select_boxes(feats, len(cells), GRID, P, IMG, rule)
+        assert box.tolist() == [list(want)], rule
+
+
+def test_boxes_are_computed_per_sample_in_one_batch():
+    idx = torch.tensor([[5, 6], [0, 15], [12, 3]])
+    boxes = boxes_from_indices(idx, GRID, P, IMG, "paper")
+    assert boxes.tolist() == [[16, 16, 32, 32], [0, 0, 48, 48], [0, 0, 48, 48]]
+    with pytest.raises(ValueError, match="train.glsim_box"):
+        boxes_from_indices(idx, GRID, P, IMG, "loose")
+
+
+def test_batched_crop_equals_per_sample_slice_and_resize():
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 64, 64)
+    boxes = torch.tensor([[0, 0, 64, 64], [16, 0, 48, 16], [48, 48, 64, 64], [5, 9, 40, 33]])
+    crops = crop_and_resize(images, boxes, (64, 64))
+    for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        want = F.interpolate(images[i:i + 1, :, y0:y1, x0:x1], size=(64, 64), mode="bilinear", align_corners=True)
+        torch.testing.assert_close(crops[i:i + 1], want, atol=1e-4, rtol=1e-4)  # float32 grid round trip
+    torch.testing.assert_close(crops[0], images[0], atol=1e-4, rtol=1e-4)  # the full box is the image itself
+
+
+def test_selection_runs_without_gradient(monkeypatch):
+    grad_modes = []
+    real = glsim.gls_similarity
+
+    def spy(*args, **kwargs):
+        grad_modes.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(glsim, "gls_similarity", spy)
+    model = build_model("glsim", "test_vit", 3, "none", 32, patch_size=8).train()
+    model.head.weight.data.normal_()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out = model.forward_with_crops(x)
+    assert grad_modes == [False]
+    assert out.boxes.grad_fn is None and not out.crops.requires_grad
+    F.cross_entropy(out.logits, torch.tensor([0, 1])).backward()
+    assert model.aggregator[0].attn.qkv.weight.grad is not None  # the rest of the model does learn
+
+
+@pytest.mark.parametrize("img_size", [32, 48])
+def test_glsim_shapes_at_two_sizes_and_one_training_step(img_size):
+    model = build_model("glsim", "test_vit", 5, "none", img_size, patch_size=8)
+    assert model.top_k == 8 and model.grid == (img_size // 8,) * 2
+    x = torch.randn(2, 3, img_size, img_size)
+    out = model.forward_with_crops(x)
+    assert out.logits.shape == (2, 5) and torch.equal(out.logits, torch.zeros(2, 5))  # zero-initialised head
+    assert out.crops.shape == x.shape and torch.isfinite(out.crops).all()
+    assert ((out.boxes >= 0) & (out.boxes <= img_size)).all()
+    assert (out.boxes[:, 2] > out.boxes[:, 0]).all() and (out.boxes[:, 3] > out.boxes[:, 1]).all()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # step 1 trains only the zero head; step 2 reaches the aggregator and the encoder
+        opt.zero_grad()
+        F.cross_entropy(model(x), torch.tensor([0, 4])).backward()
+        opt.step()
+    logits = model(x)
+    assert torch.isfinite(logits).all() and not torch.equal(logits, torch.zeros(2, 5))
+    assert torch.equal(model.last_boxes, model.forward_with_crops(x).boxes)
+
+
+def test_top_k_default_and_errors():
+    assert default_top_k(224) == 8 and default_top_k(448) == 16
+    assert build_model("glsim", "test_vit", 2, "none", 32).top_k == 4  # only 4 patches at 32 px
+    with pytest.raises(ValueError, match="train.glsim_top_k: 5 exceeds the 4 patches"):
+        build_model("glsim", "test_vit", 2, "none", 32, glsim_top_k=5)
+    with pytest.raises(ValueError, match="train.model: glsim needs a timm VisionTransformer"):
+        build_model("glsim", "resnet18", 2, "none", 32)
+
+
+def test_selection_flops_vit_b_224_under_one_mflop():
+    feats = torch.randn(1, 197, 768)  # ViT-B/16 at 224: CLS + 196 patches of 768 dims
+    flops = count_flops(select_boxes, feats, 8, (14, 14), (16, 16), (224, 224))
+    assert flops == 2 * 196 * 768  # one multiply-add per patch and channel, 2 FLOPs each
+    assert flops <= 1_000_000
