@@ -207,9 +207,6 @@ def test_every_image_in_exactly_one_split() -> None:
 
 # ------------------------------------------------------------------------------------ DAF:re release reproduction
 
-DAFRE_LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dafre-labels"
-
-
 def rule_counts(n: int) -> tuple[int, int]:
     """(val, test) sizes of a class of n under DAF:re's rule, with its float arithmetic."""
     return int(0.8 * n) - int(0.7 * n), n - int(0.8 * n)
@@ -254,15 +251,14 @@ def release_like_manifest(val: pl.DataFrame, test: pl.DataFrame) -> tuple[pl.Dat
     return manifest.validate(df.select(list(manifest.SCHEMA)), "release-like"), padded
 
 
-@pytest.mark.skipif(not (DAFRE_LABELS / "val.csv").is_file(), reason=f"DAF:re labels not at {DAFRE_LABELS}")
-def test_per_class_reproduces_dafre_release_val_and_test() -> None:
+def test_per_class_reproduces_dafre_release_val_and_test(dafre_labels: Path) -> None:
     """Done-when: per_class on a manifest ordered like the release gives its val.csv and test.csv row for row.
 
     Exactly, for all 94,440 test rows and, among val rows, for the 2,954 classes whose counts the rule can produce
     (43,125 of 46,050 val rows). For the other 309 classes (2,925 val rows) the release's val is one row short of
     anything the rule gives; there the release rows equal ours minus the one placeholder per class, in order.
     """
-    read = lambda name: pl.read_csv(DAFRE_LABELS / name, has_header=False, new_columns=["class_id", "dir"],  # noqa
+    read = lambda name: pl.read_csv(dafre_labels / name, has_header=False, new_columns=["class_id", "dir"],  # noqa
                                     schema_overrides={"class_id": pl.Int64, "dir": pl.String})
     val, test = read("val.csv"), read("test.csv")
     assert (val.height, test.height) == (46_050, 94_440)
