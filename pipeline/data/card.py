@@ -86,11 +86,14 @@ def _long_tail(ax, df: pl.DataFrame) -> None:
     plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20, 100, 1000 rather than 2x10^1
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    top = max(float(table["total"].max() or 1), 1.0)
+    # Under one decade (the emoji set: 1-4 per class) the minor ticks are the only ones between the powers of ten.
+    ax.yaxis.set_minor_formatter(plain if top < 10 else FuncFormatter(lambda v, _: ""))
+    ax.set_ylim(0.8, top * 2.5)  # head-room above the largest class for the legend
     ax.set_xlabel("class rank (sorted by images)")
     ax.set_ylabel("images per class (log scale)")
     ax.set_title(f"Long tail: {table.height} classes, {df.height} images")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncols=4, loc="upper right")
     ax.grid(alpha=0.3, which="both")
 
 
