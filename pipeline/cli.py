@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_profile_parser(sub)
 
+    from pipeline.inference.predict import add_predict_parser  # light: torch is imported when the command runs
+
+    add_predict_parser(sub)
+
     # Its own options (--packages, --out, ...) are parsed by pipeline.data.emoji_build.main.
     p = sub.add_parser("build-emoji", help="rebuild datasets/emoji from the unpacked font/image packages",
                        add_help=False)

@@ -12,6 +12,11 @@ from typing import Iterator
 
 import polars as pl
 
+# mkstemp creates 0600 files; outputs get the mode a plain open() would give them (read for the group/others).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
@@ -23,6 +28,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, dest)  # atomic on POSIX within one filesystem
     finally:
         tmp_path.unlink(missing_ok=True)
