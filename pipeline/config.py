@@ -13,6 +13,9 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from pipeline.tuning import space as tune_space
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -192,6 +195,19 @@ class SplitParams(_Section):
         return v
 
 
+# Paper training recipes for `train.recipe` (reference-methods.md A.5 and C.6). Precision is left to the user
+# (the papers use fp16 AMP, which needs CUDA), and so are method, model and img_size (224 or 448 in the papers).
+_PAPER_TRAINER = dict(optimizer="sgd",  # timm "sgd": SGD with Nesterov momentum 0.9
+                      weight_decay=0.0, batch_size=8, epochs=50, warmup_steps=500, min_lr=1.0e-5, grad_clip=1.0,
+                      resize_ratio=1.34, hflip=0.5)
+RECIPES: dict[str, dict] = {
+    # GLSim README command: lr 0.01, medaugs = flip + TrivialAugmentWide + random erasing 0.3 + LS 0.1 + SD 0.1
+    "glsim": {**_PAPER_TRAINER, "lr": 0.01, "augment": "med", "label_smoothing": 0.1, "drop_path_rate": 0.1},
+    # ILA README commands: frozen backbone, lr 0.1, weakaugs = flip only (no label smoothing, no stochastic depth)
+    "ila": {**_PAPER_TRAINER, "lr": 0.1, "augment": "weak", "label_smoothing": 0.0, "drop_path_rate": 0.0},
+}
+
+
 class TrainParams(_Section):
     # cnn/vit: full fine-tune; linear: frozen backbone + head; glsim/ila: pipeline/models/glsim.py, ila.py
     method: Literal["cnn", "linear", "vit", "glsim", "ila"] = "cnn"
@@ -218,6 +234,29 @@ class TrainParams(_Section):
     num_workers: NonNegInt = 0  # DataLoader workers (0 is fastest for small images on 2 cores)
     resume: bool = True  # continue a killed run from checkpoint_dir/<run key>/last.pt (same params + data only)
     checkpoint_dir: str = "checkpoints"  # per-epoch resumable state, outside DVC outputs; removed when a run ends
+    recipe: Literal["glsim", "ila"] | None = None  # paper preset (RECIPES); keys written in params.yaml win over it
+    augment: Literal["rrc", "weak", "med"] = "rrc"  # rrc: crop+jitter above; weak/med: GLSim weakaugs/medaugs
+    resize_ratio: Annotated[float, Field(ge=1.0)] = 1.34  # weak/med: resize to img_size*ratio, random/centre crop
+    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # stochastic depth of the deepest block
+    grad_clip: Annotated[float, Field(gt=0)] | None = None  # max L2 norm of all gradients; null: no clipping
+    warmup_steps: NonNegInt | None = None  # warm-up in optimiser steps (GLSim: 500); null: warmup_epochs
+    sync_bn: bool = False  # data-parallel runs on CUDA: synchronise BatchNorm statistics across processes
+    compile: bool = False  # torch.compile the training forward (pays off on CUDA for long runs; compiles first)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: object) -> object:
+        """A recipe fills the keys params.yaml leaves out; every key written there (even null) wins."""
+        if isinstance(data, dict) and isinstance(data.get("recipe"), str) and data["recipe"] in RECIPES:
+            return {**RECIPES[data["recipe"]], **data}
+        return data
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v == "ila" and info.data.get("method") not in ("ila", "linear"):
+            raise ValueError("'ila' trains a frozen backbone: set train.method to ila or linear")
+        return v
 
     @field_validator("weights")
     @classmethod
@@ -264,6 +303,83 @@ class ReportParams(_Section):
     grid_classes: PositiveInt = 8  # classes shown in the sample grid (one row per class, one column per split)
 
 
+def _keyed_errors(errors: list[tuple[tuple, str]], value) -> ValidationError:
+    """A ValidationError whose locations go below the field (e.g. tune.space.lr), so messages name the exact key."""
+    return ValidationError.from_exception_data("params", [
+        InitErrorDetails(type=PydanticCustomError("value_error", msg), loc=loc, input=value) for loc, msg in errors])
+
+
+class TuneResources(_Section):
+    cpu: Annotated[float, Field(gt=0)] = 1.0  # CPUs reserved per trial; its torch threads: this, rounded down (min 1)
+    gpu: Annotated[float, Field(ge=0)] = 0.0  # GPUs per trial (0.5: two trials share one); 0: trials train on the CPU
+
+
+def _default_space() -> dict[str, list]:
+    return {"lr": ["loguniform", 3.0e-4, 3.0e-3], "label_smoothing": ["choice", 0.0, 0.1]}
+
+
+class TuneParams(_Section):
+    apply: bool = False  # train stage: train with best_params.yaml's values for the searched keys
+    space: dict[str, object] = Field(default_factory=_default_space)  # train key: [distribution, args]; tuning/space.py
+    num_samples: PositiveInt = 4  # trials sampled from the space (per combination of grid values)
+    epochs: PositiveInt = 2  # per-trial budget (ASHA max_t); replaces train.epochs inside the sweep
+    metric: Literal["val_top1", "val_top5", "val_loss", "train_top1", "train_loss"] = "val_top1"  # per-epoch score
+    mode: Literal["max", "min"] = "max"  # whether a higher or a lower metric is better
+    scheduler: Literal["asha", "median", "fifo"] = "asha"  # early stopping: ASHA, median stopping rule, none (fifo)
+    grace_period: PositiveInt = 1  # asha/median: epochs every trial trains before it may be stopped
+    reduction_factor: Annotated[int, Field(ge=2)] = 2  # asha: one trial in reduction_factor goes on at each rung
+    search: Literal["random", "optuna", "hyperopt"] = "random"  # random: Ray's sampler; others need their package
+    seed: NonNegInt | None = None  # seed of the search algorithm; null: base.seed
+    resources: TuneResources = TuneResources()  # reserved per trial (Ray schedules trials by them)
+    max_concurrent: PositiveInt | None = None  # trials at once; null: as many as the resources allow
+    max_failures: NonNegInt = 1  # retries of a crashed trial before it is recorded as failed (the sweep goes on)
+    results_dir: str = ".ray_results"  # Ray's experiments (resume state, trial outputs), relative to the project
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, object]) -> dict[str, object]:
+        if not v:
+            raise ValueError("must name at least one train key to search, e.g. {lr: [loguniform, 1.0e-4, 1.0e-2]}")
+        errors = []
+        for key, spec in v.items():
+            try:
+                if key.startswith("train."):
+                    raise ValueError(f"write {key.removeprefix('train.')!r}: every key of tune.space is a train key")
+                tune_space.check_key(key, set(TrainParams.model_fields))
+                tune_space.parse(spec)
+            except ValueError as exc:
+                errors.append(((key,), str(exc)))
+        if errors:
+            raise _keyed_errors(errors, v)
+        return v
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str, info: ValidationInfo) -> str:
+        metric = info.data.get("metric", "")
+        if v != ("min" if metric.endswith("_loss") else "max"):
+            raise ValueError(f"{v} does not fit tune.metric={metric} (losses: min, accuracies: max)")
+        return v
+
+    @field_validator("grace_period")
+    @classmethod
+    def _grace(cls, v: int, info: ValidationInfo) -> int:
+        if "epochs" in info.data and v > info.data["epochs"]:
+            raise ValueError(f"{v} is above tune.epochs={info.data['epochs']}: no trial could ever be stopped")
+        return v
+
+    @field_validator("search")
+    @classmethod
+    def _search(cls, v: str, info: ValidationInfo) -> str:
+        import importlib.util
+
+        if v != "random" and importlib.util.find_spec(v) is None:
+            raise ValueError(f"{v} needs the {v} package (pip install {v}), or use random")
+        if v != "random" and tune_space.has_grid(info.data.get("space") or {}):
+            raise ValueError(f"{v} cannot search a grid entry of tune.space: use choice, or search: random")
+        return v
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     acquire: AcquireParams = AcquireParams()
@@ -273,6 +389,30 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     report: ReportParams = ReportParams()
+    tune: TuneParams = TuneParams()  # after train: its values are checked against the train section
+
+    @field_validator("tune")
+    @classmethod
+    def _tune_values(cls, v: TuneParams, info: ValidationInfo) -> TuneParams:
+        """Every value a trial may get must be valid for the train section as configured (model, img_size, ...)."""
+        train = info.data.get("train")
+        if train is None:  # the train section is invalid itself: that error is reported on its own
+            return v
+        errors = []
+        for key, spec in v.space.items():
+            name, args = tune_space.parse(spec)
+            for value in tune_space.probe_values(name, args):
+                try:
+                    TrainParams.model_validate({**train.model_dump(), key: value})
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    where = ".".join(str(p) for p in err["loc"])
+                    reason = err["msg"].removeprefix("Value error, ")
+                    errors.append((("space", key), f"{value!r} gives an invalid train.{where}: {reason}"))
+                    break
+        if errors:
+            raise _keyed_errors(errors, v.space)
+        return v
 
 
 def validate_section(model: type[BaseModel], data: dict, source: str, prefix: str = ""):

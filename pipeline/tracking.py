@@ -12,9 +12,19 @@ from pathlib import Path
 
 from pipeline.config import BaseParams
 
+# mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI to the environment (so that child processes inherit it). A
+# value we exported ourselves is remembered here, so that it is not mistaken for the user's choice by the next setup()
+# in the same process (another project root, e.g. in tests) or by its children.
+_SET_BY_US = "PIPELINE_MLFLOW_URI_SET"
+
+
+def _user_uri() -> str | None:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    return env if env and env != os.environ.get(_SET_BY_US) else None
+
 
 def tracking_uri(base: BaseParams, root: Path) -> str:
-    env = os.environ.get("MLFLOW_TRACKING_URI")
+    env = _user_uri()
     if env:
         return env
     store = (root / base.mlflow_dir).resolve()
@@ -26,9 +36,11 @@ def setup(base: BaseParams, root: Path) -> str:
     """Point MLflow at the store and return the experiment id (created once, artifacts beside the database)."""
     import mlflow
 
-    from_env = bool(os.environ.get("MLFLOW_TRACKING_URI"))  # read first: set_tracking_uri() exports it
+    from_env = _user_uri() is not None
     uri = tracking_uri(base, root)
     mlflow.set_tracking_uri(uri)
+    if not from_env:
+        os.environ[_SET_BY_US] = uri
     exp = mlflow.get_experiment_by_name(base.experiment)
     if exp is not None:
         return exp.experiment_id

@@ -48,7 +48,7 @@ def test_repro_produces_every_stage_output(repo):
                 "reports/report.md", "reports/figures/training_curves.png", "dvc.lock", "mlflow/mlflow.db"):
         assert (repo / out).is_file(), out
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"acquire", "faces", "clean", "split", "train", "evaluate", "report"}
+    assert set(lock["stages"]) == {"acquire", "faces", "clean", "split", "tune", "train", "evaluate", "report"}
     assert json.loads((repo / "metrics/evaluate.json").read_text())["test_images"] == 10
 
 

@@ -29,10 +29,16 @@ def sample_seed(seed: int, epoch: int, index: int = 0, stream: int = STREAM_AUGM
 
 
 class EpochSampler(Sampler):
-    """Yields (index, epoch) keys: a seeded permutation per epoch (or in order), optionally one rank's shard."""
+    """Yields (index, epoch) keys: a seeded permutation per epoch (or in order), optionally one rank's shard.
 
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
-        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world_size
+    Sharding follows torch's DistributedSampler so that data-parallel ranks step in lock-step: each rank gets the
+    same number of keys, interleaved slices of the one permutation. Training (pad=False) drops the last n % world
+    keys of the permutation (different images every epoch); evaluation (pad=True) repeats the first keys instead, and
+    the gathered duplicates are cut again (distributed.gather_rows). With one process both are the whole permutation.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, pad: bool = False):
+        self.n, self.shuffle, self.seed, self.rank, self.world, self.pad = n, shuffle, seed, rank, world_size, pad
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -44,11 +50,13 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        # Data-parallel ranks take interleaved slices of the same permutation (DistributedSampler's scheme).
-        return iter((i, self.epoch) for i in order[self.rank::self.world])
+        total = len(self) * self.world
+        if total > self.n:  # pad: repeat the permutation as often as needed (n may be smaller than world)
+            order = (order * -(-total // self.n))[:total]
+        return iter((i, self.epoch) for i in order[self.rank:total:self.world])
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world))
+        return -(-self.n // self.world) if self.pad else self.n // self.world
 
 
 class ManifestDataset(Dataset):

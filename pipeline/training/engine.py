@@ -1,12 +1,16 @@
-"""The training engine: one function that the `train` stage (and later sweeps) call.
+"""The training engine: one function that the `train` stage (and sweeps) call.
 
 Reads the split manifest, builds the model by name, trains with timm's optimizer and scheduler factories on
 albumentations pipelines, selects the best epoch on val (never on test), tracks everything in MLflow and writes
-the checkpoint, DVC metrics and the per-epoch history.
+the checkpoint, DVC metrics and the per-epoch history. `train.recipe` fills in a paper's hyper-parameters
+(pipeline/config.py RECIPES).
 
 Killed runs resume: after every epoch the full state (model, optimiser, scheduler, RNG, history, MLflow run id) is
 written atomically to `train.checkpoint_dir/<run key>/` (see checkpoint.py). Every epoch reseeds from (seed, epoch),
 so the resumed run ends with the same metrics as an uninterrupted one.
+
+The same function runs data-parallel under `torchrun --nproc-per-node N stages/train.py ...` (distributed.py):
+train.batch_size stays the global batch, only rank 0 writes, and a run may resume with another process count.
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from pipeline.progress import progress
 
-from pipeline.config import Params, flatten
+from pipeline.config import RECIPES, Params, TrainParams, flatten
 from pipeline.data import manifest
 from pipeline.data.dataset import STREAM_TORCH, EpochSampler, ManifestDataset, sample_seed
-from pipeline.data.transforms import data_config, eval_transform, train_transform
+from pipeline.data.transforms import data_config, eval_resize, eval_transform, train_transform
 from pipeline.io import md5_file, write_json, write_text
 from pipeline.models import build_model, model_options, save_checkpoint
-from pipeline.training import checkpoint
+from pipeline.training import checkpoint, distributed
+from pipeline.training.distributed import Dist
 from pipeline.training.metrics import summarize
 
 CACHE_LIMIT = 20_000  # decode-once cache for sets up to this many images (the embedded default has ~1k)
@@ -76,31 +81,46 @@ def autocast(device: torch.device, precision: str):
 
 def make_loader(ds: ManifestDataset, batch_size: int, train: bool, seed: int, workers: int,
                 device: torch.device, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Order and augmentation come from EpochSampler's (index, epoch) keys: call loader.sampler.set_epoch(e)."""
-    sampler = EpochSampler(len(ds), shuffle=train, seed=seed, rank=rank, world_size=world_size)
+    """Order and augmentation come from EpochSampler's (index, epoch) keys: call loader.sampler.set_epoch(e).
+    `batch_size` is per process; evaluation shards are padded to equal length (see EpochSampler)."""
+    sampler = EpochSampler(len(ds), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=not train)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train and len(sampler) > batch_size,
                       num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-               loss_fn: nn.Module, device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step; returns (loss, logits). `python -m pipeline bench` times exactly this function."""
+               loss_fn: nn.Module, device: torch.device, precision: str, grad_clip: float | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step; returns (loss, logits). `python -m pipeline bench` times exactly this function.
+
+    grad_clip bounds the L2 norm of all gradients together (GLSim: 1.0); under DDP the gradients are already
+    averaged over ranks here, so every rank clips identically. fp16 needs the scaler (loss scaling), and clipping
+    then works on the unscaled gradients."""
     with autocast(device, precision):
         logits = model(x)
         loss = loss_fn(logits, y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if grad_clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skips the step when the fp16 gradients overflowed
+        scaler.update()
     return loss, logits
 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
-            desc: str = "eval") -> tuple[np.ndarray, np.ndarray]:
+            desc: str = "eval", bar: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, C) as float32 numpy and labels (N,), in loader order."""
     model.eval()
     logits, labels = [], []
-    for x, y in progress(loader, desc=desc, unit="batch", leave=False):
+    for x, y in progress(loader, desc=desc, unit="batch", leave=False, disable=not bar):
         with autocast(device, precision):
             out = model(x.to(device, non_blocking=True))
         logits.append(out.float().cpu().numpy())
@@ -108,6 +128,35 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, precisio
     if not logits:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     return np.concatenate(logits), np.concatenate(labels)
+
+
+def set_drop_path(model: nn.Module, rate: float) -> int:
+    """Stochastic depth on a built timm model: block i of n drops its residual branches with rate * i / (n - 1).
+
+    That is timm's own rule for ViTs (`drop_path_rate` at create time), applied afterwards because build_model does
+    not forward the option: the timm blocks' `drop_path`/`drop_path1`/`drop_path2` slots (Identity at rate 0) get
+    timm's DropPath. CNN families in timm use rate * i / n instead, a hair lower per block. Returns the blocks set.
+    """
+    from timm.layers import DropPath
+
+    def slots(m: nn.Module) -> list[str]:  # ResNet blocks hold None instead of Identity
+        return [a for a in ("drop_path", "drop_path1", "drop_path2")
+                if hasattr(m, a) and (getattr(m, a) is None or isinstance(getattr(m, a), (nn.Identity, DropPath)))]
+
+    blocks = [m for m in model.modules() if slots(m)]
+    if rate > 0 and not blocks:
+        raise ValueError(f"train.drop_path_rate: {type(model).__name__} has no timm blocks with stochastic depth")
+    for i, block in enumerate(blocks):
+        p = rate * i / max(len(blocks) - 1, 1)
+        for a in slots(block):
+            setattr(block, a, DropPath(p) if p > 0 else nn.Identity())
+    return len(blocks)
+
+
+def recipe_overrides(cfg: TrainParams) -> dict[str, tuple]:
+    """{key: (value used, recipe value)} for the recipe's keys that params.yaml set differently."""
+    preset = RECIPES.get(cfg.recipe or "", {})
+    return {k: (getattr(cfg, k), v) for k, v in preset.items() if getattr(cfg, k) != v}
 
 
 def class_names(df: pl.DataFrame) -> list[str]:
@@ -119,9 +168,10 @@ def class_names(df: pl.DataFrame) -> list[str]:
 
 
 def _run_key(params: Params, split_manifest: Path) -> str:
-    """What decides the result: train params (minus where/how to checkpoint), seed, device, the split's content."""
+    """What decides the result: train params (minus where/how to checkpoint), seed, device, the split's content.
+    The process count is not part of it: the global batch is, so a killed run may resume with other N."""
     flat = {k: v for k, v in flatten(params).items() if k.startswith("train.") or k in ("base.seed", "base.device")}
-    for k in ("train.resume", "train.checkpoint_dir", "train.num_workers"):
+    for k in ("train.resume", "train.checkpoint_dir", "train.num_workers", "train.compile"):
         flat.pop(k, None)
     return checkpoint.run_key(flat, md5_file(split_manifest))
 
@@ -133,15 +183,29 @@ def train(params: Params, split_manifest: Path, image_root: Path, outputs: Train
 
     Sweeps (pipeline/tuning) call this same function: `on_epoch(row)` receives each epoch's history row after it is
     logged (a Ray Tune trial reports it; raising there stops the run), `run_name` and `tags` name the MLflow run
-    (e.g. `mlflow.parentRunId` nests a trial under its sweep).
+    (e.g. `mlflow.parentRunId` nests a trial under its sweep). Under torchrun every process calls it; on_epoch runs
+    on rank 0 only.
     """
+    d, device = distributed.setup(resolve_device(params.base.device))
+    try:
+        return _train(params, split_manifest, image_root, outputs, root, d, device, on_epoch, run_name, tags)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(params: Params, split_manifest: Path, image_root: Path, outputs: TrainOutputs, root: Path, d: Dist,
+           device: torch.device, on_epoch: Callable[[dict], None] | None, run_name: str | None,
+           tags: dict[str, str] | None) -> dict:
     import mlflow
 
     from pipeline import tracking
 
     cfg, base = params.train, params.base
-    device = resolve_device(base.device)
-    seed_everything(base.seed, base.threads, device)
+    if cfg.batch_size % d.world:
+        raise ValueError(f"train.batch_size: {cfg.batch_size} images per step do not split evenly over {d.world} "
+                         "processes (it is the global batch)")
+    # The cores are shared by the processes of one machine.
+    seed_everything(base.seed, max(1, base.threads // d.local_world), device)
     df = manifest.read(split_manifest)
     classes = class_names(df)
     tr_df, va_df = df.filter(pl.col("split") == "train"), df.filter(pl.col("split") == "val")
@@ -150,35 +214,36 @@ def train(params: Params, split_manifest: Path, image_root: Path, outputs: Train
 
     model = build_model(cfg.method, cfg.model, len(classes), cfg.weights, cfg.img_size, root=root,
                         **model_options(cfg))
-    dcfg = data_config(model)
+    if cfg.drop_path_rate > 0:
+        set_drop_path(model, cfg.drop_path_rate)
+    dcfg = {**data_config(model), **eval_resize(cfg)}  # stored in the checkpoint: evaluate resizes the same way
+    channels_last = device.type == "cuda" and cfg.method == "cnn"  # faster convolutions on tensor cores
     model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     cache = df.height <= CACHE_LIMIT
+    per_rank = cfg.batch_size // d.world
     train_loader = make_loader(ManifestDataset(tr_df, image_root, train_transform(cfg, dcfg, base.seed), cache,
                                                seed=base.seed),
-                               cfg.batch_size, True, base.seed, cfg.num_workers, device)
+                               per_rank, True, base.seed, cfg.num_workers, device, d.rank, d.world)
     val_loader = make_loader(ManifestDataset(va_df, image_root, eval_transform(cfg.img_size, dcfg), cache),
-                             cfg.batch_size, False, base.seed, cfg.num_workers, device)
-
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # Given the model, timm skips frozen parameters and exempts biases and norms from weight decay; foreach
-    # kernels update all tensors in a few ops (faster on CPU too, where torch does not enable them by default).
-    optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    foreach=True)
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-                                       warmup_lr=1e-6, min_lr=cfg.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=len(train_loader))
+                             per_rank, False, base.seed, cfg.num_workers, device, d.rank, d.world)
+    optimizer, scheduler = _optimization(model, cfg, len(train_loader))
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     frozen = getattr(model, "frozen_backbone", False)
 
-    outputs.model_dir.mkdir(parents=True, exist_ok=True)
-    write_text(outputs.model_dir / "config.yaml", yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     meta = {"classes": classes, "data_config": dcfg,
             "model_spec": {"method": cfg.method, "model": cfg.model, "img_size": cfg.img_size}}
+    if d.main:
+        outputs.model_dir.mkdir(parents=True, exist_ok=True)
+        write_text(outputs.model_dir / "config.yaml", yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+        if cfg.recipe:
+            over = recipe_overrides(cfg)
+            print(f"train: recipe {cfg.recipe}" + (", params.yaml overrides " + ", ".join(
+                f"{k}={v!r} (recipe {r!r})" for k, (v, r) in over.items()) if over else ""), flush=True)
 
     ckpt_dir = root / cfg.checkpoint_dir / _run_key(params, split_manifest)
     state = checkpoint.load_state(ckpt_dir / "last.pt") if cfg.resume else None
@@ -189,86 +254,148 @@ def train(params: Params, split_manifest: Path, image_root: Path, outputs: Train
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         history, best, step = state["history"], state["best"], state["step"]
         images_seen, train_seconds, run_id = state["images_seen"], state["train_seconds"], state["run_id"]
         start_epoch = state["epoch"] + 1
-        print(f"train: resuming after epoch {state['epoch']}/{cfg.epochs} from {ckpt_dir / 'last.pt'}", flush=True)
+        if d.main:
+            print(f"train: resuming after epoch {state['epoch']}/{cfg.epochs} from {ckpt_dir / 'last.pt'}",
+                  flush=True)
+    distributed.barrier(d)  # every rank has read the state before rank 0 may overwrite it
+    net = distributed.wrap(model, d, device, cfg.sync_bn)
+    if cfg.compile:
+        net = torch.compile(net)
 
-    experiment_id = tracking.setup(base, root)
+    experiment_id = tracking.setup(base, root) if d.main else None
     t0 = time.perf_counter()
-    with _mlflow_run(mlflow, experiment_id, run_id, run_name or f"{cfg.method}-{cfg.model}") as run:
-        if run_id is None:
+    tracked = _mlflow_run(mlflow, experiment_id, run_id, run_name or f"{cfg.method}-{cfg.model}") if d.main \
+        else contextlib.nullcontext()
+    with tracked as run:
+        if d.main and run_id is None:
             mlflow.log_params(flatten(params))
             mlflow.set_tags({"git_commit": tracking.git_commit(root), "split_manifest_md5": md5_file(split_manifest),
                              "device": str(device), "torch": torch.__version__, "timm": _timm_version(),
-                             "stage": "train", "method": cfg.method, "model": cfg.model, **(tags or {})})
+                             "stage": "train", "method": cfg.method, "model": cfg.model,
+                             "recipe": cfg.recipe or "none", "processes": str(d.world), **(tags or {})})
             mlflow.log_params({"params_total": n_params, "params_trainable": n_trainable,
                                "num_classes": len(classes)})
-        write_json(outputs.model_dir / "run.json", {"run_id": run.info.run_id, "experiment_id": experiment_id})
+        if d.main:
+            write_json(outputs.model_dir / "run.json", {"run_id": run.info.run_id, "experiment_id": experiment_id})
         for epoch in range(start_epoch, cfg.epochs + 1):
-            # Everything random in this epoch derives from (seed, epoch): resuming here replays it exactly.
-            torch.manual_seed(sample_seed(base.seed, epoch, stream=STREAM_TORCH))
+            # Everything random in this epoch derives from (seed, epoch): resuming here replays it exactly. Ranks
+            # get their own torch stream (stochastic depth, dropout); rank 0's is the single-process one.
+            torch.manual_seed(sample_seed(base.seed, epoch, d.rank, stream=STREAM_TORCH))
             train_loader.sampler.set_epoch(epoch)
-            model.train(not frozen)  # a linear probe keeps BatchNorm statistics and dropout of the backbone fixed
+            net.train(not frozen)  # a linear probe keeps BatchNorm statistics and dropout of the backbone fixed
             te = time.perf_counter()
-            loss_sum, correct, seen = 0.0, 0, 0
-            bar = progress(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
-            for x, y in bar:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss, logits = train_step(model, x, y, optimizer, loss_fn, device, cfg.precision)
-                step += 1
-                scheduler.step_update(num_updates=step)
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            loss_sum, correct, seen, step = _train_epoch(net, train_loader, optimizer, scheduler, loss_fn, device,
+                                                         cfg, step, scaler, channels_last, d, epoch)
             scheduler.step(epoch)
-            images_seen, train_seconds = images_seen + seen, train_seconds + time.perf_counter() - te
+            loss_sum, correct, seen = distributed.sum_all([loss_sum, correct, seen], d, device)
+            images_seen, train_seconds = images_seen + int(seen), train_seconds + time.perf_counter() - te
             row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
                    "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - te}
-            if len(val_loader.dataset):
-                logits_v, labels_v = predict(model, val_loader, device, cfg.precision, desc="val")
-                row["val_loss"] = float(nn.functional.cross_entropy(torch.from_numpy(logits_v),
-                                                                    torch.from_numpy(labels_v)))
-                s = summarize(logits_v, labels_v, len(classes))
-                row["val_top1"], row["val_top5"] = s["top1"], s["top5"]
+            distributed.sync_buffers(model, d)  # one set of BatchNorm statistics for validation and checkpoints
+            if va_df.height:
+                row |= _validate(model, val_loader, va_df.height, len(classes), cfg.precision, device, d)
             history.append(row)
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             score = row.get("val_top1", float(epoch))  # without a val split the last epoch is kept
-            if score > best["val_top1"]:
+            improved = score > best["val_top1"]
+            if improved:
                 best = {"val_top1": score, "epoch": epoch}
-                save_checkpoint(ckpt_dir / "best.pt", model, {**meta, "epoch": epoch})
-            checkpoint.save_state(ckpt_dir / "last.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                  scheduler=scheduler.state_dict(), epoch=epoch, step=step, history=history,
-                                  best=best, images_seen=images_seen, train_seconds=train_seconds,
-                                  run_id=run.info.run_id)
-            print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.3f}  train {row['train_top1']:.3f}"
-                  + (f"  val {row['val_top1']:.3f}" if "val_top1" in row else "")
-                  + f"  ({row['epoch_seconds']:.1f}s)", flush=True)
-            if on_epoch is not None:
-                on_epoch(row)
+            if d.main:
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+                if improved:
+                    save_checkpoint(ckpt_dir / "best.pt", model, {**meta, "epoch": epoch})
+                checkpoint.save_state(ckpt_dir / "last.pt", model=model.state_dict(),
+                                      optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                      scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch,
+                                      step=step, history=history, best=best, images_seen=images_seen,
+                                      train_seconds=train_seconds, run_id=run.info.run_id)
+                print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.3f}  train {row['train_top1']:.3f}"
+                      + (f"  val {row['val_top1']:.3f}" if "val_top1" in row else "")
+                      + f"  ({row['epoch_seconds']:.1f}s)", flush=True)
+                if on_epoch is not None:
+                    on_epoch(row)
 
-        shutil.copyfile(ckpt_dir / "best.pt", outputs.model_dir / "model.pt")
         seconds = time.perf_counter() - t0
-        _write_history(outputs.history_file, history)
         summary = {"best_epoch": best["epoch"], "epochs": cfg.epochs, "train_seconds": round(train_seconds, 2),
                    "train_images": tr_df.height, "val_images": va_df.height, "num_classes": len(classes),
                    "params_total": n_params, "params_trainable": n_trainable,
-                   "train_img_per_s": round(images_seen / max(train_seconds, 1e-9), 2)}
+                   "train_img_per_s": round(images_seen / max(train_seconds, 1e-9), 2), "processes": d.world}
         if va_df.height:
             summary["best_val_top1"] = best["val_top1"]
-        write_json(outputs.metrics_file, summary)
-        mlflow.log_metrics({k: float(summary[k]) for k in ("best_val_top1", "train_seconds", "train_img_per_s")
-                            if k in summary})
-        for f in (outputs.model_dir / "config.yaml", outputs.history_file, outputs.metrics_file,
-                  outputs.model_dir / "model.pt"):
-            mlflow.log_artifact(str(f))
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the resumable state has served its purpose
-    print(f"train: {cfg.method}/{cfg.model} {len(classes)} classes, best epoch {best['epoch']}"
-          + (f" val top-1 {best['val_top1']:.3f}" if va_df.height else "")
-          + f", {seconds:.0f}s, MLflow run {run.info.run_id}")
+        if d.main:
+            _finish(mlflow, ckpt_dir, outputs, history, summary)
+    distributed.barrier(d)  # the other ranks leave only once rank 0 has written everything
+    if d.main:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the resumable state has served its purpose
+        print(f"train: {cfg.method}/{cfg.model} {len(classes)} classes, best epoch {best['epoch']}"
+              + (f" val top-1 {best['val_top1']:.3f}" if va_df.height else "")
+              + f", {seconds:.0f}s" + (f" on {d.world} processes" if d.enabled else "")
+              + f", MLflow run {run.info.run_id}")
     return summary
+
+
+def _optimization(model: nn.Module, cfg: TrainParams, updates_per_epoch: int):
+    """timm's optimizer and per-step cosine schedule (warm-up from 1e-6, as GLSim's trainer)."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    # Given the model, timm skips frozen parameters and exempts biases and norms from weight decay; foreach
+    # kernels update all tensors in a few ops (faster on CPU too, where torch does not enable them by default).
+    optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    foreach=True)
+    # timm counts warm-up in epochs and multiplies by updates_per_epoch for per-step schedules: a step count
+    # becomes a fraction of an epoch.
+    warmup = cfg.warmup_epochs if cfg.warmup_steps is None else cfg.warmup_steps / updates_per_epoch
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=warmup,
+                                       warmup_lr=1e-6, min_lr=cfg.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=updates_per_epoch)
+    return optimizer, scheduler
+
+
+def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, loss_fn: nn.Module,
+                 device: torch.device, cfg: TrainParams, step: int, scaler, channels_last: bool, d: Dist,
+                 epoch: int) -> tuple[float, int, int, int]:
+    """One pass over this rank's shard; returns (loss sum, correct, images, global step) of this rank."""
+    loss_sum, correct, seen = 0.0, 0, 0
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    bar = progress(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=not d.main)
+    for x, y in bar:
+        x, y = x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
+        loss, logits = train_step(net, x, y, optimizer, loss_fn, device, cfg.precision, cfg.grad_clip, scaler)
+        step += 1
+        scheduler.step_update(num_updates=step)
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return loss_sum, correct, seen, step
+
+
+def _validate(model: nn.Module, loader: DataLoader, n: int, num_classes: int, precision: str,
+              device: torch.device, d: Dist) -> dict:
+    """Val loss/top-1/top-5 over the whole val split: each rank predicts its shard, all ranks get all logits."""
+    logits, labels = predict(model, loader, device, precision, desc="val", bar=d.main)
+    logits, labels = distributed.gather_rows(logits, n, d, device), distributed.gather_rows(labels, n, d, device)
+    s = summarize(logits, labels, num_classes)
+    loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
+    return {"val_loss": float(loss), "val_top1": s["top1"], "val_top5": s["top5"]}
+
+
+def _finish(mlflow, ckpt_dir: Path, outputs: TrainOutputs, history: list[dict], summary: dict) -> None:
+    """Rank 0: the DVC outputs (best checkpoint, history, metrics) and their MLflow copies."""
+    shutil.copyfile(ckpt_dir / "best.pt", outputs.model_dir / "model.pt")
+    _write_history(outputs.history_file, history)
+    write_json(outputs.metrics_file, summary)
+    mlflow.log_metrics({k: float(summary[k]) for k in ("best_val_top1", "train_seconds", "train_img_per_s")
+                        if k in summary})
+    for f in (outputs.model_dir / "config.yaml", outputs.history_file, outputs.metrics_file,
+              outputs.model_dir / "model.pt"):
+        mlflow.log_artifact(str(f))
 
 
 def _mlflow_run(mlflow, experiment_id: str, run_id: str | None, run_name: str):

@@ -12,10 +12,10 @@ from pipeline.config import Params
 from pipeline.data import manifest
 from pipeline.data.dataset import ManifestDataset
 from pipeline.data.transforms import eval_transform
-from pipeline.io import write_json
+from pipeline.io import atomic_path, write_json
 from pipeline.models import load_checkpoint
 from pipeline.training.engine import load_run, make_loader, predict, resolve_device, seed_everything
-from pipeline.training.metrics import summarize
+from pipeline.training.metrics import GROUPS, confused_pairs, frequency_groups, group_accuracy, summarize
 
 
 def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: Path, metrics_file: Path,
@@ -45,37 +45,55 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
                          cfg.batch_size, False, base.seed, 0, device)
     logits, labels = predict(model, loader, device, params.train.precision, desc="test")
     s = summarize(logits, labels, len(classes), cfg.top_k)
+    n_train = dict(df.filter(pl.col("split") == "train").group_by("class_name").len().iter_rows())
+    train_counts = np.array([n_train.get(name, 0) for name in classes])
+    groups = frequency_groups(train_counts, cfg.head_above, cfg.tail_below)
+    by_group = group_accuracy(s["per_class"], groups)
     metrics = {"test_top1": s["top1"], f"test_top{cfg.top_k}": s[f"top{cfg.top_k}"],
                "test_macro_acc": s["macro_acc"], "test_class_acc_std": s["class_acc_std"], "test_images": s["n"],
                "test_classes": int(test["class_id"].n_unique()), "chance_top1": 1.0 / len(classes),
                "checkpoint_epoch": int(ckpt.get("epoch", 0))}
+    for g in GROUPS:  # a group without test classes is left out (JSON has no NaN), its class count is 0
+        if g in by_group:
+            metrics[f"test_{g}_acc"] = by_group[g]["acc"]
+        metrics[f"test_{g}_classes"] = by_group.get(g, {}).get("classes", 0)
     write_json(metrics_file, metrics)
 
-    plots_dir.mkdir(parents=True, exist_ok=True)
     pred = logits.argmax(1)
-    prob = _softmax(logits)
-    with open(plots_dir / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image_id", "actual", "predicted", "confidence"])
-        for image_id, y, p, conf in zip(test["image_id"], labels, pred, prob.max(1)):
-            w.writerow([image_id, classes[y], classes[p], f"{conf:.4f}"])
-    n_train = dict(df.filter(pl.col("split") == "train").group_by("class_name").len().iter_rows())
-    with open(plots_dir / "per_class.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class_name", "train_images", "test_images", "test_acc"])
-        for c, name in enumerate(classes):
-            n_test = int((labels == c).sum())
-            if n_test:
-                w.writerow([name, n_train.get(name, 0), n_test, f"{s['per_class'][c]:.4f}"])
+    _write_predictions(plots_dir / "predictions.csv", test["image_id"].to_list(), labels, pred, logits, classes)
+    n_test = np.bincount(labels, minlength=len(classes))
+    _write_csv(plots_dir / "per_class.csv", ["class_name", "train_images", "test_images", "test_acc", "frequency"],
+               [[name, int(train_counts[c]), int(n_test[c]), f"{s['per_class'][c]:.4f}", groups[c]]
+                for c, name in enumerate(classes) if n_test[c]])
+    _write_csv(plots_dir / "confused_pairs.csv", ["actual", "predicted", "count", "actual_test_images", "rate"],
+               [[classes[a], classes[p], n, int(n_test[a]), f"{n / n_test[a]:.4f}"]
+                for a, p, n in confused_pairs(pred, labels, cfg.confused_pairs)])
 
     tracking.setup(base, root)
     with mlflow.start_run(run_id=load_run(model_dir)["run_id"]):
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         mlflow.log_artifact(str(metrics_file))
-        mlflow.log_artifact(str(plots_dir / "per_class.csv"))
+        for name in ("per_class.csv", "confused_pairs.csv"):
+            mlflow.log_artifact(str(plots_dir / name))
     print(f"evaluate: test top-1 {metrics['test_top1']:.3f}, top-{cfg.top_k} {metrics[f'test_top{cfg.top_k}']:.3f} "
-          f"on {metrics['test_images']} images ({len(classes)} classes, chance {metrics['chance_top1']:.4f})")
+          f"on {metrics['test_images']} images ({len(classes)} classes, chance {metrics['chance_top1']:.4f}); "
+          f"macro {metrics['test_macro_acc']:.3f} +- {metrics['test_class_acc_std']:.3f}; "
+          + ", ".join(f"{g} {by_group[g]['acc']:.3f} ({by_group[g]['classes']} classes)" for g in by_group))
     return metrics
+
+
+def _write_predictions(path: Path, image_ids: list, labels: np.ndarray, pred: np.ndarray, logits: np.ndarray,
+                       classes: list[str]) -> None:
+    confidence = _softmax(logits).max(1)
+    _write_csv(path, ["image_id", "actual", "predicted", "confidence"],
+               [[i, classes[y], classes[p], f"{c:.4f}"] for i, y, p, c in zip(image_ids, labels, pred, confidence)])
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
