@@ -1,9 +1,10 @@
 """`python -m pipeline bench`: training-step throughput of our engine against a plain reference loop.
 
 Both sides train the same timm architecture on the same synthetic batch, with the same threads and precision, in
-one process. Ours is `engine.train_step` with the model, optimiser and loss the engine builds; the reference is
-the textbook loop (timm.create_model, torch.optim.AdamW, zero_grad/backward/step). Rounds alternate between the two
-so that machine noise (other processes, turbo clocks) hits both alike; the median per round is reported.
+one process. Ours is `engine.train_step` with the model, optimiser, loss and memory format (channels_last for CNNs)
+the engine uses; the reference is the textbook loop (timm.create_model, torch.optim.AdamW, zero_grad/backward/step).
+Rounds alternate between the two, each side first in every other round, so that machine noise (other processes,
+turbo clocks, warm caches) hits both alike; the median per round is reported.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def run(model_name: str, method: str, img_size: int, batch_size: int, num_classe
     from torch import nn
 
     from pipeline.models import build_model
-    from pipeline.training.engine import autocast, resolve_device, train_step
+    from pipeline.training.engine import autocast, resolve_device, train_step, use_channels_last
 
     dev = resolve_device(device)
     if dev.type == "cpu":
@@ -49,12 +50,16 @@ def run(model_name: str, method: str, img_size: int, batch_size: int, num_classe
     y = torch.randint(0, num_classes, (batch_size,), device=dev)
 
     ours = build_model(method, model_name, num_classes, "none", img_size).to(dev).train()
+    ours_x = x
+    if use_channels_last(method):  # as the engine trains it
+        ours = ours.to(memory_format=torch.channels_last)
+        ours_x = x.contiguous(memory_format=torch.channels_last)
     ours_opt = create_optimizer_v2([p for p in ours.parameters() if p.requires_grad], opt=optimizer, lr=1e-4,
                                    weight_decay=0.05, foreach=True)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
 
     def ours_step():
-        train_step(ours, x, y, ours_opt, loss_fn, dev, precision)
+        train_step(ours, ours_x, y, ours_opt, loss_fn, dev, precision)
 
     kwargs = {"img_size": img_size} if method in ("vit", "glsim", "ila") else {}
     ref = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs).to(dev).train()
@@ -75,9 +80,12 @@ def run(model_name: str, method: str, img_size: int, batch_size: int, num_classe
     for step in (ours_step, ref_step):
         _time_steps(step, warmup, dev)
     ours_s, ref_s = [], []
-    for _ in range(rounds):
-        ours_s.append(_time_steps(ours_step, steps, dev))
-        ref_s.append(_time_steps(ref_step, steps, dev))
+    for r in range(rounds):
+        # ABBA order: whichever side runs second in a round inherits the first's warm caches and allocator state,
+        # so each side goes first in every other round.
+        pair = ((ours_step, ours_s), (ref_step, ref_s))
+        for step, times in pair if r % 2 == 0 else pair[::-1]:
+            times.append(_time_steps(step, steps, dev))
     ours_ips = steps * batch_size / statistics.median(ours_s)
     ref_ips = steps * batch_size / statistics.median(ref_s)
     if method in ("glsim", "ila"):

@@ -1,0 +1,20 @@
+"""`python -m pipeline bench`: one JSON object with both sides measured on the same batch."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_json_measures_both_sides() -> None:
+    out = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--img-size", "32", "--batch-size", "4",
+                          "--num-classes", "5", "--steps", "1", "--rounds", "2", "--threads", "1", "--json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (r["model"], r["method"], r["img_size"], r["batch_size"], r["threads"]) == \
+        ("tf_efficientnet_lite0", "cnn", 32, 4, 1)
+    assert r["ours_img_per_s"] > 0 and r["reference_img_per_s"] > 0
+    assert abs(r["ratio"] - r["ours_img_per_s"] / r["reference_img_per_s"]) < 0.01
