@@ -19,9 +19,13 @@ from pipeline.config import Params, load_params
 KNOWN_ERRORS = (ValueError, OSError)
 
 
-def stage_parser(description: str) -> argparse.ArgumentParser:
+def stage_parser(description: str, reads_split: bool = False) -> argparse.ArgumentParser:
+    """--params for every stage; reads_split adds --split/--images for the stages that read the split images."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    if reads_split:
+        p.add_argument("--split", required=True, help="split manifest (.parquet)")
+        p.add_argument("--images", required=True, help="folder the manifest paths are relative to (clean output)")
     return p
 
 

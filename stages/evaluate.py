@@ -12,9 +12,7 @@ def main(args, params, root):
 
 
 if __name__ == "__main__":
-    parser = stage_parser(__doc__)
-    parser.add_argument("--split", required=True, help="split manifest (.parquet)")
-    parser.add_argument("--images", required=True, help="folder the manifest paths are relative to")
+    parser = stage_parser(__doc__, reads_split=True)
     parser.add_argument("--model", required=True, help="train output folder")
     parser.add_argument("--metrics", required=True, help="DVC metrics json")
     parser.add_argument("--plots", required=True, help="folder for predictions.csv and per_class.csv")

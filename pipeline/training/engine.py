@@ -136,29 +136,6 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, precisio
     return np.concatenate(logits), np.concatenate(labels)
 
 
-def set_drop_path(model: nn.Module, rate: float) -> int:
-    """Stochastic depth on a built timm model: block i of n drops its residual branches with rate * i / (n - 1).
-
-    That is timm's own rule for ViTs (`drop_path_rate` at create time), applied afterwards because build_model does
-    not forward the option: the timm blocks' `drop_path`/`drop_path1`/`drop_path2` slots (Identity at rate 0) get
-    timm's DropPath. CNN families in timm use rate * i / n instead, a hair lower per block. Returns the blocks set.
-    """
-    from timm.layers import DropPath
-
-    def slots(m: nn.Module) -> list[str]:  # ResNet blocks hold None instead of Identity
-        return [a for a in ("drop_path", "drop_path1", "drop_path2")
-                if hasattr(m, a) and (getattr(m, a) is None or isinstance(getattr(m, a), (nn.Identity, DropPath)))]
-
-    blocks = [m for m in model.modules() if slots(m)]
-    if rate > 0 and not blocks:
-        raise ValueError(f"train.drop_path_rate: {type(model).__name__} has no timm blocks with stochastic depth")
-    for i, block in enumerate(blocks):
-        p = rate * i / max(len(blocks) - 1, 1)
-        for a in slots(block):
-            setattr(block, a, DropPath(p) if p > 0 else nn.Identity())
-    return len(blocks)
-
-
 def recipe_overrides(cfg: TrainParams) -> dict[str, tuple]:
     """{key: (value used, recipe value)} for the recipe's keys that params.yaml set differently."""
     preset = RECIPES.get(cfg.recipe or "", {})
@@ -220,8 +197,6 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
 
     model = build_model(cfg.method, cfg.model, len(classes), cfg.weights, cfg.img_size, root=root,
                         **model_options(cfg))
-    if cfg.drop_path_rate > 0:
-        set_drop_path(model, cfg.drop_path_rate)
     dcfg = {**data_config(model), **eval_resize(cfg)}  # stored in the checkpoint: evaluate resizes the same way
     channels_last = use_channels_last(cfg.method)
     model = model.to(device)
@@ -375,10 +350,11 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, loss_
         loss, logits = train_step(net, x, y, optimizer, loss_fn, device, cfg.precision, cfg.grad_clip, scaler)
         step += 1
         scheduler.step_update(num_updates=step)
-        loss_sum += loss.item() * len(y)
+        loss_value = loss.item()
+        loss_sum += loss_value * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
     return loss_sum, correct, seen, step
 
 
