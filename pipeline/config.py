@@ -289,6 +289,7 @@ class EvaluateParams(_Section):
     head_above: NonNegInt = 100  # classes with more than this many training images are "head"
     tail_below: NonNegInt = 20  # classes with fewer than this many training images are "tail"; the rest "medium"
     confused_pairs: NonNegInt = 20  # the N most frequent (actual, predicted) mistakes written to confused_pairs.csv
+    sample_images: NonNegInt = 6  # seeded test images kept with predictions (+ GLSim selection) for the report
 
     @field_validator("tail_below")
     @classmethod
@@ -301,6 +302,7 @@ class EvaluateParams(_Section):
 
 class ReportParams(_Section):
     grid_classes: PositiveInt = 8  # classes shown in the sample grid (one row per class, one column per split)
+    confused_examples: NonNegInt = 4  # per variant: the most frequent mistakes shown with example images
 
 
 def _keyed_errors(errors: list[tuple[tuple, str]], value) -> ValidationError:
@@ -380,6 +382,17 @@ class TuneParams(_Section):
         return v
 
 
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # used in paths, DVC stage names and `-S variants.<name>.*`
+
+
+def variant_train(train: TrainParams, overrides: dict) -> dict:
+    """The train keys of one variant: `train` (already tuned, if tune.apply), then the variant's recipe, if it names
+    one, then its own keys. Unlike train.recipe (which fills only keys params.yaml leaves out), a variant's recipe
+    replaces the train section's values, so `variants.x: {recipe: glsim}` is a paper recipe run."""
+    recipe = overrides.get("recipe")
+    return {**train.model_dump(), **(RECIPES.get(recipe, {}) if isinstance(recipe, str) else {}), **overrides}
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     acquire: AcquireParams = AcquireParams()
@@ -387,9 +400,46 @@ class Params(_Section):
     clean: CleanParams = CleanParams()
     split: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
+    # The models `dvc repro` trains and the report compares (dvc.yaml foreach): name -> the train keys that differ
+    # from the train section. An empty mapping trains the train section as written.
+    variants: dict[str, dict[str, object]] = Field(default_factory=lambda: {"cnn": {}})
     evaluate: EvaluateParams = EvaluateParams()
     report: ReportParams = ReportParams()
     tune: TuneParams = TuneParams()  # after train: its values are checked against the train section
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: dict[str, dict], info: ValidationInfo) -> dict[str, dict]:
+        """Every variant must give a valid train section; errors name variants.<name>.<key>."""
+        if not v:
+            raise ValueError("must name at least one model to train, e.g. {cnn: {}}")
+        train = info.data.get("train")
+        errors: list[tuple[tuple, str]] = []
+        for name, overrides in v.items():
+            if not VARIANT_NAME.fullmatch(name):
+                errors.append(((name,), "a variant name is letters, digits, '_' and '-' (it names folders and "
+                                        "DVC stages)"))
+                continue
+            errors += [((name, k), "unknown train key (misspelt? see TrainParams in pipeline/config.py)")
+                       for k in overrides if k not in TrainParams.model_fields]
+            if train is None or any(k not in TrainParams.model_fields for k in overrides):
+                continue
+            try:
+                TrainParams.model_validate(variant_train(train, overrides))
+            except ValidationError as exc:
+                for e in exc.errors():
+                    errors.append(((name, *e["loc"]), e["msg"].removeprefix("Value error, ")))
+        if errors:
+            raise _keyed_errors(errors, v)
+        return v
+
+    def with_variant(self, name: str) -> Params:
+        """These params with the train section of variant `name` (what the train stage trains for it)."""
+        if name not in self.variants:
+            raise ParamsError(f"variants.{name}: no such variant in params.yaml (have {', '.join(self.variants)})")
+        train = validate_section(TrainParams, variant_train(self.train, self.variants[name]), "params.yaml",
+                                 prefix=f"variants.{name}.")
+        return self.model_copy(update={"train": train})
 
     @field_validator("tune")
     @classmethod

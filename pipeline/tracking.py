@@ -7,7 +7,9 @@ never a DVC output (DVC deletes outputs before re-running a stage).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from pipeline.config import BaseParams
@@ -48,6 +50,17 @@ def setup(base: BaseParams, root: Path) -> str:
     if not from_env:
         artifacts = ((root / base.mlflow_dir).resolve() / "artifacts").as_uri()
     return mlflow.create_experiment(base.experiment, artifact_location=artifacts)
+
+
+def log_artifacts_as(files: dict[str, Path]) -> None:
+    """Log files to the active run under fixed names: DVC paths are per variant (plots/history/cnn.csv), the run's
+    artifacts are not (train_history.csv), so every run looks alike in `mlflow ui`."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, src in files.items():
+            shutil.copyfile(src, Path(tmp) / name)
+        mlflow.log_artifacts(tmp)
 
 
 def git_commit(root: Path) -> str:

@@ -1,4 +1,4 @@
-"""DVC stage `report`: Markdown report + PNG plots from what the earlier stages stored (no recomputation)."""
+"""DVC stage `report`: Markdown + HTML report comparing every variant, from what earlier stages stored."""
 
 import sys
 from pathlib import Path
@@ -8,19 +8,17 @@ from pipeline.stage_runner import run, stage_parser
 
 
 def main(args, params, root):
-    metrics = {name: Path(args.metrics_dir) / f"{name}.json" for name in ("clean", "split", "train", "evaluate")}
-    inputs = ReportInputs(Path(args.split), Path(args.images), Path(args.images) / "quarantine.parquet",
-                          Path(args.model), Path(args.plots) / "train_history.csv",
-                          Path(args.plots) / "per_class.csv", Path(args.plots) / "predictions.csv", metrics)
-    out = build_report(params, inputs, Path(args.out))
-    log_to_mlflow(params, Path(args.out), Path(args.model), root)
-    print(f"report: {out}")
+    inputs = ReportInputs(Path(args.split), Path(args.images), Path(args.models), Path(args.metrics_dir),
+                          Path(args.plots))
+    out, results = build_report(params, inputs, Path(args.out))
+    run_id = log_to_mlflow(params, Path(args.out), results, root)
+    print(f"report: {out} and {out.with_suffix('.html')} ({len(results)} variants), MLflow run {run_id}")
 
 
 if __name__ == "__main__":
     parser = stage_parser(__doc__, reads_split=True)
-    parser.add_argument("--model", required=True, help="train output folder")
-    parser.add_argument("--metrics-dir", required=True)
-    parser.add_argument("--plots", required=True)
+    parser.add_argument("--models", required=True, help="folder of the train stages' models/<variant>/")
+    parser.add_argument("--metrics-dir", required=True, help="metrics/ (clean.json, train/ and evaluate/)")
+    parser.add_argument("--plots", required=True, help="plots/ (history/, predictions/, per_class/, ...)")
     parser.add_argument("--out", required=True)
     sys.exit(run(main, parser))

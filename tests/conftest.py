@@ -37,12 +37,22 @@ def make_tiny_emoji(dest: Path, n_classes: int = 12) -> Path:
 TINY_TRAIN = {"img_size": 32, "epochs": 2, "batch_size": 16, "warmup_epochs": 0}
 
 
+def shrink(params: dict) -> dict:
+    """The tiny training settings, for the train section and every variant (hybrid ViTs take the CNN's stride-4
+    stage: at 32 px that is an 8x8 token grid, enough for ILA's two down-sampling steps)."""
+    params["base"]["device"] = "cpu"
+    params["train"].update(TINY_TRAIN)
+    for overrides in params.get("variants", {}).values():
+        if overrides.get("backbone_cnn"):
+            overrides["patch_size"] = 4
+    return params
+
+
 def write_tiny_params(project: Path, dataset: Path, **train) -> Path:
     """The repo's params.yaml, shrunk: tiny dataset, 32 px, 2 epochs, CPU."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = shrink(yaml.safe_load((REPO / "params.yaml").read_text()))
     params["acquire"]["embedded"]["path"] = str(dataset)
-    params["base"]["device"] = "cpu"
-    params["train"].update({**TINY_TRAIN, **train})
+    params["train"].update(train)
     path = project / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

@@ -117,18 +117,13 @@ def test_card_at_dafre_scale_is_fast_and_readable(tmp_path: Path) -> None:
         assert im.size[0] <= 1700 and im.size[1] <= 500  # one row of three panels, whatever the class count
 
 
-def test_report_data_section_is_the_card(tmp_path: Path) -> None:
-    """build_report with only the data stages done: the card is its data section, no other figure is needed."""
+def test_report_before_training_names_the_missing_output(tmp_path: Path) -> None:
+    """build_report with only the data stages done stops on the first variant's missing output, naming it."""
     from pipeline.report import ReportInputs, build_report
 
     df = small_dataset(tmp_path / "clean", None)
     manifest.write(df, tmp_path / "split" / "manifest.parquet")
-    quarantine({"corrupt": 1}).write_parquet(tmp_path / "clean" / "quarantine.parquet")
     none = tmp_path / "absent"
-    inputs = ReportInputs(tmp_path / "split" / "manifest.parquet", tmp_path / "clean",
-                          tmp_path / "clean" / "quarantine.parquet", none, none / "h.csv", none / "p.csv",
-                          none / "pred.csv", {})
-    out = build_report(Params(), inputs, tmp_path / "reports")
-    text = out.read_text()
-    assert "## Dataset card" in text and "| corrupt | 1 |" in text
-    assert sorted(p.name for p in (tmp_path / "reports" / "figures").iterdir()) == [DATASET_FIGURE, SAMPLES_FIGURE]
+    inputs = ReportInputs(tmp_path / "split" / "manifest.parquet", tmp_path / "clean", none, none, none)
+    with pytest.raises(FileNotFoundError, match=r"variant 'cnn' has no .*absent/cnn/config.yaml"):
+        build_report(Params(), inputs, tmp_path / "reports")

@@ -78,6 +78,11 @@ BAD = [
      "folder 'missing_images' does not exist"),
     ("folder_path_unset", {"acquire.source": "folder"}, "acquire.folder.path", "required when acquire.source"),
     ("weights_file", {"train.weights": "file:missing.pth"}, "train.weights", "file 'missing.pth' does not exist"),
+    ("variant_unknown_key", {"variants.ila.lrr": 0.1}, "variants.ila.lrr", "unknown train key"),
+    ("variant_bad_value", {"variants.ila.img_size": 100}, "variants.ila.img_size", "not divisible by"),
+    ("variant_cnn_patch", {"variants.cnn.patch_size": 16}, "variants.cnn.patch_size", "applies to ViT models"),
+    ("variant_name", {"variants": {"my model": {}}}, "variants.my model", "letters, digits"),
+    ("variants_empty", {"variants": {}}, "variants", "at least one model"),
     ("device", {"base.device": "gpu"}, "base.device", "must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     ("device_index", {"base.device": "cuda:x"}, "base.device", "must be auto, cpu, cuda or cuda:N"),
     ("groups_overlap", {"split.val_groups": ["emojione", "twemoji"]}, "split.val_groups", "['twemoji']"),
@@ -112,7 +117,10 @@ def test_repo_params_spell_out_every_key_with_known_names() -> None:
             out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
         return out
 
-    assert keys(raw) == set(flatten(Params()))
+    def fixed(ks) -> set[str]:  # `variants` holds free-form entries (their keys are checked as train keys)
+        return {k for k in ks if not k.startswith("variants.")}
+
+    assert fixed(keys(raw)) == fixed(flatten(Params())) and "variants" in raw
 
 
 def test_defaults_alone_are_valid(tmp_path: Path) -> None:
@@ -318,3 +326,32 @@ def test_check_params_cli(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "greater than or equal to 1" in error_line(res.stderr, "train.epochs")
     assert res.stdout == ""
+
+
+# ----------------------------------------------------------------------------------------------------------- variants
+
+def test_variant_overrides_only_its_keys(tmp_path):
+    params = load_params(params_with(tmp_path, {}))
+    assert list(params.variants) == ["cnn", "glsim", "ila"]
+    cnn, glsim = params.with_variant("cnn"), params.with_variant("glsim")
+    assert cnn.train == params.train  # {}: the train section as written
+    assert (glsim.train.method, glsim.train.model, glsim.train.backbone_cnn) == ("glsim", "test_vit",
+                                                                                 "tf_efficientnet_lite0")
+    assert glsim.train.model_copy(update={"method": "cnn", "model": params.train.model, "backbone_cnn": None}) \
+        == params.train
+    assert glsim.base == params.base and glsim.variants == params.variants
+
+
+def test_variant_recipe_replaces_train_values_and_its_own_keys_win(tmp_path):
+    from pipeline.config import RECIPES
+
+    path = params_with(tmp_path, {"variants.paper": {"method": "glsim", "model": "test_vit", "recipe": "glsim",
+                                                     "backbone_cnn": "tf_efficientnet_lite0", "epochs": 3}})
+    train = load_params(path).with_variant("paper").train
+    assert train.lr == RECIPES["glsim"]["lr"] and train.augment == "med" and train.optimizer == "sgd"
+    assert train.epochs == 3  # the variant's own key, not the recipe's 50
+
+
+def test_unknown_variant_is_named(tmp_path):
+    with pytest.raises(ParamsError, match=r"variants.vit: no such variant .*have cnn, glsim, ila"):
+        load_params(params_with(tmp_path, {})).with_variant("vit")

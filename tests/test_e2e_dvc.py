@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_TRAIN, make_tiny_emoji, run_cmd
+from tests.conftest import REPO, make_tiny_emoji, run_cmd, shrink
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +30,7 @@ def _copy_repo(dest: Path) -> None:
 def repo(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("repo")
     _copy_repo(dest)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["train"].update(TINY_TRAIN)
-    params["base"]["device"] = "cpu"
+    params = shrink(yaml.safe_load((dest / "params.yaml").read_text()))
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "init"]):
@@ -44,12 +42,16 @@ def repo(tmp_path_factory) -> Path:
 
 def test_repro_produces_every_stage_output(repo):
     for out in ("data/raw/manifest.parquet", "data/clean/manifest.parquet", "data/split/manifest.parquet",
-                "models/model.pt", "models/run.json", "metrics/evaluate.json", "plots/train_history.csv",
+                "models/cnn/model.pt", "models/glsim/run.json", "metrics/evaluate/ila.json",
+                "plots/history/cnn.csv", "plots/samples/glsim.npz", "reports/report.html",
                 "reports/report.md", "reports/figures/training_curves.png", "dvc.lock", "mlflow/mlflow.db"):
         assert (repo / out).is_file(), out
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"acquire", "faces", "clean", "split", "tune", "train", "evaluate", "report"}
-    assert json.loads((repo / "metrics/evaluate.json").read_text())["test_images"] == 10
+    variants = ("cnn", "glsim", "ila")
+    assert set(lock["stages"]) == {"acquire", "faces", "clean", "split", "tune", "report",
+                                   *(f"{stage}@{v}" for stage in ("train", "evaluate") for v in variants)}
+    for v in variants:
+        assert json.loads((repo / f"metrics/evaluate/{v}.json").read_text())["test_images"] == 10
 
 
 def test_second_repro_is_a_no_op_and_status_is_clean(repo):
@@ -77,8 +79,15 @@ def test_training_knob_does_not_invalidate_acquisition(repo):
         params["train"]["lr"] = 0.5
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         changed = set(json.loads(run_cmd(["dvc", "status", "--json"], repo).stdout))
-        assert "train" in changed
+        assert {"train@cnn", "train@glsim", "train@ila"} <= changed
         assert not changed & {"acquire", "faces", "clean", "split"}
+        # A variant's own key changes that variant only.
+        params_file.write_text(original)
+        params["variants"]["glsim"]["lr"] = 0.5
+        params["train"]["lr"] = yaml.safe_load(original)["train"]["lr"]
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        changed = set(json.loads(run_cmd(["dvc", "status", "--json"], repo).stdout))
+        assert "train@glsim" in changed and not changed & {"train@cnn", "train@ila", "tune"}
     finally:
         params_file.write_text(original)
 

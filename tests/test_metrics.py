@@ -90,7 +90,7 @@ def test_evaluate_stage_writes_consistent_long_tail_outputs(tmp_path, tiny_emoji
     from pipeline.data.transforms import data_config
     from pipeline.io import write_json
     from pipeline.models import build_model, save_checkpoint
-    from pipeline.training.evaluate import evaluate
+    from pipeline.training.evaluate import EvalOutputs, evaluate
 
     params = load_params(write_tiny_params(tmp_path, tiny_emoji),
                          overrides={"evaluate.head_above": 1, "evaluate.tail_below": 1, "evaluate.top_k": 3})
@@ -113,7 +113,7 @@ def test_evaluate_stage_writes_consistent_long_tail_outputs(tmp_path, tiny_emoji
         write_json(tmp_path / "models/run.json", {"run_id": run.info.run_id})
 
     m = evaluate(params, tmp_path / "split.parquet", tmp_path / "data/raw", tmp_path / "models",
-                 tmp_path / "metrics/evaluate.json", tmp_path / "plots", tmp_path)
+                 EvalOutputs.in_folder(tmp_path / "metrics/evaluate.json", tmp_path / "plots"), tmp_path)
     assert json.loads((tmp_path / "metrics/evaluate.json").read_text()) == pytest.approx(m)
     preds = pl.read_csv(tmp_path / "plots/predictions.csv")
     hits = preds.with_columns((pl.col("actual") == pl.col("predicted")).alias("hit"))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -18,7 +19,8 @@ from pipeline.data.split import split
 from pipeline.models import load_checkpoint
 from pipeline.report import ReportInputs, build_report
 from pipeline.training.engine import TrainOutputs, train
-from pipeline.training.evaluate import evaluate
+from pipeline.report.results import VariantPaths
+from pipeline.training.evaluate import EvalOutputs, evaluate
 from tests.conftest import write_tiny_params
 
 N_CLASSES = 12
@@ -37,17 +39,20 @@ def project(tmp_path_factory, tiny_emoji) -> dict:
     for name, counts in (("clean", clean_counts), ("split", split_counts)):
         (root / "metrics").mkdir(exist_ok=True)
         (root / "metrics" / f"{name}.json").write_text(json.dumps(counts))
-    outputs = TrainOutputs(root / "models", root / "metrics/train.json", root / "plots/train_history.csv")
-    train_summary = train(params, split_file, cleaned, outputs, root)
-    eval_metrics = evaluate(params, split_file, cleaned, root / "models", root / "metrics/evaluate.json",
-                            root / "plots", root)
-    inputs = ReportInputs(split_file, cleaned, cleaned / "quarantine.parquet", root / "models",
-                          root / "plots/train_history.csv", root / "plots/per_class.csv",
-                          root / "plots/predictions.csv",
-                          {k: root / "metrics" / f"{k}.json" for k in ("clean", "split", "train", "evaluate")})
-    report = build_report(params, inputs, root / "reports")
-    return dict(root=root, params=params, train=train_summary, eval=eval_metrics, report=report,
-                split_file=split_file, cleaned=cleaned)
+    # Every variant of the repo's params.yaml (cnn, glsim, ila), at the tiny size, laid out as dvc.yaml does.
+    inputs = ReportInputs(split_file, cleaned, root / "models", root / "metrics", root / "plots")
+    summaries, evals = {}, {}
+    for name in params.variants:
+        p, paths = params.with_variant(name), inputs.variant(name)
+        summaries[name] = train(p, split_file, cleaned, TrainOutputs(paths.model_dir, paths.train_metrics,
+                                                                     paths.history), root)
+        evals[name] = evaluate(p, split_file, cleaned, paths.model_dir,
+                               EvalOutputs(paths.eval_metrics, paths.predictions, paths.per_class,
+                                           paths.confused_pairs, paths.samples), root)
+    report, _ = build_report(params, inputs, root / "reports")
+    cnn = inputs.variant("cnn")
+    return dict(root=root, params=params, train=summaries["cnn"], eval=evals["cnn"], report=report,
+                split_file=split_file, cleaned=cleaned, cnn=cnn, summaries=summaries, evals=evals)
 
 
 def test_acquire_and_clean_keep_every_image(project):
@@ -74,18 +79,17 @@ def test_train_writes_checkpoint_history_and_metrics(project):
     root, summary = project["root"], project["train"]
     assert summary["epochs"] == 2 and summary["num_classes"] == N_CLASSES
     assert 1 <= summary["best_epoch"] <= 2
-    history = pl.read_csv(root / "plots/train_history.csv")
+    history = pl.read_csv(project["cnn"].history)
     assert history["epoch"].to_list() == [1, 2]
     assert {"train_loss", "val_loss", "val_top1", "lr"} <= set(history.columns)
-    assert json.loads((root / "metrics/train.json").read_text())["train_images"] == 24
+    assert json.loads(project["cnn"].train_metrics.read_text())["train_images"] == 24
 
 
 def test_checkpoint_reloads_to_identical_logits(project):
-    root = project["root"]
-    model, ckpt = load_checkpoint(root / "models/model.pt")
+    model, ckpt = load_checkpoint(project["cnn"].model_dir / "model.pt")
     assert len(ckpt["classes"]) == N_CLASSES and ckpt["model_spec"]["img_size"] == 32
     x = torch.randn(2, 3, 32, 32)
-    again, _ = load_checkpoint(root / "models/model.pt")
+    again, _ = load_checkpoint(project["cnn"].model_dir / "model.pt")
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
 
@@ -95,17 +99,19 @@ def test_evaluate_reports_test_metrics(project):
     assert m["test_images"] == N_CLASSES
     assert 0.0 <= m["test_top1"] <= m["test_top5"] <= 1.0
     assert m["chance_top1"] == pytest.approx(1 / N_CLASSES)
-    preds = pl.read_csv(project["root"] / "plots/predictions.csv")
+    preds = pl.read_csv(project["cnn"].predictions)
     assert preds.height == N_CLASSES and set(preds.columns) == {"image_id", "actual", "predicted", "confidence"}
+    assert m["gflops"] > 0 and m["test_img_per_s"] > 0
 
 
 def test_mlflow_run_has_params_epoch_metrics_and_artifacts(project):
     root = project["root"]
-    run_id = json.loads((root / "models/run.json").read_text())["run_id"]
+    run_id = json.loads((project["cnn"].model_dir / "run.json").read_text())["run_id"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow/mlflow.db'}")
     run = client.get_run(run_id)
     assert run.data.params["train.lr"] == "0.001" and run.data.params["train.img_size"] == "32"
     assert run.data.tags["stage"] == "train" and run.data.tags["device"] == "cpu"
+    assert not any(k.startswith("variants.") for k in run.data.params)
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2]
     assert "test_top1" in run.data.metrics
     names = {a.path for a in client.list_artifacts(run_id)}
@@ -114,14 +120,60 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(project):
     assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(root / "mlflow")
 
 
-def test_report_has_results_table_and_valid_pngs(project):
+def test_variants_train_what_they_override(project):
+    """glsim/ila take the train section and change only their keys; their checkpoints say so."""
+    for name, method in (("glsim", "glsim"), ("ila", "ila")):
+        paths = VariantPaths.of(name, project["root"] / "models", project["root"] / "metrics",
+                                project["root"] / "plots")
+        _, ckpt = load_checkpoint(paths.model_dir / "model.pt")
+        assert ckpt["model_spec"]["method"] == method and ckpt["model_spec"]["img_size"] == 32
+        assert ckpt["model_spec"]["options"]["backbone_cnn"] == "tf_efficientnet_lite0"
+    s = project["summaries"]
+    assert s["glsim"]["params_trainable"] == s["glsim"]["params_total"]  # GLSim fine-tunes everything
+    assert s["ila"]["params_trainable"] < s["ila"]["params_total"] / 10  # ILA: adapters, CLS token and head only
+    e = project["evals"]
+    assert all(e[v]["gflops"] > 0 and e[v]["test_img_per_s"] > 0 for v in e)
+
+
+def test_glsim_samples_hold_its_selection(project):
+    root = project["root"]
+    with np.load(root / "plots/samples/glsim.npz", allow_pickle=False) as s:
+        n = len(s["image_id"])
+        assert n == 6 and s["image"].shape == (n, 32, 32, 3) and s["crop"].shape == (n, 32, 32, 3)
+        assert s["similarity"].shape == (n, 8, 8) and s["selected"].shape == (n, 8)  # stride-4 hybrid, top-8
+        x0, y0, x1, y1 = s["box"].T
+        assert ((0 <= x0) & (x0 < x1) & (x1 <= 32) & (0 <= y0) & (y0 < y1) & (y1 <= 32)).all()
+    with np.load(root / "plots/samples/cnn.npz", allow_pickle=False) as s:
+        assert "similarity" not in s.files and len(s["predicted"]) == 6
+
+
+def test_report_compares_every_variant_with_valid_pngs(project):
+    root = project["root"]
     text = project["report"].read_text()
-    assert "| cnn | tf_efficientnet_lite0 |" in text
-    run_id = json.loads((project["root"] / "models/run.json").read_text())["run_id"]
-    assert run_id in text
-    assert "## Most frequent confusions (test)" in text
-    figures = sorted(p.name for p in (project["root"] / "reports/figures").glob("*.png"))
-    assert figures == ["dataset.png", "per_class_accuracy.png", "samples.png", "training_curves.png"]
+    for name in ("cnn", "glsim", "ila"):
+        run_id = json.loads((root / "models" / name / "run.json").read_text())["run_id"]
+        row = next(line for line in text.splitlines() if line.startswith(f"| **{name}** |"))
+        assert run_id in row and "GFLOPs" not in row
+    header = next(line for line in text.splitlines() if line.startswith("| variant | method |"))
+    for col in ("backbone", "image size", "top-1", "top-5", "macro acc", "tail acc", "params", "trainable",
+                "GFLOPs", "img/s", "MLflow run"):
+        assert f"| {col} |" in header
+    figures = sorted(p.name for p in (root / "reports/figures").glob("*.png"))
+    assert {"accuracy_vs_gflops.png", "training_curves.png", "per_class_vs_frequency.png", "glsim_glsim.png",
+            "dataset.png", "samples.png"} <= set(figures)
+    assert "glsim_cnn.png" not in figures and "glsim_ila.png" not in figures
+    assert "## Dataset card" in text  # the split stage's card is the report's data section
     for name in figures:
         assert f"figures/{name}" in text
-        assert (project["root"] / "reports/figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (root / "reports/figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (root / "reports/report.html").read_text()
+    assert html.startswith("<!doctype html>") and "<table>" in html and 'src="figures/accuracy_vs_gflops.png"' in html
+
+
+def test_report_names_the_missing_output_of_a_variant(project, tmp_path):
+    params = project["params"]
+    more = params.model_copy(update={"variants": {**params.variants, "vit": {}}})
+    inputs = ReportInputs(project["split_file"], project["cleaned"], project["root"] / "models",
+                          project["root"] / "metrics", project["root"] / "plots")
+    with pytest.raises(FileNotFoundError, match=r"variant 'vit' has no .*models/vit/config.yaml.*evaluate@vit"):
+        build_report(more, inputs, tmp_path / "reports")

@@ -88,10 +88,11 @@ def make_loader(ds: ManifestDataset, batch_size: int, train: bool, seed: int, wo
                       num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
 
-def use_channels_last(method: str) -> bool:
+def use_channels_last(method: str, backbone_cnn: str | None = None) -> bool:
     """NHWC for CNNs on every device: tensor cores on CUDA, and oneDNN on CPU (tf_efficientnet_lite0, 96 px,
-    batch 32, 2 threads: 1.7x the NCHW training step). ViTs are matmuls on token sequences: no effect there."""
-    return method == "cnn"
+    batch 32, 2 threads: 1.7x the NCHW training step), and so for a hybrid ViT's CNN patch embedding (GLSim over
+    test_vit + lite0: 1.8x). A plain ViT is matmuls on token sequences: no effect there."""
+    return method == "cnn" or backbone_cnn is not None
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -198,7 +199,7 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
     model = build_model(cfg.method, cfg.model, len(classes), cfg.weights, cfg.img_size, root=root,
                         **model_options(cfg))
     dcfg = {**data_config(model), **eval_resize(cfg)}  # stored in the checkpoint: evaluate resizes the same way
-    channels_last = use_channels_last(cfg.method)
+    channels_last = use_channels_last(cfg.method, cfg.backbone_cnn)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -220,7 +221,9 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
             "model_spec": {"method": cfg.method, "model": cfg.model, "img_size": cfg.img_size}}
     if d.main:
         outputs.model_dir.mkdir(parents=True, exist_ok=True)
-        write_text(outputs.model_dir / "config.yaml", yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+        # What this model trained with: the variant folded into `train`, tuned values applied (the report reads it).
+        resolved = params.model_dump(mode="json", exclude={"variants"})
+        write_text(outputs.model_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         if cfg.recipe:
             over = recipe_overrides(cfg)
             print(f"train: recipe {cfg.recipe}" + (", params.yaml overrides " + ", ".join(
@@ -255,7 +258,7 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
         else contextlib.nullcontext()
     with tracked as run:
         if d.main and run_id is None:
-            mlflow.log_params(flatten(params))
+            mlflow.log_params({k: v for k, v in flatten(params).items() if not k.startswith("variants.")})
             mlflow.set_tags({"git_commit": tracking.git_commit(root), "split_manifest_md5": md5_file(split_manifest),
                              "device": str(device), "torch": torch.__version__, "timm": _timm_version(),
                              "stage": "train", "method": cfg.method, "model": cfg.model,
@@ -370,14 +373,16 @@ def _validate(model: nn.Module, loader: DataLoader, n: int, num_classes: int, pr
 
 def _finish(mlflow, ckpt_dir: Path, outputs: TrainOutputs, history: list[dict], summary: dict) -> None:
     """Rank 0: the DVC outputs (best checkpoint, history, metrics) and their MLflow copies."""
+    from pipeline import tracking
+
     shutil.copyfile(ckpt_dir / "best.pt", outputs.model_dir / "model.pt")
     _write_history(outputs.history_file, history)
     write_json(outputs.metrics_file, summary)
     mlflow.log_metrics({k: float(summary[k]) for k in ("best_val_top1", "train_seconds", "train_img_per_s")
                         if k in summary})
-    for f in (outputs.model_dir / "config.yaml", outputs.history_file, outputs.metrics_file,
-              outputs.model_dir / "model.pt"):
-        mlflow.log_artifact(str(f))
+    tracking.log_artifacts_as({"config.yaml": outputs.model_dir / "config.yaml",
+                               "model.pt": outputs.model_dir / "model.pt", "train_history.csv": outputs.history_file,
+                               "train_metrics.json": outputs.metrics_file})
 
 
 def _mlflow_run(mlflow, experiment_id: str, run_id: str | None, run_name: str):

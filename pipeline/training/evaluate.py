@@ -1,25 +1,50 @@
-"""The `evaluate` stage: the selected checkpoint on the test split (held-out artists for the default)."""
+"""The `evaluate` stage: the selected checkpoint on the test split (held-out artists for the default).
+
+Besides the accuracies it stores what the report compares the models by, so the report never runs a model: the
+inference cost (GFLOPs per image from torch's FLOP counter, forward img/s at evaluate.batch_size on this machine) and,
+in a samples .npz, a few test images as the model saw them with their predictions (and, for GLSim, the CLS-patch
+similarity map, the selected patches, the box and the crop).
+"""
 
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 
 from pipeline.config import Params
 from pipeline.data import manifest
 from pipeline.data.dataset import ManifestDataset
 from pipeline.data.transforms import eval_transform
+from pipeline.inference.explain import write_samples
 from pipeline.io import atomic_path, write_json
 from pipeline.models import load_checkpoint
-from pipeline.training.engine import load_run, make_loader, predict, resolve_device, seed_everything
+from pipeline.training.engine import (load_run, make_loader, predict, resolve_device, seed_everything,
+                                      use_channels_last)
 from pipeline.training.metrics import GROUPS, confused_pairs, frequency_groups, group_accuracy, summarize
 
 
-def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: Path, metrics_file: Path,
-             plots_dir: Path, root: Path) -> dict:
+@dataclass(frozen=True)
+class EvalOutputs:
+    metrics: Path  # DVC metrics json
+    predictions: Path  # csv: image_id, actual, predicted, confidence (DVC confusion plot)
+    per_class: Path  # csv: class, train/test images, accuracy, frequency group
+    confused_pairs: Path  # csv: the most frequent (actual, predicted) mistakes
+    samples: Path  # npz: evaluate.sample_images test images as the model saw them (+ GLSim's selection)
+
+    @classmethod
+    def in_folder(cls, metrics: Path, folder: Path) -> EvalOutputs:
+        """All but the metrics in one folder, under fixed names (tests, ad-hoc runs)."""
+        return cls(metrics, *(folder / n for n in ("predictions.csv", "per_class.csv", "confused_pairs.csv",
+                                                   "samples.npz")))
+
+
+def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: Path, out: EvalOutputs,
+             root: Path) -> dict:
     import mlflow
 
     from pipeline import tracking
@@ -28,6 +53,9 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     device = resolve_device(base.device)
     seed_everything(base.seed, base.threads, device)
     model, ckpt = load_checkpoint(model_dir / "model.pt", device)
+    spec = ckpt["model_spec"]
+    if use_channels_last(spec["method"], spec.get("options", {}).get("backbone_cnn")):  # as it trained
+        model = model.to(memory_format=torch.channels_last)
     classes: list[str] = ckpt["classes"]
     df = manifest.read(split_manifest)
     test = df.filter(pl.col("split") == "test")
@@ -40,9 +68,8 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     # The manifest's class ids may differ from the checkpoint's if data changed: map by name.
     index = {name: i for i, name in enumerate(classes)}
     test = test.with_columns(pl.col("class_name").replace_strict(index, return_dtype=pl.Int64).alias("class_id"))
-    loader = make_loader(ManifestDataset(test, image_root, eval_transform(ckpt["model_spec"]["img_size"],
-                                                                          ckpt["data_config"])),
-                         cfg.batch_size, False, base.seed, 0, device)
+    dataset = ManifestDataset(test, image_root, eval_transform(spec["img_size"], ckpt["data_config"]))
+    loader = make_loader(dataset, cfg.batch_size, False, base.seed, 0, device)
     logits, labels = predict(model, loader, device, params.train.precision, desc="test")
     s = summarize(logits, labels, len(classes), cfg.top_k)
     n_train = dict(df.filter(pl.col("split") == "train").group_by("class_name").len().iter_rows())
@@ -52,34 +79,46 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     metrics = {"test_top1": s["top1"], f"test_top{cfg.top_k}": s[f"top{cfg.top_k}"],
                "test_macro_acc": s["macro_acc"], "test_class_acc_std": s["class_acc_std"], "test_images": s["n"],
                "test_classes": int(test["class_id"].n_unique()), "chance_top1": 1.0 / len(classes),
-               "checkpoint_epoch": int(ckpt.get("epoch", 0))}
+               "checkpoint_epoch": int(ckpt.get("epoch", 0))} | _cost(model, spec["img_size"], cfg.batch_size, device)
     for g in GROUPS:  # a group without test classes is left out (JSON has no NaN), its class count is 0
         if g in by_group:
             metrics[f"test_{g}_acc"] = by_group[g]["acc"]
         metrics[f"test_{g}_classes"] = by_group.get(g, {}).get("classes", 0)
-    write_json(metrics_file, metrics)
+    write_json(out.metrics, metrics)
 
     pred = logits.argmax(1)
-    _write_predictions(plots_dir / "predictions.csv", test["image_id"].to_list(), labels, pred, logits, classes)
+    _write_predictions(out.predictions, test["image_id"].to_list(), labels, pred, logits, classes)
     n_test = np.bincount(labels, minlength=len(classes))
-    _write_csv(plots_dir / "per_class.csv", ["class_name", "train_images", "test_images", "test_acc", "frequency"],
+    _write_csv(out.per_class, ["class_name", "train_images", "test_images", "test_acc", "frequency"],
                [[name, int(train_counts[c]), int(n_test[c]), f"{s['per_class'][c]:.4f}", groups[c]]
                 for c, name in enumerate(classes) if n_test[c]])
-    _write_csv(plots_dir / "confused_pairs.csv", ["actual", "predicted", "count", "actual_test_images", "rate"],
+    _write_csv(out.confused_pairs, ["actual", "predicted", "count", "actual_test_images", "rate"],
                [[classes[a], classes[p], n, int(n_test[a]), f"{n / n_test[a]:.4f}"]
                 for a, p, n in confused_pairs(pred, labels, cfg.confused_pairs)])
+    picks = np.sort(np.random.default_rng(base.seed).choice(test.height, min(cfg.sample_images, test.height),
+                                                            replace=False))
+    write_samples(out.samples, model, dataset, picks, test["image_id"].to_list(), classes, ckpt["data_config"],
+                  device)
 
     tracking.setup(base, root)
     with mlflow.start_run(run_id=load_run(model_dir)["run_id"]):
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        mlflow.log_artifact(str(metrics_file))
-        for name in ("per_class.csv", "confused_pairs.csv"):
-            mlflow.log_artifact(str(plots_dir / name))
+        tracking.log_artifacts_as({"test_metrics.json": out.metrics, "per_class.csv": out.per_class,
+                                   "confused_pairs.csv": out.confused_pairs})
     print(f"evaluate: test top-1 {metrics['test_top1']:.3f}, top-{cfg.top_k} {metrics[f'test_top{cfg.top_k}']:.3f} "
           f"on {metrics['test_images']} images ({len(classes)} classes, chance {metrics['chance_top1']:.4f}); "
           f"macro {metrics['test_macro_acc']:.3f} +- {metrics['test_class_acc_std']:.3f}; "
           + ", ".join(f"{g} {by_group[g]['acc']:.3f} ({by_group[g]['classes']} classes)" for g in by_group))
     return metrics
+
+
+def _cost(model, img_size: int, batch_size: int, device: torch.device) -> dict:
+    """GFLOPs of one image (torch's FLOP counter, pipeline/models/profile.py) and forward img/s at batch_size."""
+    from pipeline.models.profile import count_flops, measure_throughput
+
+    x = torch.zeros(1, 3, img_size, img_size, device=device)
+    img_per_s, _ = measure_throughput(model, img_size, batch_size, device, warmup=1, iters=3)
+    return {"gflops": count_flops(model, x) / 1e9, "test_img_per_s": img_per_s}
 
 
 def _write_predictions(path: Path, image_ids: list, labels: np.ndarray, pred: np.ndarray, logits: np.ndarray,

@@ -1,0 +1,197 @@
+"""The `report` stage: one Markdown report (and its HTML rendering) comparing every variant of params.yaml.
+
+It reads only what the earlier stages stored (pipeline/report/results.py): no model is run and nothing retrained.
+Its data section is the dataset card (pipeline/data/card.py). The folder is logged to MLflow as a run of its own,
+tagged with the run ids of the models it compares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.config import Params
+from pipeline.data import manifest
+from pipeline.data.card import write_card
+from pipeline.io import write_text
+from pipeline.report import figures
+from pipeline.report.results import VariantPaths, VariantResult, load_variant
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    split_manifest: Path
+    image_root: Path  # the clean stage's output (quarantine.parquet is read from it too)
+    models: Path  # models/<variant>/
+    metrics: Path  # metrics/{clean,split}.json, metrics/{train,evaluate}/<variant>.json
+    plots: Path  # plots/<kind>/<variant>.csv|npz
+
+    def variant(self, name: str) -> VariantPaths:
+        return VariantPaths.of(name, self.models, self.metrics, self.plots)
+
+
+def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path, list[VariantResult]]:
+    """Write out_dir/report.md, report.html, figures/*.png and the dataset card; returns (report.md, results)."""
+    figs = out_dir / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    for stale in figs.glob("*.png"):  # figures of variants that no longer exist must not linger
+        stale.unlink()
+    results = [load_variant(name, inp.variant(name)) for name in params.variants]
+    df = manifest.read(inp.split_manifest)
+    group_col = params.split.group_column if params.split.group_column in df.columns else "group"
+    quarantine_file = inp.image_root / "quarantine.parquet"
+    quarantine = pl.read_parquet(quarantine_file) if quarantine_file.is_file() else pl.DataFrame()
+    clean_counts = _load_json(inp.metrics / "clean.json")
+    card = write_card(df, quarantine, inp.image_root, out_dir, group_col=group_col,
+                      grid_classes=params.report.grid_classes, seed=params.base.seed, clean_counts=clean_counts)
+    k = params.evaluate.top_k
+
+    figures.accuracy_vs_cost(results, k, figs / "accuracy_vs_gflops.png")
+    figures.training_curves(results, figs / "training_curves.png")
+    figures.per_class_vs_frequency(results, figs / "per_class_vs_frequency.png")
+    glsim = {r.name: figures.glsim_grid(r, figs / f"glsim_{r.name}.png") for r in results}
+    confused = {r.name: figures.confusions(r, df, inp.image_root, params.report.confused_examples,
+                                           figs / f"confused_{r.name}.png") for r in results}
+
+    chance = results[0].test.get("chance_top1")
+    md = [
+        "# Fine-grained recognition report",
+        "",
+        f"Dataset source: **{params.acquire.source}**; split strategy: **{params.split.strategy}**"
+        + _split_detail(params) + f"; {len(results)} variants (params.yaml `variants`), each trained on the train "
+        "split, its epoch chosen on val, and measured once on test.",
+        "",
+        "## Results (test split)",
+        "",
+        results_table(results, k),
+        "",
+        f"Chance top-1: {_pct(chance)}. GFLOPs: one image, forward pass, torch's FLOP counter (matmul, convolution "
+        "and attention; a multiply-add is 2 FLOPs). img/s: forward passes at evaluate.batch_size on the machine "
+        "that ran `evaluate` (CPU for the committed run). Tail: classes with fewer than "
+        f"{params.evaluate.tail_below} training images.",
+        "",
+        "![accuracy vs GFLOPs](figures/accuracy_vs_gflops.png)",
+        "",
+        "### How each variant trained",
+        "",
+        settings_table(results),
+        "",
+        "## Training",
+        "",
+        "![training curves](figures/training_curves.png)",
+        "",
+        "## Per-class accuracy",
+        "",
+        "![per-class accuracy vs training frequency](figures/per_class_vs_frequency.png)",
+        "",
+    ]
+    if any(glsim.values()):
+        md += ["## Where GLSim looks", "",
+               "Each row: a test image as the model saw it; the cosine similarity between the CLS token and each "
+               "patch token (the selection GLSim ranks patches by), the top-k patches and their box; the crop that "
+               "was re-encoded by the same encoder.", ""]
+        md += [f"![GLSim selection of {n}](figures/{p.name})\n" for n, p in glsim.items() if p]
+    md += ["## Most frequent confusions (test)", ""]
+    for r in results:
+        md += [f"### {r.name}", "", confusion_table(r), ""]
+        if confused[r.name]:
+            md += [f"![confusions of {r.name}](figures/{confused[r.name].name})", ""]
+    md += [card.markdown, "",
+           f"Open the runs: `mlflow ui --backend-store-uri sqlite:///$PWD/{params.base.mlflow_dir}/mlflow.db` "
+           "(the run ids are in the results table).", ""]
+    text = "\n".join(md)
+    out = out_dir / "report.md"
+    write_text(out, text)
+    write_text(out_dir / "report.html", to_html(text, "Fine-grained recognition report"))
+    return out, results
+
+
+def results_table(results: list[VariantResult], k: int) -> str:
+    rows = []
+    for r in results:
+        t, c = r.test, r.train_cfg
+        rows.append([f"**{r.name}**", c["ila_variant"] if c["method"] == "ila" else c["method"],
+                     f"`{r.backbone}`", c["img_size"], _pct(t.get("test_top1")), _pct(t.get(f"test_top{k}")),
+                     _pct(t.get("test_macro_acc")), _pct(t.get("test_tail_acc")),
+                     f"{r.train['params_total'] / 1e6:.2f} M", f"{r.train['params_trainable'] / 1e6:.3f} M",
+                     f"{t['gflops']:.3f}", f"{t['test_img_per_s']:.0f}", f"`{r.run_id}`"])
+    return _table(["variant", "method", "backbone", "image size", "top-1", f"top-{k}", "macro acc", "tail acc",
+                   "params", "trainable", "GFLOPs", "img/s", "MLflow run"], rows)
+
+
+def settings_table(results: list[VariantResult]) -> str:
+    """The train keys that differ between variants (all of them come from models/<v>/config.yaml)."""
+    keys = [k for k in results[0].train_cfg
+            if k not in ("checkpoint_dir", "resume", "num_workers") and
+            len({repr(r.train_cfg.get(k)) for r in results}) > 1]
+    keys = keys or ["epochs", "lr"]
+    rows = [[r.name, *("-" if r.train_cfg.get(k) is None else r.train_cfg[k] for k in keys),
+             r.train.get("best_epoch", "?"), _pct(r.train.get("best_val_top1")),
+             f"{r.train.get('train_seconds', 0):.0f} s"] for r in results]
+    return _table(["variant", *keys, "epoch kept", "val top-1", "training time"], rows)
+
+
+def confusion_table(r: VariantResult, n: int = 5) -> str:
+    top = r.confused_pairs.head(n)
+    if top.height == 0:
+        return "No mistakes on the test split."
+    return _table(["true class", "predicted as", "images", "of its test images"],
+                  [[a, p, c, f"{100 * rate:.0f} %"] for a, p, c, rate in
+                   top.select("actual", "predicted", "count", "rate").iter_rows()])
+
+
+def to_html(markdown: str, title: str) -> str:
+    """A self-contained page (figures linked relatively) rendered by markdown-it (CommonMark + tables)."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\n"
+            f"<style>{_CSS}</style></head>\n<body>\n{body}</body></html>\n")
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.45}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;"
+        "text-align:left}th{background:#f3f3f3}img{max-width:100%;height:auto}code{background:#f6f6f6;"
+        "padding:0 .2em}")
+
+
+def _load_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f} %" if isinstance(x, (int, float)) else "n/a"
+
+
+def _split_detail(params: Params) -> str:
+    sp = params.split
+    if sp.strategy != "group":
+        return ""
+    if sp.group_assign == "ratio":
+        return f" (whole `{sp.group_column}` groups drawn by ratio with seed {params.base.seed})"
+    return f" (test = {', '.join(sp.test_groups)}, val = {', '.join(sp.val_groups) or '-'})"
+
+
+def log_to_mlflow(params: Params, out_dir: Path, results: list[VariantResult], root: Path) -> str:
+    """A `report` run holding the report folder, each variant's headline metrics and its training run id."""
+    import mlflow
+
+    from pipeline import tracking
+
+    tracking.setup(params.base, root)
+    with mlflow.start_run(run_name="report", tags={"stage": "report"}) as run:
+        mlflow.set_tags({f"run.{r.name}": r.run_id for r in results})
+        mlflow.log_metrics({f"{r.name}.{k}": float(r.test[k]) for r in results
+                            for k in ("test_top1", "test_macro_acc", "gflops") if k in r.test})
+        mlflow.log_artifacts(str(out_dir), artifact_path="report")
+    return run.info.run_id
