@@ -86,6 +86,8 @@ class DanbooruSource(_Section):
     max_connections: Annotated[int, Field(ge=1, le=16)] = 2  # concurrent downloads
     timeout_s: Annotated[float, Field(gt=0)] = 30.0  # per request (connect + read)
     max_retries: NonNegInt = 5  # retries of 429/5xx/timeouts/truncated bodies before a clear error
+    max_retry_after_s: Annotated[float, Field(gt=0)] = 600.0  # a longer Retry-After fails the request (run again
+    # later: the crawl resumes) instead of sleeping as long as the server says
     backoff_s: Annotated[float, Field(gt=0)] = 1.0  # first backoff; doubles each retry, with jitter
     max_file_mb: Annotated[float, Field(gt=0)] = 50.0  # larger files are skipped
     credentials_file: str = ".danbooru-credentials"  # git-ignored `login=...`/`api_key=...` file (env vars win)

@@ -230,6 +230,27 @@ def test_retry_after_is_honoured(server, tmp_path) -> None:
     assert second.start - first.start >= 1.0
 
 
+def test_a_retry_after_beyond_the_limit_fails_fast_and_the_rerun_fetches_it(server, tmp_path) -> None:
+    """A server asking for an hour's pause does not stall the crawl: that file fails (not journaled), the others
+    are downloaded, and the next run fetches only it."""
+    path = file_of(good_posts()[0], "large")[0]
+    server.inject(path, "429", retry_after=3600)
+    start = time.monotonic()
+    first = crawl(server, tmp_path / "raw", characters=("hatsune_miku",), max_retry_after_s=5)
+    assert time.monotonic() - start < 60
+    assert [r.status for r in server.log if r.path == path] == [429]
+    server.reset_log()
+    second = crawl(server, tmp_path / "raw", characters=("hatsune_miku",), max_retry_after_s=5)
+    assert second.height == first.height + 1
+    assert server.hits(path) == 1 and sum(server.hits(file_of(p, "large")[0]) for p in good_posts()) == 1
+
+
+def test_api_retry_after_beyond_the_limit_stops_naming_the_param(server, tmp_path) -> None:
+    server.inject("posts.json", "429", retry_after=3600)
+    with pytest.raises(CrawlError, match=r"retry after 3600 s, more than acquire.danbooru.max_retry_after_s=5"):
+        crawl(server, tmp_path / "raw", characters=("hatsune_miku",), max_retry_after_s=5)
+
+
 def test_api_failure_after_retry_budget_stops_with_clear_error_then_resumes(server, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("DANBOORU_LOGIN", "alice")
     monkeypatch.setenv("DANBOORU_API_KEY", SECRET)

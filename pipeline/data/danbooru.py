@@ -292,6 +292,10 @@ class Client:
             return
         if resp.status == 429 or resp.status >= 500:
             retry_after = _retry_after(resp.headers.get("Retry-After"))
+            if retry_after is not None and retry_after > self.cfg.max_retry_after_s:
+                raise FetchError(f"GET {url}: HTTP {resp.status} asks to retry after {retry_after:.0f} s, more than "
+                                 f"acquire.danbooru.max_retry_after_s={self.cfg.max_retry_after_s:g}: run again "
+                                 "later (finished posts are kept)")
             if retry_after is not None:
                 self.limiter.pause(retry_after)
             raise _Retryable(f"HTTP {resp.status}", retry_after)
@@ -788,6 +792,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
         metavar="H1,H2")
     add("--timeout", "timeout_s", "seconds per request (connect and read)", type=float, metavar="S")
     add("--max-retries", "max_retries", "retries of 429/5xx/timeouts/truncated bodies", type=int, metavar="N")
+    add("--max-retry-after", "max_retry_after_s", "a longer Retry-After fails the request instead of waiting",
+        type=float, metavar="S")
     add("--backoff", "backoff_s", "first retry wait in seconds (doubles, with jitter)", type=float, metavar="S")
     add("--max-file-mb", "max_file_mb", "skip larger files", type=float, metavar="MB")
     add("--credentials-file", "credentials_file", "login=/api_key= file, relative to the working directory",
