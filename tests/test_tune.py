@@ -294,6 +294,7 @@ def test_train_stage_uses_best_params_when_tune_apply_is_on(tmp_path, monkeypatc
     params_file = _project(tmp_path, {"apply": True})
     raw = yaml.safe_load(params_file.read_text())
     raw["train"]["epochs"] = 1
+    raw["variants"] = {"cnn": {}, "own-lr": {"lr": 0.0007}}
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     (tmp_path / "best_params.yaml").write_text("train:\n  lr: 0.0042\n  label_smoothing: 0.0\n")
     argv = ["--params", str(params_file), "--split", str(tmp_path / "data/split/manifest.parquet"),
@@ -313,6 +314,13 @@ def test_train_stage_uses_best_params_when_tune_apply_is_on(tmp_path, monkeypatc
     run_id = json.loads((tmp_path / "models/run.json").read_text())["run_id"]
     client, _ = _mlflow(tmp_path)
     assert client.get_run(run_id).data.params["train.lr"] == "0.0042"
+
+    # A variant inherits the tuned train section, but a key it sets itself keeps its own value.
+    own = [*argv[:7], str(tmp_path / "models-own"), *argv[8:], "--variant", "own-lr"]
+    assert stage(own) == 0
+    config = yaml.safe_load((tmp_path / "models-own/config.yaml").read_text())
+    assert config["train"]["lr"] == 0.0007 and config["train"]["label_smoothing"] == 0.0
+    assert "variants" not in config
 
     # A tuned value is validated like params.yaml: the key is named, nothing is trained.
     capsys.readouterr()
