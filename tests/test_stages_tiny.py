@@ -17,7 +17,7 @@ from pipeline.data.acquire import acquire
 from pipeline.data.clean import clean
 from pipeline.data.split import split
 from pipeline.models import load_checkpoint
-from pipeline.report import ReportInputs, build_report
+from pipeline.report import ReportInputs, build_report, log_to_mlflow
 from pipeline.training.engine import TrainOutputs, train
 from pipeline.report.results import VariantPaths
 from pipeline.training.evaluate import EvalOutputs, evaluate
@@ -49,10 +49,10 @@ def project(tmp_path_factory, tiny_emoji) -> dict:
         evals[name] = evaluate(p, split_file, cleaned, paths.model_dir,
                                EvalOutputs(paths.eval_metrics, paths.predictions, paths.per_class,
                                            paths.confused_pairs, paths.samples), root)
-    report, _ = build_report(params, inputs, root / "reports")
+    report, results = build_report(params, inputs, root / "reports")
     cnn = inputs.variant("cnn")
     return dict(root=root, params=params, train=summaries["cnn"], eval=evals["cnn"], report=report,
-                split_file=split_file, cleaned=cleaned, cnn=cnn, summaries=summaries, evals=evals)
+                split_file=split_file, cleaned=cleaned, cnn=cnn, summaries=summaries, evals=evals, results=results)
 
 
 def test_acquire_and_clean_keep_every_image(project):
@@ -177,3 +177,15 @@ def test_report_names_the_missing_output_of_a_variant(project, tmp_path):
                           project["root"] / "metrics", project["root"] / "plots")
     with pytest.raises(FileNotFoundError, match=r"variant 'vit' has no .*models/vit/config.yaml.*evaluate@vit"):
         build_report(more, inputs, tmp_path / "reports")
+
+
+def test_report_run_in_mlflow_links_the_runs_it_compares(project):
+    root = project["root"]
+    run_id = log_to_mlflow(project["params"], root / "reports", project["results"], root)
+    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow/mlflow.db'}").get_run(run_id)
+    assert run.info.run_name == "report" and run.data.tags["stage"] == "report"
+    for name in ("cnn", "glsim", "ila"):
+        assert run.data.tags[f"run.{name}"] == json.loads((root / "models" / name / "run.json").read_text())["run_id"]
+        assert run.data.metrics[f"{name}.test_top1"] == pytest.approx(project["evals"][name]["test_top1"])
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/figures"} <= names

@@ -36,7 +36,7 @@ def save(fig: Figure, path: Path) -> Path:
 def accuracy_vs_cost(results: list[VariantResult], top_k: int, path: Path) -> Path:
     """Top-1 and top-k against GFLOPs per image; bubble area proportional to trainable parameters."""
     col = colours(results)
-    fig = Figure(figsize=(8.5, 5.2), layout="constrained")
+    fig = Figure(figsize=(10, 5.2), layout="constrained")
     ax = fig.subplots()
     trainable = np.array([r.train["params_trainable"] for r in results], dtype=float)
     area = 80 + 1600 * trainable / trainable.max()
@@ -47,9 +47,9 @@ def accuracy_vs_cost(results: list[VariantResult], top_k: int, path: Path) -> Pa
                    label=f"{r.name}: {r.train['params_trainable'] / 1e6:.2f} M trainable")
         ax.scatter(g, 100 * r.test[f"test_top{top_k}"], s=40, marker="^", color=col[r.name], edgecolors="black",
                    linewidths=0.5)
-        radius = np.sqrt(a / np.pi)  # points: the label sits just right of the bubble
-        ax.annotate(r.name, (g, top1), textcoords="offset points", xytext=(radius + 4, 0), ha="left",
-                    va="center", fontsize=9)
+        radius = np.sqrt(a / np.pi)  # points: the label sits just above the bubble
+        ax.annotate(r.name, (g, top1), textcoords="offset points", xytext=(0, radius + 2), ha="center",
+                    va="bottom", fontsize=9)
     if max(gflops) / max(min(gflops), 1e-12) > 8:
         ax.set_xscale("log")
     lo, hi = min(gflops), max(gflops)
@@ -60,7 +60,9 @@ def accuracy_vs_cost(results: list[VariantResult], top_k: int, path: Path) -> Pa
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Accuracy vs cost: circles top-1 (area = trainable parameters), triangles top-{top_k}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8, markerscale=0.4, title="variant", title_fontsize=8)
+    # Outside the axes: a legend inside could hide a point.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, markerscale=0.4, title="variant",
+              title_fontsize=8)
     return save(fig, path)
 
 

@@ -1,0 +1,90 @@
+"""The report's figures on synthetic long-tailed results: every branch draws a readable PNG, and nothing is drawn
+where there is nothing to show."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from pipeline.report import figures
+from pipeline.report.build import results_table, settings_table, to_html
+from pipeline.report.results import VariantResult
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_result(name: str, seed: int, method: str = "cnn", trainable: int = 1000, gflops: float = 0.1,
+                counts: np.ndarray | None = None) -> VariantResult:
+    rng = np.random.default_rng(seed)
+    counts = np.geomspace(1, 500, 60).astype(int) if counts is None else counts
+    acc = np.clip(np.log(counts) / np.log(500) + rng.normal(0, 0.1, len(counts)), 0, 1)
+    per_class = pl.DataFrame({"class_name": [f"c{i}" for i in range(len(counts))], "train_images": counts,
+                              "test_images": [5] * len(counts), "test_acc": acc})
+    history = pl.DataFrame({"epoch": [1, 2, 3], "train_loss": [3.0, 2.0, 1.5], "val_loss": [3.1, 2.4, 2.2],
+                            "train_top1": [0.1, 0.4, 0.6], "val_top1": [0.1, 0.3, 0.35]})
+    cfg = {"method": method, "model": "m", "backbone_cnn": None, "img_size": 96, "ila_variant": "ila", "lr": 0.001,
+           "epochs": 3, "checkpoint_dir": "x"}
+    return VariantResult(
+        name=name, train_cfg=cfg, run_id=f"run-{name}",
+        train={"params_total": 10 * trainable, "params_trainable": trainable, "best_epoch": 3, "best_val_top1": 0.35,
+               "train_seconds": 12.0},
+        test={"test_top1": float(acc.mean()), "test_top5": 0.9, "test_macro_acc": float(acc.mean()), "gflops": gflops,
+              "test_img_per_s": 100.0},
+        history=history, per_class=per_class,
+        predictions=pl.DataFrame({"image_id": ["1"], "actual": ["c0"], "predicted": ["c0"], "confidence": [0.9]}),
+        confused_pairs=pl.DataFrame(schema={"actual": pl.String, "predicted": pl.String, "count": pl.Int64,
+                                            "actual_test_images": pl.Int64, "rate": pl.Float64}),
+        samples={"image_id": np.array([], dtype=str)})
+
+
+@pytest.fixture()
+def results() -> list[VariantResult]:
+    return [fake_result("cnn", 0, trainable=3_600_000, gflops=0.14),
+            fake_result("glsim", 1, "glsim", trainable=1_000_000, gflops=0.22),
+            fake_result("ila", 2, "ila", trainable=56_000, gflops=30.0)]
+
+
+def _is_png(path: Path) -> tuple[int, int]:
+    assert path.read_bytes()[:8] == PNG
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_long_tail_figures_are_pngs(results, tmp_path):
+    for draw, name in ((figures.accuracy_vs_cost, "cost.png"), (figures.training_curves, "curves.png"),
+                       (figures.per_class_vs_frequency, "per_class.png")):
+        args = (results, 5, tmp_path / name) if draw is figures.accuracy_vs_cost else (results, tmp_path / name)
+        assert draw(*args) == tmp_path / name
+        w, h = _is_png(tmp_path / name)
+        assert 600 <= w <= 1500 and 300 <= h <= 700
+
+
+def test_frequency_bins_cover_every_class_once():
+    counts = np.unique(np.geomspace(1, 500, 60).astype(int))
+    edges = figures._bins(counts, spread=True)
+    assert len(edges) == 9 and edges[0] < counts.min() and edges[-1] > counts.max()
+    which = np.digitize(counts, edges[1:-1])
+    assert which.min() == 0 and which.max() == len(edges) - 2
+    few = np.array([2, 5, 9])
+    assert np.array_equal(np.digitize(few, figures._bins(few, spread=False)[1:-1]), [0, 1, 2])
+
+
+def test_nothing_to_draw_gives_no_figure(results, tmp_path):
+    split = pl.DataFrame({"image_id": ["1"], "path": ["a.png"], "split": ["train"], "class_name": ["c0"]})
+    assert figures.glsim_grid(results[1], tmp_path / "g.png") is None  # no selection data stored
+    assert figures.confusions(results[0], split, tmp_path, 4, tmp_path / "c.png") is None  # no mistakes
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_tables_and_html(results):
+    table = results_table(results, 5)
+    assert table.count("\n") == 4 and "| **ila** | ila |" in table and "30.000" in table
+    settings = settings_table(results)
+    assert settings.splitlines()[0].startswith("| variant | method |")  # only the keys that differ (method here)
+    assert "lr" not in settings.splitlines()[0]
+    html = to_html("# T\n\n" + table, "T")
+    assert html.count("<tr>") == 4 and "<title>T</title>" in html
