@@ -93,7 +93,7 @@ def test_training_knob_does_not_invalidate_acquisition(repo):
 
 
 def test_push_to_a_remote_and_pull_into_a_fresh_clone(repo, tmp_path):
-    """Issue 3: an acquired dataset travels through a DVC remote (a local directory here; S3 works the same)."""
+    """Issue 3: an acquired dataset travels through a DVC remote (a local directory here; S3 below)."""
     remote = tmp_path / "remote"
     assert run_cmd(["dvc", "remote", "add", "-d", "-f", "store", str(remote)], repo).returncode == 0
     pushed = run_cmd(["dvc", "push", "acquire"], repo)
@@ -115,3 +115,50 @@ def test_push_to_a_remote_and_pull_into_a_fresh_clone(repo, tmp_path):
     assert tree(clone / "data/raw") == tree(repo / "data/raw")
     status = json.loads(run_cmd(["dvc", "status", "acquire", "--json"], clone).stdout)
     assert status == {}
+
+
+def test_push_to_s3_and_pull_into_a_fresh_clone(repo, tmp_path, monkeypatch):
+    """The same through an S3 remote: dvc-s3 against moto's S3 server on 127.0.0.1 (real HTTP, fake AWS). The
+    credentials come from the environment only, so no DVC config file holds them."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for key, value in (("AWS_ACCESS_KEY_ID", "moto-key"), ("AWS_SECRET_ACCESS_KEY", "moto-secret"),
+                           ("AWS_DEFAULT_REGION", "us-east-1")):
+            monkeypatch.setenv(key, value)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="dvc-store")
+
+        def use_s3(project: Path) -> None:  # --local: .dvc/config.local, as a user keeps a private endpoint
+            for cmd in (["dvc", "remote", "add", "--local", "-f", "s3store", "s3://dvc-store/cache"],
+                        ["dvc", "remote", "modify", "--local", "s3store", "endpointurl", endpoint]):
+                assert run_cmd(cmd, project).returncode == 0
+
+        use_s3(repo)
+        pushed = run_cmd(["dvc", "push", "-r", "s3store", "acquire"], repo)
+        assert pushed.returncode == 0, pushed.stderr
+        objects = s3.list_objects_v2(Bucket="dvc-store", Prefix="cache/").get("KeyCount", 0)
+        assert objects > 0
+        for cmd in (["git", "add", "dvc.lock"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "lock",
+                     "--allow-empty"]):
+            subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+
+        clone = tmp_path / "s3-clone"
+        subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, capture_output=True)
+        use_s3(clone)
+        pulled = run_cmd(["dvc", "pull", "-r", "s3store", "acquire"], clone)
+        assert pulled.returncode == 0, pulled.stderr
+        manifest = (clone / "data/raw/manifest.parquet").read_bytes()
+        assert manifest == (repo / "data/raw/manifest.parquet").read_bytes()
+        assert json.loads(run_cmd(["dvc", "status", "acquire", "--json"], clone).stdout) == {}
+        for config in (repo / ".dvc/config", repo / ".dvc/config.local", clone / ".dvc/config.local"):
+            text = config.read_text() if config.is_file() else ""
+            assert "moto-key" not in text and "moto-secret" not in text
+    finally:
+        server.stop()
