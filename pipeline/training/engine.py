@@ -151,12 +151,15 @@ def class_names(df: pl.DataFrame) -> list[str]:
     return pairs["class_name"].to_list()
 
 
-def _run_key(params: Params, split_manifest: Path) -> str:
+def _run_key(params: Params, split_manifest: Path, variant: str | None = None) -> str:
     """What decides the result: train params (minus where/how to checkpoint), seed, device, the split's content.
-    The process count is not part of it: the global batch is, so a killed run may resume with other N."""
+    The process count is not part of it: the global batch is, so a killed run may resume with other N. The variant
+    name is: two variants with equal settings are two MLflow runs, and one must not resume the other's."""
     flat = {k: v for k, v in flatten(params).items() if k.startswith("train.") or k in ("base.seed", "base.device")}
     for k in ("train.resume", "train.checkpoint_dir", "train.num_workers", "train.compile"):
         flat.pop(k, None)
+    if variant is not None:
+        flat["variant"] = variant
     return checkpoint.run_key(flat, md5_file(split_manifest))
 
 
@@ -229,7 +232,7 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
             print(f"train: recipe {cfg.recipe}" + (", params.yaml overrides " + ", ".join(
                 f"{k}={v!r} (recipe {r!r})" for k, (v, r) in over.items()) if over else ""), flush=True)
 
-    ckpt_dir = root / cfg.checkpoint_dir / _run_key(params, split_manifest)
+    ckpt_dir = root / cfg.checkpoint_dir / _run_key(params, split_manifest, (tags or {}).get("variant"))
     state = checkpoint.load_state(ckpt_dir / "last.pt") if cfg.resume else None
     history: list[dict] = []
     best = {"val_top1": -1.0, "epoch": 0}
