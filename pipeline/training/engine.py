@@ -31,7 +31,6 @@ import torch
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader
-from pipeline.progress import progress
 
 from pipeline.config import RECIPES, Params, TrainParams, flatten
 from pipeline.data import manifest
@@ -39,6 +38,7 @@ from pipeline.data.dataset import STREAM_TORCH, EpochSampler, ManifestDataset, s
 from pipeline.data.transforms import data_config, eval_resize, eval_transform, train_transform
 from pipeline.io import md5_file, write_json, write_text
 from pipeline.models import build_model, model_options, save_checkpoint
+from pipeline.progress import progress
 from pipeline.training import checkpoint, distributed
 from pipeline.training.distributed import Dist
 from pipeline.training.metrics import summarize
