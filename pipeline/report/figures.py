@@ -110,6 +110,7 @@ def per_class_vs_frequency(results: list[VariantResult], path: Path) -> Path:
         return save(fig, path)
     spread = counts.max() / max(counts.min(), 1) > 8
     rng = np.random.default_rng(0)  # jitter only: points of equal count stay readable
+    bins = _bins(counts, spread)
     for i, r in enumerate(results):
         x = r.per_class["train_images"].to_numpy().astype(float)
         y = 100 * r.per_class["test_acc"].to_numpy()
@@ -117,7 +118,6 @@ def per_class_vs_frequency(results: list[VariantResult], path: Path) -> Path:
         jitter = x * np.exp(offset + rng.uniform(-0.03, 0.03, len(x))) if spread else \
             x + offset * 4 + rng.uniform(-0.08, 0.08, len(x))
         ax.scatter(jitter, y, s=10, alpha=0.35, color=col[r.name])
-        bins = _bins(counts, spread)
         which = np.digitize(x, bins[1:-1])
         centres = [x[which == b].mean() for b in range(len(bins) - 1) if (which == b).any()]
         means = [y[which == b].mean() for b in range(len(bins) - 1) if (which == b).any()]
