@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.report import figures
-from pipeline.report.build import results_table, settings_table, to_html
+from pipeline.report.build import headline, results_table, settings_table, to_html
 from pipeline.report.results import VariantResult
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -86,5 +86,7 @@ def test_tables_and_html(results):
     settings = settings_table(results)
     assert settings.splitlines()[0].startswith("| variant | method |")  # only the keys that differ (method here)
     assert "lr" not in settings.splitlines()[0]
+    assert headline(results) == ("Best top-1: **ila** (49.8 %); fewest GFLOPs: **cnn** (0.140); fewest trainable "
+                                 "parameters: **ila** (0.056 M).")
     html = to_html("# T\n\n" + table, "T")
     assert html.count("<tr>") == 4 and "<title>T</title>" in html

@@ -65,6 +65,8 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
         "",
         "## Results (test split)",
         "",
+        headline(results),
+        "",
         results_table(results, k),
         "",
         f"Chance top-1: {_pct(chance)}. GFLOPs: one image, forward pass, torch's FLOP counter (matmul, convolution "
@@ -106,6 +108,16 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
     write_text(out, text)
     write_text(out_dir / "report.html", to_html(text, "Fine-grained recognition report"))
     return out, results
+
+
+def headline(results: list[VariantResult]) -> str:
+    """One sentence: which variant is best on accuracy, on cost and on trainable parameters."""
+    best = max(results, key=lambda r: r.test["test_top1"])
+    cheap = min(results, key=lambda r: r.test["gflops"])
+    lean = min(results, key=lambda r: r.train["params_trainable"])
+    return (f"Best top-1: **{best.name}** ({_pct(best.test['test_top1'])}); fewest GFLOPs: **{cheap.name}** "
+            f"({cheap.test['gflops']:.3f}); fewest trainable parameters: **{lean.name}** "
+            f"({lean.train['params_trainable'] / 1e6:.3f} M).")
 
 
 def results_table(results: list[VariantResult], k: int) -> str:
