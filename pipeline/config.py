@@ -416,23 +416,21 @@ class Params(_Section):
         if not v:
             raise ValueError("must name at least one model to train, e.g. {cnn: {}}")
         train = info.data.get("train")
-        errors: list[tuple[tuple, str]] = []
+        bad_names = [((name,), "a variant name is letters, digits, '_' and '-' (it names folders and DVC stages)")
+                     for name in v if not VARIANT_NAME.fullmatch(name)]
+        if bad_names:
+            raise _keyed_errors(bad_names, v)
+        nested: list[InitErrorDetails] = []
         for name, overrides in v.items():
-            if not VARIANT_NAME.fullmatch(name):
-                errors.append(((name,), "a variant name is letters, digits, '_' and '-' (it names folders and "
-                                        "DVC stages)"))
-                continue
-            errors += [((name, k), "unknown train key (misspelt? see TrainParams in pipeline/config.py)")
-                       for k in overrides if k not in TrainParams.model_fields]
-            if train is None or any(k not in TrainParams.model_fields for k in overrides):
-                continue
+            if train is None:  # the train section is invalid itself: that error is reported on its own
+                break
             try:
                 TrainParams.model_validate(variant_train(train, overrides))
-            except ValidationError as exc:
-                for e in exc.errors():
-                    errors.append(((name, *e["loc"]), e["msg"].removeprefix("Value error, ")))
-        if errors:
-            raise _keyed_errors(errors, v)
+            except ValidationError as exc:  # re-raised under variants.<name>, with their own kinds and messages
+                nested += [InitErrorDetails(type=e["type"], loc=(name, *e["loc"]), input=e["input"],
+                                            ctx=e.get("ctx", {})) for e in exc.errors()]
+        if nested:
+            raise ValidationError.from_exception_data("params", nested)
         return v
 
     def with_variant(self, name: str) -> Params:

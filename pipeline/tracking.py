@@ -25,13 +25,17 @@ def _user_uri() -> str | None:
     return env if env and env != os.environ.get(_SET_BY_US) else None
 
 
+def local_db(base: BaseParams, root: Path) -> Path | None:
+    """The project's SQLite store file, or None when the user points MLflow elsewhere (MLFLOW_TRACKING_URI)."""
+    return None if _user_uri() else (root / base.mlflow_dir).resolve() / "mlflow.db"
+
+
 def tracking_uri(base: BaseParams, root: Path) -> str:
-    env = _user_uri()
-    if env:
-        return env
-    store = (root / base.mlflow_dir).resolve()
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
+    db = local_db(base, root)
+    if db is None:
+        return _user_uri()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
 
 
 def setup(base: BaseParams, root: Path) -> str:
@@ -57,10 +61,15 @@ def log_artifacts_as(files: dict[str, Path]) -> None:
     artifacts are not (train_history.csv), so every run looks alike in `mlflow ui`."""
     import mlflow
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, src in files.items():
-            shutil.copyfile(src, Path(tmp) / name)
-        mlflow.log_artifacts(tmp)
+    renamed = {name: src for name, src in files.items() if Path(src).name != name}
+    for name, src in files.items():
+        if name not in renamed:  # already named right (model.pt): logged in place, never copied
+            mlflow.log_artifact(str(src))
+    if renamed:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, src in renamed.items():
+                shutil.copyfile(src, Path(tmp) / name)
+            mlflow.log_artifacts(tmp)
 
 
 def git_commit(root: Path) -> str:

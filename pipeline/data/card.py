@@ -156,10 +156,11 @@ def _sample_classes(df: pl.DataFrame, n: int, seed: int) -> list[str]:
     return sorted(rng.choice(full, size=min(n, len(full)), replace=False).tolist())
 
 
-def _thumbnail(root: Path, rel: str) -> np.ndarray | None:
+def thumbnail(root: Path, rel: str, side: int = THUMB) -> np.ndarray | None:
+    """An image shrunk to fit side x side, as RGB; None when it cannot be read (the report uses it too)."""
     try:
         with images.open_image(root, rel) as im:
-            im.thumbnail((THUMB, THUMB))
+            im.thumbnail((side, side))
             return np.asarray(im.convert("RGB"))
     except Exception:  # a card must not fail on one unreadable file: the cell stays empty
         return None
@@ -190,7 +191,7 @@ def plot_sample_grid(df: pl.DataFrame, image_root: Path, n_classes: int, seed: i
                     spine.set_visible(False)
                 continue
             item = part.row(k, named=True)
-            pixels = _thumbnail(image_root, item["path"])
+            pixels = thumbnail(image_root, item["path"])
             if pixels is not None:
                 ax.imshow(pixels)
             ax.set_xlabel(str(item.get(group_col, ""))[:18], fontsize=6)
@@ -208,9 +209,10 @@ def plot_sample_grid(df: pl.DataFrame, image_root: Path, n_classes: int, seed: i
 
 # --- markdown -----------------------------------------------------------------------------------------------------
 
-def _table(header: list[str], rows: list[list]) -> str:
+def md_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; `|` inside a cell (a class name may hold one) is escaped. The report uses it too."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+    return "\n".join(lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows])
 
 
 def card_markdown(stats: dict, group_col: str, clean_counts: dict, figures: str = "figures") -> str:
@@ -223,7 +225,7 @@ def card_markdown(stats: dict, group_col: str, clean_counts: dict, figures: str 
     md = ["## Dataset card", "",
           f"**{stats['classes']} classes, {stats['images']} images**"
           + (f" (cleaning kept {kept} of {total})" if kept is not None and total is not None else "") + ".", "",
-          _table(["split", "images", "share", "classes", "images per class (min / median / max)", f"{group_col}s"],
+          md_table(["split", "images", "share", "classes", "images per class (min / median / max)", f"{group_col}s"],
                  split_rows), "",
           f"Images per class: min {ipc['min']}, median {ipc['median']:g}, mean {ipc['mean']:g}, max {ipc['max']}; "
           "largest: " + ", ".join(f"{name} ({n})" for name, n in stats["largest_classes"]) + "."]
@@ -234,7 +236,7 @@ def card_markdown(stats: dict, group_col: str, clean_counts: dict, figures: str 
     md += ["", f"Quarantined: {q['total']} images"
            + (" by reason:" if q["by_reason"] else " (none)."), ""]
     if q["by_reason"]:
-        md += [_table(["reason", "images"], [[r, n] for r, n in q["by_reason"].items()]), ""]
+        md += [md_table(["reason", "images"], [[r, n] for r, n in q["by_reason"].items()]), ""]
     md += [f"![dataset: long tail, splits, quarantine]({figures}/{DATASET_FIGURE})", "",
            f"![samples per split]({figures}/{SAMPLES_FIGURE})", ""]
     return "\n".join(md)

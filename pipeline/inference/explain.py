@@ -59,23 +59,21 @@ def save(stem: Path, image: np.ndarray, crop: np.ndarray, sim: np.ndarray, idx: 
 
 @torch.inference_mode()
 def write_samples(path: Path, model: torch.nn.Module, dataset, picks: np.ndarray, image_ids: list, classes: list[str],
-                  data_config: dict, device: torch.device) -> None:
-    """An .npz of dataset items `picks` as the model saw them: image (N, H, W, 3) uint8, image_id, actual, predicted,
-    confidence; for GLSim also crop, similarity (N, gh, gw), selected (N, k), box (N, 4: x0 y0 x1 y1), patch_px,
-    box_rule. Plain arrays only: np.load(path, allow_pickle=False) reads it."""
+                  predicted: np.ndarray, confidence: np.ndarray, data_config: dict, device: torch.device) -> None:
+    """An .npz of dataset items `picks` as the model saw them: image (N, H, W, 3) uint8, image_id, actual, and the
+    caller's predicted class index and confidence for them; for GLSim also crop, similarity (N, gh, gw), selected
+    (N, k), box (N, 4: x0 y0 x1 y1), patch_px, box_rule (the only reason to run the model here). Plain arrays only:
+    np.load(path, allow_pickle=False) reads it."""
     mean, std = data_config["mean"], data_config["std"]
     arrays: dict[str, np.ndarray] = {"image_id": np.array([str(image_ids[i]) for i in picks], dtype=str)}
     if len(picks):
         x = torch.stack([dataset[int(i)][0] for i in picks]).to(device)
-        glsim = isinstance(model, GLSimViT)
-        out = model.forward_with_crops(x) if glsim else None
-        prob = (out.logits if glsim else model(x)).float().softmax(1).cpu()
-        confidence, pred = prob.max(1)
         arrays |= {"image": _uint8([to_image(t, mean, std) for t in x]),
                    "actual": np.array([classes[dataset.labels[int(i)]] for i in picks], dtype=str),
-                   "predicted": np.array([classes[int(p)] for p in pred], dtype=str),
-                   "confidence": confidence.numpy()}
-        if glsim:
+                   "predicted": np.array([classes[int(p)] for p in predicted], dtype=str),
+                   "confidence": np.asarray(confidence, dtype=np.float32)}
+        if isinstance(model, GLSimViT):
+            out = model.forward_with_crops(x)
             sim, idx = similarity_maps(model, x)
             arrays |= {"crop": _uint8([to_image(t, mean, std) for t in out.crops]),
                        "similarity": sim.float().cpu().numpy(), "selected": idx.cpu().numpy(),

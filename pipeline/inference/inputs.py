@@ -6,7 +6,6 @@ path or URI at fault and says why, and it fails before any prediction is printed
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -85,16 +84,15 @@ def _download(uri: str, base: BaseParams, root: Path, dest: Path) -> Path:
     if not run_id or not artifact:
         raise PredictError(f"--model {uri}: expected {RUNS_SCHEME}<run_id>/<artifact path>, "
                            f"e.g. {RUNS_SCHEME}<run_id>/model.pt")
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    from pipeline import tracking
+
+    db = tracking.local_db(base, root)
+    if db is not None and not db.is_file():
         # Checked here: MLflow would silently create an empty store and then report a missing run.
-        db = (root / base.mlflow_dir).resolve() / "mlflow.db"
-        if not db.is_file():
-            raise PredictError(f"--model {uri}: no MLflow store at {db} (base.mlflow_dir in the params file, or "
-                               "set MLFLOW_TRACKING_URI)")
+        raise PredictError(f"--model {uri}: no MLflow store at {db} (base.mlflow_dir in the params file, or "
+                           "set MLFLOW_TRACKING_URI)")
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
-
-    from pipeline import tracking
 
     store = tracking.tracking_uri(base, root)
     try:

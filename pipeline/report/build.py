@@ -14,7 +14,7 @@ import polars as pl
 
 from pipeline.config import Params
 from pipeline.data import manifest
-from pipeline.data.card import write_card
+from pipeline.data.card import md_table, write_card
 from pipeline.io import write_text
 from pipeline.report import figures
 from pipeline.report.results import VariantPaths, VariantResult, load_variant
@@ -129,7 +129,7 @@ def results_table(results: list[VariantResult], k: int) -> str:
                      _pct(t.get("test_macro_acc")), _pct(t.get("test_tail_acc")),
                      f"{r.train['params_total'] / 1e6:.2f} M", f"{r.train['params_trainable'] / 1e6:.3f} M",
                      f"{t['gflops']:.3f}", f"{t['test_img_per_s']:.0f}", f"`{r.run_id}`"])
-    return _table(["variant", "method", "backbone", "image size", "top-1", f"top-{k}", "macro acc", "tail acc",
+    return md_table(["variant", "method", "backbone", "image size", "top-1", f"top-{k}", "macro acc", "tail acc",
                    "params", "trainable", "GFLOPs", "img/s", "MLflow run"], rows)
 
 
@@ -142,14 +142,14 @@ def settings_table(results: list[VariantResult]) -> str:
     rows = [[r.name, *("-" if r.train_cfg.get(k) is None else r.train_cfg[k] for k in keys),
              r.train.get("best_epoch", "?"), _pct(r.train.get("best_val_top1")),
              f"{r.train.get('train_seconds', 0):.0f} s"] for r in results]
-    return _table(["variant", *keys, "epoch kept", "val top-1", "training time"], rows)
+    return md_table(["variant", *keys, "epoch kept", "val top-1", "training time"], rows)
 
 
 def confusion_table(r: VariantResult, n: int = 5) -> str:
     top = r.confused_pairs.head(n)
     if top.height == 0:
         return "No mistakes on the test split."
-    return _table(["true class", "predicted as", "images", "of its test images"],
+    return md_table(["true class", "predicted as", "images", "of its test images"],
                   [[a, p, c, f"{100 * rate:.0f} %"] for a, p, c, rate in
                    top.select("actual", "predicted", "count", "rate").iter_rows()])
 
@@ -173,12 +173,6 @@ def _load_json(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _pct(x) -> str:

@@ -12,9 +12,8 @@ import numpy as np
 import polars as pl
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from PIL import Image
 
-from pipeline.data import images
+from pipeline.data.card import thumbnail
 from pipeline.inference.explain import draw_selection
 from pipeline.io import atomic_path
 from pipeline.report.results import VariantResult
@@ -200,8 +199,8 @@ def confusions(result: VariantResult, split: pl.DataFrame, image_root: Path, n: 
         example = wrong.filter((pl.col("actual") == actual) & (pl.col("predicted") == predicted)) \
             .sort("confidence", descending=True).head(1)
         other = train.filter(pl.col("class_name") == predicted).head(1)
-        left = _thumb(image_root, paths.get(example["image_id"][0])) if example.height else None
-        right = _thumb(image_root, other["path"][0]) if other.height else None
+        left = thumbnail(image_root, paths.get(example["image_id"][0]), 160) if example.height else None
+        right = thumbnail(image_root, other["path"][0], 160) if other.height else None
         for ax, img, title in ((axes[row][0], left, f"test image of {_short(actual)}\n"
                                                     f"({count} of its {n_test} taken for the right)"),
                                (axes[row][1], right, f"a training image of\n{_short(predicted)}")):
@@ -211,15 +210,6 @@ def confusions(result: VariantResult, split: pl.DataFrame, image_root: Path, n: 
             ax.set_xticks([])
             ax.set_yticks([])
     return save(fig, path)
-
-
-def _thumb(root: Path, rel: str | None, side: int = 160) -> np.ndarray | None:
-    if rel is None:
-        return None
-    with images.open_image(root, rel) as im:
-        im = im.convert("RGB")
-        im.thumbnail((side, side), Image.Resampling.LANCZOS)
-        return np.asarray(im)
 
 
 def _short(name: str, width: int = 34) -> str:

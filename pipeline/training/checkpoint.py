@@ -21,6 +21,17 @@ from pipeline.io import atomic_path
 STATE_FORMAT = "anime-fgvc-train-state/1"
 
 
+# Keys that say where or how fast a run goes, not what it computes: no part of a run key (nor of a sweep's name).
+NOT_IN_RUN_KEY = ("train.resume", "train.checkpoint_dir", "train.num_workers", "train.compile")
+
+
+def result_params(flat: dict, prefixes: tuple[str, ...] = ("train.",), drop: tuple[str, ...] = ()) -> dict:
+    """Of flattened params, those that decide a run's results: the keys under `prefixes`, the seed and the device,
+    minus NOT_IN_RUN_KEY and `drop`. The engine's run key and the sweep's name both use it."""
+    return {k: v for k, v in flat.items() if (k.startswith(prefixes) or k in ("base.seed", "base.device"))
+            and k not in NOT_IN_RUN_KEY and k not in drop}
+
+
 def run_key(flat_params: dict, split_md5: str) -> str:
     """Stable id of a training run: same params + same data -> same key."""
     blob = json.dumps({"params": flat_params, "split_md5": split_md5}, sort_keys=True, default=str)

@@ -38,6 +38,7 @@ from pipeline.data.dataset import STREAM_TORCH, EpochSampler, ManifestDataset, s
 from pipeline.data.transforms import data_config, eval_resize, eval_transform, train_transform
 from pipeline.io import md5_file, write_json, write_text
 from pipeline.models import build_model, model_options, save_checkpoint
+from pipeline.models.profile import count_params
 from pipeline.progress import progress
 from pipeline.training import checkpoint, distributed
 from pipeline.training.distributed import Dist
@@ -151,16 +152,14 @@ def class_names(df: pl.DataFrame) -> list[str]:
     return pairs["class_name"].to_list()
 
 
-def _run_key(params: Params, split_manifest: Path, variant: str | None = None) -> str:
+def _run_key(params: Params, split_md5: str, variant: str | None = None) -> str:
     """What decides the result: train params (minus where/how to checkpoint), seed, device, the split's content.
     The process count is not part of it: the global batch is, so a killed run may resume with other N. The variant
     name is: two variants with equal settings are two MLflow runs, and one must not resume the other's."""
-    flat = {k: v for k, v in flatten(params).items() if k.startswith("train.") or k in ("base.seed", "base.device")}
-    for k in ("train.resume", "train.checkpoint_dir", "train.num_workers", "train.compile"):
-        flat.pop(k, None)
+    flat = checkpoint.result_params(flatten(params))
     if variant is not None:
         flat["variant"] = variant
-    return checkpoint.run_key(flat, md5_file(split_manifest))
+    return checkpoint.run_key(flat, split_md5)
 
 
 def train(params: Params, split_manifest: Path, image_root: Path, outputs: TrainOutputs, root: Path, *,
@@ -218,9 +217,8 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     frozen = getattr(model, "frozen_backbone", False)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    meta = {"classes": classes, "data_config": dcfg,
+    n_params, n_trainable = count_params(model)
+    meta = {"classes": classes, "data_config": dcfg, "precision": cfg.precision,  # evaluate predicts as it trained
             "model_spec": {"method": cfg.method, "model": cfg.model, "img_size": cfg.img_size}}
     if d.main:
         outputs.model_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +230,8 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
             print(f"train: recipe {cfg.recipe}" + (", params.yaml overrides " + ", ".join(
                 f"{k}={v!r} (recipe {r!r})" for k, (v, r) in over.items()) if over else ""), flush=True)
 
-    ckpt_dir = root / cfg.checkpoint_dir / _run_key(params, split_manifest, (tags or {}).get("variant"))
+    split_md5 = md5_file(split_manifest)  # once: the run key and the MLflow tag
+    ckpt_dir = root / cfg.checkpoint_dir / _run_key(params, split_md5, (tags or {}).get("variant"))
     state = checkpoint.load_state(ckpt_dir / "last.pt") if cfg.resume else None
     history: list[dict] = []
     best = {"val_top1": -1.0, "epoch": 0}
@@ -262,7 +261,7 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
     with tracked as run:
         if d.main and run_id is None:
             mlflow.log_params({k: v for k, v in flatten(params).items() if not k.startswith("variants.")})
-            mlflow.set_tags({"git_commit": tracking.git_commit(root), "split_manifest_md5": md5_file(split_manifest),
+            mlflow.set_tags({"git_commit": tracking.git_commit(root), "split_manifest_md5": split_md5,
                              "device": str(device), "torch": torch.__version__, "timm": _timm_version(),
                              "stage": "train", "method": cfg.method, "model": cfg.model,
                              "recipe": cfg.recipe or "none", "processes": str(d.world), **(tags or {})})
@@ -347,8 +346,13 @@ def _optimization(model: nn.Module, cfg: TrainParams, updates_per_epoch: int):
 def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, loss_fn: nn.Module,
                  device: torch.device, cfg: TrainParams, step: int, scaler, channels_last: bool, d: Dist,
                  epoch: int) -> tuple[float, int, int, int]:
-    """One pass over this rank's shard; returns (loss sum, correct, images, global step) of this rank."""
-    loss_sum, correct, seen = 0.0, 0, 0
+    """One pass over this rank's shard; returns (loss sum, correct, images, global step) of this rank.
+
+    The sums stay on the device and are read once per epoch: a per-step .item() would make the CPU wait for the
+    GPU after every step. The progress bar shows the loss every 10 steps (one read each)."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
     fmt = torch.channels_last if channels_last else torch.preserve_format
     bar = progress(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=not d.main)
     for x, y in bar:
@@ -356,12 +360,12 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, loss_
         loss, logits = train_step(net, x, y, optimizer, loss_fn, device, cfg.precision, cfg.grad_clip, scaler)
         step += 1
         scheduler.step_update(num_updates=step)
-        loss_value = loss.item()
-        loss_sum += loss_value * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-        bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
-    return loss_sum, correct, seen, step
+        if d.main and step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return loss_sum.item(), int(correct.item()), seen, step
 
 
 def _validate(model: nn.Module, loader: DataLoader, n: int, num_classes: int, precision: str,

@@ -70,7 +70,8 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     test = test.with_columns(pl.col("class_name").replace_strict(index, return_dtype=pl.Int64).alias("class_id"))
     dataset = ManifestDataset(test, image_root, eval_transform(spec["img_size"], ckpt["data_config"]))
     loader = make_loader(dataset, cfg.batch_size, False, base.seed, 0, device)
-    logits, labels = predict(model, loader, device, params.train.precision, desc="test")
+    # The precision it trained and was selected with (a variant may set its own); fp32 for older checkpoints.
+    logits, labels = predict(model, loader, device, ckpt.get("precision", "fp32"), desc="test")
     s = summarize(logits, labels, len(classes), cfg.top_k)
     n_train = dict(df.filter(pl.col("split") == "train").group_by("class_name").len().iter_rows())
     train_counts = np.array([n_train.get(name, 0) for name in classes])
@@ -86,8 +87,8 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
         metrics[f"test_{g}_classes"] = by_group.get(g, {}).get("classes", 0)
     write_json(out.metrics, metrics)
 
-    pred = logits.argmax(1)
-    _write_predictions(out.predictions, test["image_id"].to_list(), labels, pred, logits, classes)
+    pred, confidence = logits.argmax(1), _softmax(logits).max(1)
+    _write_predictions(out.predictions, test["image_id"].to_list(), labels, pred, confidence, classes)
     n_test = np.bincount(labels, minlength=len(classes))
     _write_csv(out.per_class, ["class_name", "train_images", "test_images", "test_acc", "frequency"],
                [[name, int(train_counts[c]), int(n_test[c]), f"{s['per_class'][c]:.4f}", groups[c]]
@@ -97,8 +98,8 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
                 for a, p, n in confused_pairs(pred, labels, cfg.confused_pairs)])
     picks = np.sort(np.random.default_rng(base.seed).choice(test.height, min(cfg.sample_images, test.height),
                                                             replace=False))
-    write_samples(out.samples, model, dataset, picks, test["image_id"].to_list(), classes, ckpt["data_config"],
-                  device)
+    write_samples(out.samples, model, dataset, picks, test["image_id"].to_list(), classes, pred[picks],
+                  confidence[picks], ckpt["data_config"], device)
 
     tracking.setup(base, root)
     with mlflow.start_run(run_id=load_run(model_dir)["run_id"]):
@@ -123,9 +124,8 @@ def _cost(model, img_size: int, batch_size: int, device: torch.device, repeats: 
     return {"gflops": count_flops(model, x) / 1e9, "test_img_per_s": img_per_s}
 
 
-def _write_predictions(path: Path, image_ids: list, labels: np.ndarray, pred: np.ndarray, logits: np.ndarray,
+def _write_predictions(path: Path, image_ids: list, labels: np.ndarray, pred: np.ndarray, confidence: np.ndarray,
                        classes: list[str]) -> None:
-    confidence = _softmax(logits).max(1)
     _write_csv(path, ["image_id", "actual", "predicted", "confidence"],
                [[i, classes[y], classes[p], f"{c:.4f}"] for i, y, p, c in zip(image_ids, labels, pred, confidence)])
 

@@ -31,9 +31,9 @@ from pipeline.tuning.best import write_best
 from pipeline.tuning.runs import TrialRuns, finish_parent, parent_run
 from pipeline.tuning.space import plain
 
-# Params that do not change a sweep's results; everything else in train/tune (and the seed and device) names it.
-_NOT_IN_NAME = ("tune.apply", "tune.results_dir", "train.epochs", "train.resume", "train.checkpoint_dir",
-                "train.num_workers")
+# Besides checkpoint.NOT_IN_RUN_KEY, params that do not change a sweep's results; everything else in train/tune (and
+# the seed and device) names it.
+_NOT_IN_NAME = ("tune.apply", "tune.results_dir", "train.epochs")
 
 
 class SweepError(ValueError):
@@ -54,8 +54,7 @@ class SweepInputs:
 
 
 def sweep_name(params: Params, split_manifest: Path) -> str:
-    flat = {k: v for k, v in flatten(params).items()
-            if (k.startswith(("train.", "tune.")) or k in ("base.seed", "base.device")) and k not in _NOT_IN_NAME}
+    flat = checkpoint.result_params(flatten(params), ("train.", "tune."), _NOT_IN_NAME)
     return "sweep-" + checkpoint.run_key(flat, md5_file(split_manifest))[:12]
 
 
