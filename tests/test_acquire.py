@@ -109,12 +109,14 @@ def test_embedded_unknown_category_or_style_is_a_clear_error(tmp_path: Path, kw,
     assert not (tmp_path / "raw" / "manifest.parquet").exists()
 
 
-def test_acquire_empties_output_first(tmp_path: Path) -> None:
-    stale = tmp_path / "raw" / "images" / "old.png"
-    png(stale)
+def test_acquire_replaces_its_own_earlier_output(tmp_path: Path) -> None:
+    """A folder acquire wrote before (it carries the marker) is replaced whole: a stale file in it is gone."""
+    acquire(embedded(categories=("People & Body",), styles=("twemoji",)), REPO, tmp_path / "raw")
+    stale = png(tmp_path / "raw" / "images" / "old.png")
     df = acquire(embedded(categories=("People & Body",), styles=("noto",)), REPO, tmp_path / "raw")
     assert not stale.exists()
     assert df.height == 105
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")]  # no temporary sibling left behind
 
 
 # ------------------------------------------------------------------------------------------------------------ folder
@@ -155,9 +157,9 @@ def test_folder_without_images(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("out", ["src", ".", "src/cat/raw"], ids=["same", "parent", "inside"])
 def test_acquire_refuses_to_delete_its_source(tmp_path: Path, out: str) -> None:
-    """acquire empties its output first: an output overlapping the source must be refused, not rmtree'd."""
+    """acquire replaces its output: an output overlapping the source (or holding the project) is refused."""
     png(tmp_path / "src" / "cat" / "a.png")
-    with pytest.raises(ValueError, match="acquire.folder.path: .* overlaps the output folder"):
+    with pytest.raises(ValueError, match=r"overlaps the input acquire.folder.path|contains the project"):
         acquire(AcquireParams(source="folder", folder=FolderSource(path="src")), tmp_path, tmp_path / out)
     assert (tmp_path / "src" / "cat" / "a.png").is_file()
 

@@ -364,12 +364,12 @@ def test_rerun_replaces_output(tmp_path: Path) -> None:
     for i in range(4):
         write(src / "a" / f"a{i}.png", png_bytes(solid_rgb((i, 1, 2))))
     acquire_folder(src, tmp_path / "raw")
-    stale = write(tmp_path / "out" / "images" / "stale.png", png_bytes(solid_rgb((9, 9, 9))))
     clean(CleanParams(), tmp_path / "raw", tmp_path / "out")
-    assert not stale.exists()
+    stale = write(tmp_path / "out" / "images" / "stale.png", png_bytes(solid_rgb((9, 9, 9))))  # in our own output
     first = (tmp_path / "out" / "manifest.parquet").read_bytes()
     clean(CleanParams(), tmp_path / "raw", tmp_path / "out")
     assert (tmp_path / "out" / "manifest.parquet").read_bytes() == first  # deterministic bytes
+    assert not stale.exists()
 
 
 def test_missing_file_rejected(tmp_path: Path) -> None:
@@ -559,15 +559,21 @@ def test_normalised_names_count_together_for_min_per_class() -> None:
     assert dict(zip(q["image_id"], q["reason"])) == {"c": "too_few_in_class"}
 
 
-def test_exact_duplicate_across_classes_keeps_first() -> None:
+def test_exact_duplicate_across_classes_is_a_label_conflict() -> None:
+    """Issue 15: the same bytes under two classes used to keep the first class's label silently. Every copy goes to
+    quarantine as label_conflict, naming both classes; a duplicate within one class keeps its first copy."""
     from pipeline.data.clean import select
 
     df = meta_frame([("a", 0, "x", "same"), ("b", 1, "y", "other"), ("c", 1, "y", "same"), ("d", 0, "x", None),
-                     ("e", 0, "x", None)])
-    kept, q, _ = select(df, CleanParams(min_per_class=1))
-    assert kept["image_id"].to_list() == ["a", "b", "d", "e"]  # unknown md5s are never duplicates of each other
+                     ("e", 0, "x", None), ("f", 0, "x", "same"), ("g", 1, "y", "other")])
+    kept, q, counts = select(df, CleanParams(min_per_class=1))
+    assert kept["image_id"].to_list() == ["b", "d", "e"]  # unknown md5s are never duplicates of each other
     assert q.select("image_id", "reason", "detail", "duplicate_of").rows() == [
-        ("c", "duplicate", "same md5 as a", "a")]
+        ("a", "label_conflict", "the same bytes are labelled with 2 classes: x, y", None),
+        ("c", "label_conflict", "the same bytes are labelled with 2 classes: x, y", "a"),
+        ("f", "label_conflict", "the same bytes are labelled with 2 classes: x, y", "a"),
+        ("g", "duplicate", "same md5 as b", "b")]
+    assert counts["by_reason"] == {"duplicate": 1, "label_conflict": 3}
 
 
 def test_original_class_ids_kept_when_nothing_is_dropped() -> None:

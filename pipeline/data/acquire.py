@@ -7,6 +7,7 @@ Images are copied under `out/images/`, so the stage output is self-contained (DV
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -14,9 +15,11 @@ import polars as pl
 from PIL import Image
 
 from pipeline.config import AcquireParams, EmbeddedSource, FolderSource
-from pipeline.data import manifest
-from pipeline.io import md5_file
+from pipeline import outdir
+from pipeline.data import manifest, sourcefiles
+from pipeline.io import md5_file, write_parquet
 
+SKIPPED = "skipped.parquet"  # entries of a folder source that were not imported, and why
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -61,13 +64,22 @@ def from_embedded(cfg: EmbeddedSource, root: Path, out: Path) -> pl.DataFrame:
 
 
 def from_folder(cfg: FolderSource, root: Path, out: Path) -> pl.DataFrame:
-    """ImageFolder layout: <path>/<class name>/<image>. Each image is its own group."""
+    """ImageFolder layout: <path>/<class name>/<image>. Each image is its own group.
+
+    Folder links, links out of the root and hidden entries are skipped (pipeline/data/sourcefiles.py) and listed in
+    out/skipped.parquet; files directly under <path> belong to no class and are ignored."""
     base = root / str(cfg.path)
+    listing = sourcefiles.list_files(base, IMAGE_EXTENSIONS)
     files = []
-    for cls_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-        for f in sorted(p for p in cls_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
-            rel = f.relative_to(base).as_posix()
-            files.append((f, f"images/{rel}", rel, cls_dir.name, rel))
+    for f in listing.files:
+        rel = f.relative_to(base).as_posix()
+        if "/" in rel:
+            files.append((f, f"images/{rel}", rel, rel.split("/", 1)[0], rel))
+    write_parquet(out / SKIPPED, pl.DataFrame(listing.skipped, schema={"path": pl.String, "reason": pl.String},
+                                              orient="row"))
+    if listing.skipped:
+        print(f"acquire folder: skipped {len(listing.skipped)} entries under {base} (links, hidden files), "
+              f"listed in skipped.parquet; e.g. {listing.skipped[0][0]}: {listing.skipped[0][1]}", file=sys.stderr)
     if not files:
         raise ValueError(f"acquire.folder.path: no images found under {base} (expected <class>/<image> files)")
     return _rows_from_files(files, out, "folder")
@@ -117,21 +129,23 @@ SOURCES = ("embedded", "folder", "csv", "dafre", "danbooru")
 def acquire(cfg: AcquireParams, root: Path, out: Path) -> pl.DataFrame:
     """Run the configured source into `out` and write out/manifest.parquet.
 
-    Local sources empty `out` first. The crawler keeps what it already downloaded there (its journal makes a killed
-    crawl resumable) and only rewrites the manifest.
+    Local sources write a complete new output beside `out` and swap it in only when it is complete (a failing import
+    leaves the previous output untouched). The crawler writes in place and keeps what it already downloaded (its
+    journal makes a killed crawl resumable). Either way an `out` that holds anything the project did not write, holds
+    the project, or overlaps the source is refused before anything is written (pipeline/outdir.py).
     """
     section = getattr(cfg, cfg.source)
-    dest = out.resolve()
-    for key in ("path", "labels", "class_names"):  # every input location the source reads
-        if getattr(section, key, None) is None:
-            continue
-        src = (root / str(getattr(section, key))).resolve()
-        if dest == src or dest in src.parents or src in dest.parents:
-            raise ValueError(f"acquire.{cfg.source}.{key}: {src} overlaps the output folder {out}, which is "
-                             "emptied before acquiring; choose another --out")
-    if cfg.source != "danbooru" and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    df = _source(cfg.source)(section, root, out)
-    manifest.write(df, out)
+    inputs = [(f"acquire.{cfg.source}.{key}", root / str(getattr(section, key)))
+              for key in ("path", "labels", "class_names")  # every input location the source reads
+              if getattr(section, key, None) is not None]
+    out = Path(out)
+    if cfg.source == "danbooru":
+        outdir.check_writable(out, "acquire", project=root, inputs=inputs)
+        outdir.claim(out, "acquire")
+        df = _source(cfg.source)(section, root, out)
+        manifest.write(df, out)
+        return df
+    with outdir.replace_folder(out, "acquire", project=root, inputs=inputs) as tmp:
+        df = _source(cfg.source)(section, root, tmp)
+        manifest.write(df, tmp)
     return df

@@ -12,7 +12,8 @@ Three phases, so that the decisions that need the whole manifest never wait on p
    tar shards (sharded input: 463k loose files would make DVC crawl).
 
 Nothing is lost silently: every dropped image lands in quarantine.parquet with a reason (a metrics key) and a detail;
-duplicates also name the image they duplicated (`duplicate_of`: the first in manifest order). The run continues
+duplicates also name the image they duplicated (`duplicate_of`: the first in manifest order); the same bytes
+under two classes quarantine every copy as `label_conflict`. The run continues
 whatever the input. Columns the source added (post_id, face_*, artist, the source's `split`, ...) pass through.
 
 Near-duplicates: `clean.near_dup_hamming` is 0 (off) by default, because a 64-bit pHash merges images that are
@@ -43,8 +44,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import polars as pl
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
+from pipeline import outdir
 from pipeline.config import CleanParams
 from pipeline.data import images, manifest
 from pipeline.data.dedup import near_duplicate_groups, phash64
@@ -55,6 +57,7 @@ QUARANTINE = "quarantine.parquet"
 QUARANTINE_SCHEMA = {"image_id": pl.String, "path": pl.String, "class_name": pl.String, "reason": pl.String,
                      "detail": pl.String, "duplicate_of": pl.String}
 STAGING = ".staging"  # inside the output folder: same filesystem, so committing plain files is a rename
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
 POOL_MIN_IMAGES = 256  # below this, starting decode processes (imports: ~2 s each) costs more than it saves
 _SHARD_MARK = images.SHARD_SUFFIX + "/"
 
@@ -136,16 +139,20 @@ def decode(data: bytes, cfg: CleanParams) -> tuple[Image.Image, bool]:
         fmt = _sniff(data)
         if fmt:  # looks like an image but its header is damaged: corrupt, not a stray HTML page or caption
             raise Rejected("corrupt", f"{fmt} signature, but no decoder accepts the header") from None
-        raise Rejected("not_an_image", f"no image decoder recognises the content (starts with {data[:16]!r})") \
-            from None
+        # The content is never quoted: a stray file may hold anything (a linked secret, a token in an HTML page).
+        raise Rejected("not_an_image", f"no image decoder recognises the content ({len(data)} bytes)") from None
     except Exception as exc:  # truncated streams, bad CRCs, broken headers: a property of the input, never fatal
         raise Rejected("corrupt", f"{type(exc).__name__}: {exc}") from None
     original_mode = im.mode
+    # EXIF orientation (a phone JPEG with Orientation=6 is stored sideways): the model sees what viewers show.
+    orientation = im.getexif().get(ORIENTATION_TAG, 1)
     try:
+        if orientation != 1:
+            im = ImageOps.exif_transpose(im)
         rgb = to_rgb(im, cfg.background)
     except (ValueError, OSError) as exc:  # modes Pillow cannot convert (LAB, HSV, ...)
         raise Rejected("unsupported_mode", f"{original_mode}: {exc}") from None
-    changed = original_mode != "RGB"
+    changed = original_mode != "RGB" or orientation != 1
     if cfg.resize_short_side and min(rgb.size) > cfg.resize_short_side:
         scale = cfg.resize_short_side / min(rgb.size)
         size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
@@ -292,12 +299,22 @@ def _rejections(frame: pl.DataFrame, reason: str | pl.Expr, detail: str | pl.Exp
 
 
 def _exact_duplicates(ok: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Same md5 = same bytes: keep the first in manifest order (even across classes: one image, one label)."""
+    """Same md5 = same bytes. Within one class, the first in manifest order is kept (`duplicate` for the others).
+    Across classes the labels disagree and no rule can tell which is right, so every copy is quarantined as
+    `label_conflict` (naming the classes): an image is never silently given one of its labels."""
     first = pl.when(pl.col("md5").is_not_null()).then(pl.col("image_id").first().over("md5"))
-    ok = ok.with_columns(first.alias("_first"))
-    is_dup = pl.col("_first").is_not_null() & (pl.col("_first") != pl.col("image_id"))
+    n_classes = pl.when(pl.col("md5").is_not_null()).then(pl.col("class_name").n_unique().over("md5"))
+    ok = ok.with_columns(first.alias("_first"), n_classes.fill_null(1).alias("_n_classes"))
+    conflict = pl.col("_n_classes") > 1
+    classes = ok.filter(conflict).group_by("md5").agg(pl.col("class_name").unique().sort().str.join(", ")
+                                                      .alias("_classes"))
+    conflicts = ok.filter(conflict).join(classes, on="md5", how="left", maintain_order="left")
+    q_conflict = _rejections(conflicts, "label_conflict",
+                             pl.format("the same bytes are labelled with {} classes: {}", "_n_classes", "_classes"),
+                             pl.when(pl.col("_first") != pl.col("image_id")).then(pl.col("_first")))
+    is_dup = ~conflict & pl.col("_first").is_not_null() & (pl.col("_first") != pl.col("image_id"))
     q = _rejections(ok.filter(is_dup), "duplicate", pl.format("same md5 as {}", "_first"), pl.col("_first"))
-    return ok.filter(~is_dup).drop("_first"), q
+    return ok.filter(~is_dup & ~conflict).drop("_first", "_n_classes"), pl.concat([q_conflict, q])
 
 
 def _near_duplicates(ok: pl.DataFrame, cfg: CleanParams) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
@@ -417,19 +434,18 @@ def clean(cfg: CleanParams, raw_dir: Path, out: Path,
     """raw_dir/manifest.parquet -> out/{manifest.parquet, quarantine.parquet, images/ or shards/}; returns counts too."""
     raw_dir, out = Path(raw_dir), Path(out)
     df = manifest.read(raw_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    staging = out / STAGING
-    shard_size = cfg.shard_size if is_sharded(df["path"]) else None
-    checked = verify_images(df, raw_dir, staging, cfg, shard_size, pool_min)
-    # Exact duplicates are judged on the bytes actually read, not on the md5 the source recorded.
-    kept, q, counts = select(checked.with_columns(pl.col("_raw_md5").alias("md5")), cfg)
-    paths = _commit(kept["_staged"].to_list(), staging, out, shard_size)
-    shutil.rmtree(staging)
-    kept = kept.with_columns(pl.Series("path", paths, pl.String), pl.col("_out_md5").alias("md5"),
-                             pl.col("_width").alias("width"), pl.col("_height").alias("height"))
-    kept = kept.drop([c for c in kept.columns if c.startswith("_")] + ([] if cfg.near_dup_hamming else ["phash"]))
-    manifest.write(kept, out)
-    write_parquet(out / QUARANTINE, q)
+    with outdir.replace_folder(out, "clean", inputs=[("--raw", raw_dir)]) as tmp:
+        staging = tmp / STAGING
+        shard_size = cfg.shard_size if is_sharded(df["path"]) else None
+        checked = verify_images(df, raw_dir, staging, cfg, shard_size, pool_min)
+        # Exact duplicates are judged on the bytes actually read, not on the md5 the source recorded.
+        kept, q, counts = select(checked.with_columns(pl.col("_raw_md5").alias("md5")), cfg)
+        paths = _commit(kept["_staged"].to_list(), staging, tmp, shard_size)
+        shutil.rmtree(staging)
+        kept = kept.with_columns(pl.Series("path", paths, pl.String), pl.col("_out_md5").alias("md5"),
+                                 pl.col("_width").alias("width"), pl.col("_height").alias("height"))
+        kept = kept.drop([c for c in kept.columns if c.startswith("_")]
+                         + ([] if cfg.near_dup_hamming else ["phash"]))
+        manifest.write(kept, tmp)
+        write_parquet(tmp / QUARANTINE, q)
     return kept, q, counts

@@ -17,8 +17,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import PIL
 import polars as pl
 from PIL import Image
 
+from pipeline import outdir
 from pipeline.config import FacesParams
 from pipeline.data import images, manifest
 from pipeline.data.clean import Rejected, to_rgb
@@ -250,31 +250,6 @@ def _crop_all(cfg: FacesParams, df: pl.DataFrame, raw: Path, dest: Path) -> tupl
     return out_df, rejected, metrics
 
 
-def _check_separate(raw: Path, out: Path) -> None:
-    r, o = raw.resolve(), out.resolve()
-    if r == o or r in o.parents or o in r.parents:
-        raise ValueError(f"faces: output folder {out} overlaps the input folder {raw}; it is replaced on every run, "
-                         "so choose another --out")
-
-
-@contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    """A fresh sibling folder to write into; it replaces `out` only when the block succeeds (no half outputs)."""
-    tmp, old = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.old")
-    for leftover in (tmp, old):  # from a killed run
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def faces(cfg: FacesParams, raw: Path, out: Path) -> tuple[pl.DataFrame, dict]:
     """raw/manifest.parquet (+ images) -> out/{manifest.parquet, rejected.parquet, images or shards}.
 
@@ -282,11 +257,11 @@ def faces(cfg: FacesParams, raw: Path, out: Path) -> tuple[pl.DataFrame, dict]:
     """
     raw, out = Path(raw), Path(out)
     df = manifest.read(raw)
-    _check_separate(raw, out)
+    outdir.check_writable(out, "faces", inputs=[("--raw", raw)])
     if cfg.enabled:
         _animeface_detect()  # fail before any work if the detector cannot run
     df = df.drop([c for c in FACE_SCHEMA if c in df.columns])  # a re-run on faces output recomputes them
-    with _staged(out) as tmp:
+    with outdir.replace_folder(out, "faces", inputs=[("--raw", raw)]) as tmp:
         if cfg.enabled:
             out_df, rejected, counts = _crop_all(cfg, df, raw, tmp)
         else:

@@ -25,6 +25,7 @@ from PIL import Image
 from pipeline.config import CsvSource
 from pipeline.data import manifest, registry
 from pipeline.data.images import ImageWriter, safe_relpath
+from pipeline.data.sourcefiles import OutsideRoot, resolve_inside
 from pipeline.io import write_parquet
 from pipeline.progress import progress
 
@@ -161,10 +162,12 @@ def _image_size(data: bytes) -> tuple[int | None, int | None]:
         return None, None
 
 
-def _copy_one(src: Path, name: str, writer: ImageWriter) -> dict:
+def _copy_one(root: Path, src: Path, name: str, writer: ImageWriter) -> dict:
     """Copy one image into the writer; a file that is not there (or unreadable) becomes a reason, not an error."""
     try:
-        data = src.read_bytes()
+        data = resolve_inside(root, src).read_bytes()  # a link out of the image root is never read
+    except OutsideRoot:
+        return {"reason": "links outside the image root (not read)"}
     except FileNotFoundError:
         return {"reason": "not found"}
     except OSError as exc:  # a directory, a permission problem, an I/O error: report it with the others
@@ -180,7 +183,7 @@ def _copy_all(dirs: pl.Series, image_root: Path, writer: ImageWriter, desc: str)
     """One result row per dir (path/md5/size, or the reason it is missing); image bytes are held one at a time."""
     chunks, batch = [], []
     for d in progress(dirs, total=len(dirs), desc=desc, unit="img"):
-        batch.append(_copy_one(image_root / d, d, writer))
+        batch.append(_copy_one(image_root, image_root / d, d, writer))
         if len(batch) == _CHUNK:
             chunks.append(pl.DataFrame(batch, schema=_RESULT_SCHEMA))
             batch = []
