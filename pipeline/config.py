@@ -6,7 +6,9 @@ before doing any work, so a typo anywhere fails fast with one message naming the
 
 from __future__ import annotations
 
+import functools
 import re
+import typing
 from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Annotated, Literal
@@ -22,13 +24,33 @@ NonNegInt = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
+@functools.cache
+def _tuple_fields(model: type[BaseModel]) -> frozenset[str]:
+    """Names of the fields of `model` whose type is a tuple (or an optional tuple)."""
+    names = set()
+    for name, info in model.model_fields.items():
+        types = (info.annotation, *typing.get_args(info.annotation))
+        if any(t is tuple or typing.get_origin(t) is tuple for t in types):
+            names.add(name)
+    return frozenset(names)
+
+
 class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid. The message names every bad key and why."""
 
 
 class _Section(BaseModel):
     # Unknown keys are errors (a misspelt knob must not be silently ignored); configs are immutable once loaded.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # Strict types: `epochs: '15'` or `epochs: yes` is an error, never a number (an int is still a valid float).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_as_tuples(cls, data: object) -> object:
+        """YAML has lists, not tuples: a list is the form a tuple-typed key is written in (its items stay strict)."""
+        if not isinstance(data, dict):
+            return data
+        return {k: tuple(v) if isinstance(v, list) and k in _tuple_fields(cls) else v for k, v in data.items()}
 
 
 class BaseParams(_Section):
@@ -484,6 +506,9 @@ def _format_errors(err: ValidationError, source: str, prefix: str = "") -> str:
             msg = "unknown key (misspelt? see the defaults in pipeline/config.py)"
         elif e["type"] != "value_error" and "input" in e and not isinstance(e["input"], dict):
             msg += f" (got {e['input']!r})"
+            if isinstance(e["input"], str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", e["input"]):
+                mantissa, exp = re.split("[eE]", e["input"])
+                msg += f"; YAML reads {e['input']} as text: write {mantissa}.0e{exp}"
         lines.append(f"  - {key}: {msg}")
     return f"invalid parameters in {source}:\n" + "\n".join(lines)
 

@@ -65,6 +65,17 @@ BAD = [
     ("unknown_nested", {"train.lrr": 0.1}, "train.lrr", "unknown key"),
     ("unknown_deep", {"acquire.embedded.style": ["noto"]}, "acquire.embedded.style", "unknown key"),
     ("wrong_type", {"train.epochs": "many"}, "train.epochs", "valid integer"),
+    # Strict types (issue 15): a string or a boolean never becomes a number, nor a number a boolean.
+    ("numeric_string", {"train.epochs": "15"}, "train.epochs", "valid integer (got '15')"),
+    ("bool_as_int", {"train.epochs": True}, "train.epochs", "valid integer (got True)"),
+    ("float_as_int", {"train.epochs": 15.0}, "train.epochs", "valid integer"),
+    ("string_float", {"train.lr": "0.01"}, "train.lr", "valid number (got '0.01')"),
+    ("yaml_1e3", {"train.lr": "1e-3"}, "train.lr", "YAML reads 1e-3 as text: write 1.0e-3"),
+    ("bool_as_float", {"train.label_smoothing": False}, "train.label_smoothing", "valid number"),
+    ("int_as_bool", {"train.resume": 1}, "train.resume", "valid boolean"),
+    ("string_bool", {"train.resume": "yes"}, "train.resume", "valid boolean"),
+    ("variant_string_int", {"variants.ila.epochs": "10"}, "variants.ila.epochs", "valid integer"),
+    ("tuple_item_type", {"clean.background": [255, "255", 0]}, "clean.background.1", "valid integer"),
     ("negative_epochs", {"train.epochs": -1}, "train.epochs", "greater than or equal to 1"),
     ("ratio_out_of_range", {"split.ratios": {"train": 1.5, "val": -0.3, "test": -0.2}}, "split.ratios.train",
      "less than or equal to 1"),
@@ -97,14 +108,18 @@ BAD_IDS = [b[0] for b in BAD]
 
 def test_repo_params_load_with_expected_values() -> None:
     p = load_params(REPO / "params.yaml")
-    assert isinstance(p, Params)
-    assert p.base.seed == 42
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert p.base.seed == raw["base"]["seed"] == 42
     assert p.acquire.source == "embedded"
-    assert (REPO / p.acquire.embedded.path).is_dir()
-    assert p.split.strategy in ("group", "per_class")
-    assert set(p.split.test_groups).isdisjoint(p.split.val_groups)
-    assert abs(p.split.ratios.train + p.split.ratios.val + p.split.ratios.test - 1) < 1e-9
-    assert p.train.epochs >= 1 and p.train.lr > 0
+    assert p.split.test_groups == tuple(raw["split"]["test_groups"])  # YAML lists arrive as tuples, items intact
+    assert p.acquire.embedded.styles == ("noto", "twemoji", "openmoji", "emojione")
+    assert p.train.epochs == raw["train"]["epochs"] and p.train.lr == raw["train"]["lr"]
+    assert isinstance(p.clean.background, tuple) and p.clean.background == (255, 255, 255)
+
+
+def test_an_int_is_a_valid_float_in_strict_mode(tmp_path: Path) -> None:
+    p = load_params(params_with(tmp_path, {"train.weight_decay": 0, "train.lr": 1}))
+    assert p.train.weight_decay == 0.0 and isinstance(p.train.lr, float)
 
 
 def test_repo_params_spell_out_every_key_with_known_names() -> None:
