@@ -3,8 +3,8 @@
 Flow: character tags (given, or the top N from /tags.json) -> /posts.json pages per character, newest first (page 1,
 then the `b<id>` cursor) -> filters on the metadata (rating, excluded tags, exactly one character) -> checks that need
 no download (a file URL, an allowed host, an allowed extension, an md5 not kept yet) -> download (concurrent,
-rate-limited, retried) -> checks on the bytes (Content-Type, size, md5 of originals, decodes as an image) -> journal
--> manifest.
+rate-limited, retried) -> checks on the bytes (Content-Type, size; md5 and file_size whenever the file is the
+original, retried once; decodes as an image) -> journal -> manifest.
 
 Determinism: posts are committed in API order, batch by batch, so what is kept (which of two equal files wins, where
 max_posts_per_character stops) does not depend on download timing.

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import polars as pl
+from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
 from pipeline.config import DanbooruSource
 from pipeline.data import manifest
 from pipeline.data.danbooru.client import Client, FetchError, check_transport, load_credentials
 from pipeline.data.danbooru.journal import Journal
-from pipeline.data.danbooru.posts import IMAGES, Download, Post, Rejected, plan_download, save_image, skip_reason
+from pipeline.data.danbooru.posts import (IMAGES, MISMATCH_REASONS, Download, Post, Rejected, plan_download, save_image,
+                                          skip_reason)
 from pipeline.io import write_parquet
 from pipeline.progress import progress
 
@@ -203,6 +205,9 @@ class _Crawl:
                 return None
             return rec
         if rec.get("status") == "ok" and rec.get("path") == dl.path:  # never trust a path we did not compute
+            # Earlier versions kept a large file that is the original without checking its md5: check it now.
+            if dl.md5 is not None and rec.get("md5") != dl.md5:
+                return None
             f = self.out / dl.path
             if f.is_file() and f.stat().st_size == rec.get("bytes"):
                 return rec
@@ -211,8 +216,14 @@ class _Crawl:
     def _fetch(self, dl: Download) -> dict:
         """Worker thread: download one file and journal the outcome at once (a kill loses only in-flight posts)."""
         record: dict[str, Any] = {"post_id": dl.post_id, "file": self.cfg.file, "url": dl.url}
+        # A body that does not match the API's md5/size is fetched once more: a damaged transfer deserves a second
+        # try, a post whose md5 is wrong in the API does not deserve more (the rate limit spaces the two requests).
+        once_more = Retrying(stop=stop_after_attempt(2), retry=retry_if_exception(_is_mismatch), reraise=True,
+                             before_sleep=lambda state: log.info("danbooru: post %d: %s; fetching it once more",
+                                                                 dl.post_id, state.outcome.exception()))
         try:
-            saved = self.client.get(dl.url, lambda resp: save_image(resp, self.out / dl.path, dl, self.max_bytes))
+            saved = once_more(self.client.get, dl.url,
+                              lambda resp: save_image(resp, self.out / dl.path, dl, self.max_bytes))
         except Rejected as r:
             record.update(status="rejected", reason=r.reason, detail=r.detail)
             if r.reason == "too_large":
@@ -249,6 +260,10 @@ class _Crawl:
         self.rejected.append({"post_id": post_id, "reason": reason, "detail": detail})
         self.tally.rejected[reason] += 1
         self.bar.update()
+
+
+def _is_mismatch(exc: BaseException) -> bool:
+    return isinstance(exc, Rejected) and exc.reason in MISMATCH_REASONS
 
 
 def _manifest_row(post: Post, character: str, rec: dict) -> dict[str, Any]:

@@ -20,6 +20,10 @@ IMAGES = "images"
 EXTENSIONS = {e: e for e in ("jpg", "jpeg", "png", "gif", "webp", "bmp")}
 
 
+# The body is not the file the API describes: worth one more download (a damaged transfer) before rejecting.
+MISMATCH_REASONS = ("md5_mismatch", "size_mismatch")
+
+
 class Rejected(Exception):
     """The post or its bytes are not something we keep; `reason` is the short key the counts use."""
 
@@ -89,7 +93,7 @@ class Download:
     post_id: int
     url: str
     ext: str
-    md5: str | None  # expected md5: originals only (a large file is a re-encode with its own md5 and size)
+    md5: str | None  # expected md5: when the URL is the original's (a sample is a re-encode with its own md5)
     size: int | None
 
     @property
@@ -108,7 +112,9 @@ def _extension(url: str, file_ext: str, original: bool) -> str | None:
 
 def plan_download(post: Post, cfg: DanbooruSource, client: Client, max_bytes: int) -> Download:
     """What to fetch for a post that passed the filters; raises Rejected for what needs no download to refuse."""
-    original = cfg.file == "original" or not post.large_file_url
+    # Danbooru gives large_file_url = file_url when no sample exists (most small images): that fetch is the original
+    # too, so it is checked against the post's md5 and file_size whichever `file` mode asked for it.
+    original = cfg.file == "original" or post.large_file_url in ("", post.file_url)
     url = post.file_url if original else post.large_file_url
     problem = client.host_problem(url)
     if problem:
