@@ -55,12 +55,6 @@ def _add_acquire_parsers(sub) -> None:
         sp.set_defaults(fn=_acquire, section_from_cli=getattr(mod, f"section_from_cli{suffix}"))
 
 
-def _build_emoji(args: argparse.Namespace) -> int:
-    from pipeline.data import emoji_build
-
-    return emoji_build.main(args.extra)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,15 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_predict_parser(sub)
 
-    # Its own options (--packages, --out, ...) are parsed by pipeline.data.emoji_build.main.
-    p = sub.add_parser("build-emoji", help="rebuild datasets/emoji from the unpacked font/image packages",
-                       add_help=False)
-    p.set_defaults(fn=_build_emoji)
-
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "build-emoji":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.extra = extra
+    args = parser.parse_args(argv)
     try:
         return args.fn(args)
     except KNOWN_ERRORS as exc:

@@ -14,7 +14,8 @@ an excluded tag, a deleted post, a duplicate md5, a file on another host, a `../
 posts are the ones a crawl with TEST_FILTERS keeps.
 
 Transient faults are injected per test with `inject(match, kind, times)`: the first `times` requests whose target
-contains `match` fail (429 + Retry-After, 500, 503, a timeout, a truncated body, invalid JSON), later ones succeed.
+contains `match` fail (429 + Retry-After, 500, 503, a timeout, a truncated body, invalid JSON, a complete body with
+damaged bytes), later ones succeed.
 Every request is logged (start/end time, host, target, status, Authorization) so tests can assert rates, concurrency,
 gaps after a 429 and "downloaded exactly once".
 
@@ -44,7 +45,7 @@ from PIL import Image, ImageDraw
 API_HOST = "127.0.0.1"
 CDN_HOST = "localhost"  # resolves to 127.0.0.1 (see /etc/hosts): same listener, another host name
 OTHER_HOST = "127.0.0.2"  # loopback too, but never in the crawler's allow-list
-FAULT_KINDS = ("429", "500", "503", "timeout", "truncate", "badjson")
+FAULT_KINDS = ("429", "500", "503", "timeout", "truncate", "badjson", "corrupt")
 # What a crawl with these filters keeps is exactly the posts of kind "good".
 TEST_FILTERS = {"ratings": ("g", "s"), "exclude_tags": ("comic",), "single_character": True}
 
@@ -395,6 +396,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             body, ctype = self._file_for(unquote(urlsplit(self.path).path))
             return self._send(200, body[: len(body) // 2], ctype, length=len(body) + 100)
+        if fault.kind == "corrupt":  # every byte arrives, one of them wrong: only a checksum can tell
+            body, ctype = self._file_for(unquote(urlsplit(self.path).path))
+            mid = len(body) // 2
+            return self._send(200, body[:mid] + bytes([body[mid] ^ 0xFF]) + body[mid + 1:], ctype)
         # badjson: a 200 whose body is not JSON (what a proxy error page looks like to the client)
         return self._send(200, b'[{"id": 1, "md5": "abc", ', "application/json")
 

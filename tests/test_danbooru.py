@@ -132,8 +132,8 @@ def test_crawl_downloads_each_good_post_once_and_no_bad_one(server, tmp_path, ca
     for p in POSTS:
         if p.kind in NEVER_FETCHED:
             assert all(server.hits(path) == 0 for path in p.paths), f"{p.kind} post {p.id} was fetched"
-        if p.kind in JUDGED_BY_BYTES:
-            assert server.hits(file_of(p, kind)[0]) == 1
+        if p.kind in JUDGED_BY_BYTES:  # a body that does not match the API's md5 is fetched once more
+            assert server.hits(file_of(p, kind)[0]) == (2 if (p.kind, kind) == ("mismatch", "original") else 1)
     assert not [r for r in server.log if r.host == OTHER_HOST]
     assert all(int(r.query["limit"]) <= 200 for r in server.log if r.path == "/posts.json")
     rejected = pl.read_parquet(out / "rejected.parquet")
@@ -179,8 +179,9 @@ def test_size_cap_rejects_then_a_larger_cap_fetches(server, tmp_path, kind) -> N
     rejected = pl.read_parquet(out / "rejected.parquet")
     assert set(rejected["reason"]) == {"too_large", "bad_host"}
     images = [r for r in server.log if r.path.startswith("/data/")]
-    # An original's file_size is known before downloading; a large file is refused on its Content-Length.
-    assert len(images) == (0 if kind == "original" else 4)
+    # An original's file_size is known before downloading, also where the large file is the original (135, 120);
+    # another large file (128, 122) is refused on its Content-Length.
+    assert len(images) == (0 if kind == "original" else 2)
     assert not list((out / "images").iterdir())
 
     df = crawl(server, out, characters=saber, file=kind)  # the verdict was about the old cap: fetched now
@@ -196,6 +197,54 @@ def test_config_mistakes_name_the_key(tmp_path, change, key) -> None:
     cfg = DanbooruSource(**{"characters": ("x",), **change})
     with pytest.raises(ValueError, match=key):
         acquire(AcquireParams(source="danbooru", danbooru=cfg), tmp_path, tmp_path / "raw")
+
+
+def test_a_large_file_that_is_the_original_is_checked_against_the_md5(server, tmp_path, caplog) -> None:
+    """Danbooru serves the original as large_file_url when there is no sample: with the default `file: large` that
+    body is checked against the post's md5 too. Damaged once: fetched again and kept; damaged twice: rejected."""
+    caplog.set_level(logging.INFO)
+    saber = ("saber_(fate)",)
+    once, twice = server.post(135), server.post(120)
+    assert once.same_large and twice.same_large and once.kind == twice.kind == "good"
+    server.inject(once.original_path, "corrupt", times=1)
+    server.inject(twice.original_path, "corrupt", times=2)
+    out = tmp_path / "raw"
+
+    df = crawl(server, out, characters=saber)
+
+    assert_frame_equal(df, expected_manifest(server, characters=saber).filter(pl.col("post_id") != twice.id))
+    assert (server.hits(once.original_path), server.served(once.original_path)) == (2, 1)
+    assert (server.hits(twice.original_path), server.served(twice.original_path)) == (2, 0)
+    rejected = pl.read_parquet(out / "rejected.parquet")
+    assert dict(zip(rejected["post_id"], rejected["reason"])) == {120: "md5_mismatch", 122: "not_image",
+                                                                  127: "bad_host"}
+    assert twice.md5 in rejected.filter(pl.col("post_id") == twice.id)["detail"].item()
+    assert not (out / f"images/{twice.id}.jpg").exists()
+    assert f"post {twice.id}: md5_mismatch" in caplog.text and f"post {once.id}: md5_mismatch" in caplog.text
+
+    server.reset_log()  # the verdict is journaled: a re-run does not download the rejected post again
+    assert_frame_equal(crawl(server, out, characters=saber), df)
+    assert not [r for r in server.log if r.path.startswith("/data/")]
+
+
+def test_rerun_checks_an_unverified_original_kept_by_an_earlier_crawl(server, tmp_path) -> None:
+    """A journal line of a large file that is the original, kept with another md5 than the post's (as crawls before
+    the md5 check of such files could keep it), is not trusted: the file is fetched and checked again."""
+    saber = ("saber_(fate)",)
+    out = tmp_path / "raw"
+    first = crawl(server, out, characters=saber)
+    post = server.post(135)
+    lines = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+    for rec in lines:
+        if rec["post_id"] == post.id:
+            rec["md5"] = "0" * 32
+    (out / "journal.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in lines))
+    server.reset_log()
+
+    again = crawl(server, out, characters=saber)
+
+    assert_frame_equal(again, first)
+    assert [r.path for r in server.log if r.path.startswith("/data/")] == [post.original_path]
 
 
 # ---------------------------------------------------------------------------------------------------------- faults

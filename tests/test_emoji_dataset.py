@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.data.emoji_build import (
+from tools.build_emoji import (
     INDEX_COLUMNS,
     STYLES,
     fit_to_canvas,
@@ -114,7 +114,7 @@ def test_licences_and_attribution_shipped() -> None:
 
 
 # --------------------------------------------------------------------------- #
-# Pure helpers of pipeline/data/emoji_build.py on synthetic input
+# Pure helpers of tools/build_emoji.py on synthetic input
 # --------------------------------------------------------------------------- #
 
 
@@ -173,7 +173,7 @@ def test_png_bytes_is_deterministic_and_has_no_metadata() -> None:
 
 
 def test_index_csv_layout() -> None:
-    from pipeline.data.emoji_build import EmojiInfo
+    from tools.build_emoji import EmojiInfo
 
     infos = [
         EmojiInfo(0x1F600, "grinning face", "Smileys & Emotion", "face-smiling", "1f600.png"),

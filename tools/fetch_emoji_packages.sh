@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download and unpack the four upstream emoji packages that
-# `python -m pipeline build-emoji` turns into datasets/emoji/.
+# `python tools/build_emoji.py` turns into datasets/emoji/.
 #
 # Usage: bash tools/fetch_emoji_packages.sh DEST_DIR
 #

@@ -12,7 +12,7 @@ emojione  Debian ``ruby-gemojione`` (EmojiOne 2) ``assets/png/*.png``
 ========  =====================================  ===========================
 
 ``tools/fetch_emoji_packages.sh DIR`` downloads and unpacks the pinned package
-versions into ``DIR``; :func:`main` (``python -m pipeline build-emoji``) turns
+versions into ``DIR``; :func:`main` (``python tools/build_emoji.py``) turns
 that folder into ``images/<style>/<CODEPOINT>.png`` plus ``index.csv``.
 
 Selection: an emoji is kept when it is a single code point (optionally followed
@@ -429,7 +429,7 @@ def build_dataset(
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline build-emoji",
+        prog="python tools/build_emoji.py",
         description="Build the cross-artist emoji dataset from the packages unpacked by "
         "tools/fetch_emoji_packages.sh.",
     )
