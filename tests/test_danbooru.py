@@ -30,6 +30,7 @@ from pipeline.data import manifest
 from pipeline.data.acquire import acquire
 from pipeline.config import ParamsError, validate_section
 from pipeline.data.danbooru import CrawlError
+from pipeline.outdir import MARKER
 from tests.danbooru_server import OTHER_HOST, POSTS, TEST_FILTERS, FakeDanbooru, FakePost
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,9 +139,10 @@ def test_crawl_downloads_each_good_post_once_and_no_bad_one(server, tmp_path, ca
     assert all(int(r.query["limit"]) <= 200 for r in server.log if r.path == "/posts.json")
     rejected = pl.read_parquet(out / "rejected.parquet")
     assert dict(zip(rejected["post_id"], rejected["reason"])) == REJECTED[kind]
-    # Everything the crawl wrote is inside out/: the manifest's images and three bookkeeping files.
+    # Everything the crawl wrote is inside out/: the manifest's images, three bookkeeping files and the marker
+    # that makes the folder the project's own (pipeline/outdir.py).
     assert files_under(tmp_path) == {out / "manifest.parquet", out / "journal.jsonl", out / "rejected.parquet",
-                                     *(out / p for p in df["path"])}
+                                     out / MARKER, *(out / p for p in df["path"])}
     summary = capsys.readouterr().out
     assert "kept 12 posts of 3 characters" in summary and "failed 0" in summary
 
