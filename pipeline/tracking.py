@@ -56,6 +56,25 @@ def setup(base: BaseParams, root: Path) -> str:
     return mlflow.create_experiment(base.experiment, artifact_location=artifacts)
 
 
+MODEL_MD5_TAG = "model_md5"  # on a train run: the md5 of the model.pt it wrote (how later stages find the run)
+
+
+def train_run_of(model_file: Path, experiment_id: str):
+    """The latest train run (in this experiment) that wrote exactly this checkpoint, or None.
+
+    DVC outputs hold no run ids (they would change every rerun's hashes); the checkpoint's md5 is the link, and it
+    holds wherever the model travels (`dvc pull` on another machine, with a shared tracking server)."""
+    import mlflow
+
+    from pipeline.io import md5_file
+
+    runs = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list", max_results=1,
+                              filter_string=f"tags.{MODEL_MD5_TAG} = '{md5_file(model_file)}' "
+                                            "and tags.stage = 'train'",
+                              order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
 def log_artifacts_as(files: dict[str, Path]) -> None:
     """Log files to the active run under fixed names: DVC paths are per variant (plots/history/cnn.csv), the run's
     artifacts are not (train_history.csv), so every run looks alike in `mlflow ui`."""

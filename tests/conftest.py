@@ -63,6 +63,19 @@ def tiny_emoji(tmp_path_factory) -> Path:
     return make_tiny_emoji(tmp_path_factory.mktemp("tiny_emoji"))
 
 
+def train_run(db: Path, model_file: Path):
+    """The MLflow train run that wrote `model_file` (found by the md5 tag, as evaluate and report find it)."""
+    import mlflow
+
+    from pipeline.io import md5_file
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.model_md5 = '{md5_file(model_file)}' and tags.stage = 'train'")
+    assert runs, f"no train run wrote {model_file}"
+    return runs[0]
+
+
 def run_cmd(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -77,3 +90,33 @@ def dafre_labels(tmp_path_factory) -> Path:
     for gz in sorted((REPO / "tests/fixtures/dafre-labels").glob("*.csv.gz")):
         (dest / gz.name.removesuffix(".gz")).write_bytes(gzip.decompress(gz.read_bytes()))
     return dest
+
+
+# --- the suite never writes into the repository (issue 15) ------------------------------------------------------------
+
+_CACHE_PARTS = ("__pycache__", ".pytest_cache")  # Python's own byte-code caches are not test output
+
+
+def _repo_entries() -> set[str]:
+    """Every path git reports as changed, untracked or ignored (a new folder as one entry: on a fresh clone, where
+    CI runs, any output folder a test creates, ./mlruns or data/, is new)."""
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO,
+                         capture_output=True, text=True).stdout
+    return {line[3:] for line in out.splitlines() if not any(part in line for part in _CACHE_PARTS)}
+
+
+def pytest_sessionstart(session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+        session.config._repo_before = _repo_entries() if (REPO / ".git").exists() else None
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    before = getattr(session.config, "_repo_before", None)
+    if before is None:
+        return
+    written = sorted(_repo_entries() - before)
+    if written:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        shown = "\n  ".join(written[:20])
+        print(f"\nerror: the tests wrote into the repository ({len(written)} paths); tests must use tmp_path:\n  "
+              f"{shown}", file=sys.stderr)

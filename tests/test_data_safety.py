@@ -4,7 +4,6 @@ failing import leaves the previous output untouched."""
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path

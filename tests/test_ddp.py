@@ -30,7 +30,7 @@ import yaml
 from pipeline.config import load_params
 from pipeline.data import manifest
 from pipeline.data.acquire import acquire
-from tests.conftest import REPO, write_tiny_params
+from tests.conftest import REPO, train_run, write_tiny_params
 
 EPOCHS = 3
 WEIGHT_TOL = 1e-6  # max |w2 - w1|; measured 7e-9 (float32 summation order), while weights move about 1e-3
@@ -141,7 +141,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch_and_resume(p
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow/mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("anime-fgvc").experiment_id])
     assert sorted(r.data.tags["processes"] for r in runs) == ["1", "2"]
-    run2 = client.get_run(json.loads((project / "two/models/run.json").read_text())["run_id"])
+    run2 = train_run(project / "mlflow/mlflow.db", project / "two/models/model.pt")
     assert [m.step for m in client.get_metric_history(run2.info.run_id, "train_loss")] == [1, 2, 3]
 
 

@@ -31,13 +31,52 @@ def repo(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("repo")
     _copy_repo(dest)
     params = shrink(yaml.safe_load((dest / "params.yaml").read_text()))
+    # FIFO: every trial runs its full budget, so the sweep's result does not depend on which trial reported first
+    # (ASHA's early stopping does), and two repros can be compared byte for byte.
+    params["tune"]["scheduler"] = "fifo"
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     result = run_cmd(["dvc", "repro"], dest)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shutil.copyfile(dest / "dvc.lock", dest.parent / "first-dvc.lock")  # for the reproducibility test (last)
     return dest
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _git_status(repo: Path) -> str:
+    return subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.mark.parametrize("bad", [{"train": {"lrr": 0.1}}, {"train": {"epochs": "2"}},
+                                 {"variants": {"glsim": {"img_size": 30}}}], ids=["misspelt", "string", "variant"])
+def test_invalid_params_fail_before_dvc_touches_any_output(repo, bad):
+    """Issue 15: DVC deletes a stage's outputs before running it; with invalid params the stage then refused them,
+    and the outputs (git-tracked metrics included) were gone. check_params fails first and nothing changes."""
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    status, data, metrics, plots = _git_status(repo), _tree(repo / "data"), _tree(repo / "metrics"), \
+        _tree(repo / "plots")
+    try:
+        params = yaml.safe_load(original)
+        for section, values in bad.items():
+            for k, v in values.items():
+                params[section][k] = v if not isinstance(v, dict) else {**params[section][k], **v}
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        result = run_cmd(["dvc", "repro"], repo)
+        assert result.returncode != 0
+        assert "invalid parameters in params.yaml" in result.stderr + result.stdout
+        assert "Running stage 'acquire'" not in result.stdout and "Running stage 'train@" not in result.stdout
+    finally:
+        params_file.write_text(original)
+    assert _git_status(repo) == status
+    assert _tree(repo / "data") == data and _tree(repo / "metrics") == metrics and _tree(repo / "plots") == plots
+    assert run_cmd(["dvc", "status", "--json"], repo).stdout.strip() in ("{}", "{\n}")
 
 
 def test_repro_produces_every_stage_output(repo):
@@ -158,3 +197,19 @@ def test_push_to_s3_and_pull_into_a_fresh_clone(repo, tmp_path, monkeypatch):
         assert json.loads(run_cmd(["dvc", "status", "acquire", "--json"], clone).stdout) == {}
     finally:
         server.stop()
+
+
+def test_a_forced_rerun_writes_byte_identical_outputs(repo):
+    """Issue 15: timings and run ids are no longer inside DVC outputs, so the same inputs give the same bytes and
+    the committed dvc.lock is what a rerun writes. Last in this module: it re-runs every stage."""
+    result = run_cmd(["dvc", "repro", "--force"], repo)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def outs(lock_text: str) -> dict:
+        stages = yaml.safe_load(lock_text)["stages"]
+        return {(name, o["path"]): o for name, st in stages.items() for o in st.get("outs", [])}
+
+    first, again = outs((repo.parent / "first-dvc.lock").read_text()), outs((repo / "dvc.lock").read_text())
+    assert first.keys() == again.keys()
+    differ = sorted(f"{stage}: {path}" for (stage, path) in first if first[stage, path] != again[stage, path])
+    assert not differ, differ

@@ -88,7 +88,7 @@ def test_evaluate_stage_writes_consistent_long_tail_outputs(tmp_path, tiny_emoji
     """A random-weight checkpoint on the emoji test artist: every output must agree with predictions.csv."""
     from pipeline import tracking
     from pipeline.data.transforms import data_config
-    from pipeline.io import write_json
+    from pipeline.io import md5_file
     from pipeline.models import build_model, save_checkpoint
     from pipeline.training.evaluate import EvalOutputs, evaluate
 
@@ -109,8 +109,10 @@ def test_evaluate_stage_writes_consistent_long_tail_outputs(tmp_path, tiny_emoji
     meta = {"classes": classes, "data_config": data_config(model), "epoch": 1,
             "model_spec": {"method": "cnn", "model": "resnet10t", "img_size": 32}}
     save_checkpoint(tmp_path / "models/model.pt", model, meta)
-    with mlflow.start_run(experiment_id=tracking.setup(params.base, tmp_path)) as run:
-        write_json(tmp_path / "models/run.json", {"run_id": run.info.run_id})
+    with mlflow.start_run(experiment_id=tracking.setup(params.base, tmp_path),  # as train tags its run
+                          tags={"stage": "train", tracking.MODEL_MD5_TAG: md5_file(tmp_path / "models/model.pt")}) \
+            as run:
+        pass
 
     m = evaluate(params, tmp_path / "split.parquet", tmp_path / "data/raw", tmp_path / "models",
                  EvalOutputs.in_folder(tmp_path / "metrics/evaluate.json", tmp_path / "plots"), tmp_path)

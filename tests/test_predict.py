@@ -335,3 +335,18 @@ def test_building_the_parser_imports_no_torch():
             "p.add_predict_parser(argparse.ArgumentParser().add_subparsers()); "
             "sys.exit(int(any(m in sys.modules for m in ('torch', 'mlflow', 'polars', 'PIL'))))")
     assert run_cmd([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_a_sideways_phone_jpeg_is_predicted_upright(emoji, capsys, tmp_path):
+    """Issue 15: EXIF Orientation=6 (stored rotated) is applied as in clean: the same probabilities as the upright
+    image saved without the tag."""
+    src = Path(sorted(p for p in emoji.labels if "/held_out/" in p)[0])
+    upright = Image.fromarray(_rgb(src))
+    upright.save(tmp_path / "upright.jpg", quality=100)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view": the stored pixels are turned the other way
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.jpg", quality=100, exif=exif)
+    a, b = _json(capsys, tmp_path / "phone.jpg", tmp_path / "upright.jpg", "--model", emoji.ckpt,
+                 "--params", emoji.params, "--top-k", len(CLASSES))
+    assert a["top_k"][0]["class_name"] == b["top_k"][0]["class_name"] == emoji.labels[str(src)]
+    assert np.abs(_probs(a) - _probs(b)).max() < 0.05  # JPEG re-encoding of rotated blocks differs slightly

@@ -29,11 +29,9 @@ def fake_result(name: str, seed: int, method: str = "cnn", trainable: int = 1000
     cfg = {"method": method, "model": "m", "backbone_cnn": None, "img_size": 96, "ila_variant": "ila", "lr": 0.001,
            "epochs": 3, "checkpoint_dir": "x"}
     return VariantResult(
-        name=name, train_cfg=cfg, run_id=f"run-{name}",
-        train={"params_total": 10 * trainable, "params_trainable": trainable, "best_epoch": 3, "best_val_top1": 0.35,
-               "train_seconds": 12.0},
-        test={"test_top1": float(acc.mean()), "test_top5": 0.9, "test_macro_acc": float(acc.mean()), "gflops": gflops,
-              "test_img_per_s": 100.0},
+        name=name, train_cfg=cfg, model_file=Path(f"models/{name}/model.pt"),
+        train={"params_total": 10 * trainable, "params_trainable": trainable, "best_epoch": 3, "best_val_top1": 0.35},
+        test={"test_top1": float(acc.mean()), "test_top5": 0.9, "test_macro_acc": float(acc.mean()), "gflops": gflops},
         history=history, per_class=per_class,
         predictions=pl.DataFrame({"image_id": ["1"], "actual": ["c0"], "predicted": ["c0"], "confidence": [0.9]}),
         confused_pairs=pl.DataFrame(schema={"actual": pl.String, "predicted": pl.String, "count": pl.Int64,

@@ -56,11 +56,10 @@ def _env() -> dict:
 
 
 def _results(root: Path, out: str) -> tuple[dict, list[dict], dict]:
+    # No timings in the DVC outputs (issue 15): the files themselves must match, not a filtered view of them.
     metrics = json.loads((root / out / "train.json").read_text())
-    for timing in ("train_seconds", "train_img_per_s"):
-        metrics.pop(timing)
     with open(root / out / "history.csv") as f:
-        history = [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in csv.DictReader(f)]
+        history = list(csv.DictReader(f))
     weights = torch.load(root / out / "models/model.pt", map_location="cpu", weights_only=True)["model"]
     return metrics, history, weights
 

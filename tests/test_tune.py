@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from pipeline.config import ParamsError, load_params
 from pipeline.data import manifest
 from pipeline.data.acquire import acquire
-from tests.conftest import BIN, REPO, make_tiny_emoji, write_tiny_params
+from tests.conftest import BIN, REPO, make_tiny_emoji, train_run, write_tiny_params
 
 STYLE_SPLIT = {"noto": "train", "openmoji": "train", "emojione": "val", "twemoji": "test"}
 SWEEP = {"epochs": 2, "num_samples": 1, "max_failures": 0}  # tiny and quick; failures are deterministic here
@@ -311,9 +311,9 @@ def test_train_stage_uses_best_params_when_tune_apply_is_on(tmp_path, monkeypatc
     assert stage(argv) == 0
     config = yaml.safe_load((tmp_path / "models/config.yaml").read_text())
     assert config["train"]["lr"] == 0.0042 and config["train"]["label_smoothing"] == 0.0
-    run_id = json.loads((tmp_path / "models/run.json").read_text())["run_id"]
     client, _ = _mlflow(tmp_path)
-    assert client.get_run(run_id).data.params["train.lr"] == "0.0042"
+    run = train_run(tmp_path / "mlflow/mlflow.db", tmp_path / "models/model.pt")
+    assert client.get_run(run.info.run_id).data.params["train.lr"] == "0.0042"
 
     # A variant inherits the tuned train section, but a key it sets itself keeps its own value.
     own = [*argv[:7], str(tmp_path / "models-own"), *argv[8:], "--variant", "own-lr"]

@@ -72,6 +72,14 @@ class Rejected(Exception):
 
 # --- one image ------------------------------------------------------------------------------------------------------
 
+def upright(im: Image.Image) -> tuple[Image.Image, bool]:
+    """(the image as viewers show it, whether that changed it): EXIF orientation applied (a phone JPEG with
+    Orientation=6 is stored sideways). Images without the tag are returned as they are, not copied."""
+    if im.getexif().get(ORIENTATION_TAG, 1) == 1:
+        return im, False
+    return ImageOps.exif_transpose(im), True
+
+
 def to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Any PIL mode -> RGB. Transparency is composited on `background` (DAF:re Full used white)."""
     if im.mode == "P":
@@ -144,15 +152,12 @@ def decode(data: bytes, cfg: CleanParams) -> tuple[Image.Image, bool]:
     except Exception as exc:  # truncated streams, bad CRCs, broken headers: a property of the input, never fatal
         raise Rejected("corrupt", f"{type(exc).__name__}: {exc}") from None
     original_mode = im.mode
-    # EXIF orientation (a phone JPEG with Orientation=6 is stored sideways): the model sees what viewers show.
-    orientation = im.getexif().get(ORIENTATION_TAG, 1)
     try:
-        if orientation != 1:
-            im = ImageOps.exif_transpose(im)
+        im, rotated = upright(im)
         rgb = to_rgb(im, cfg.background)
     except (ValueError, OSError) as exc:  # modes Pillow cannot convert (LAB, HSV, ...)
         raise Rejected("unsupported_mode", f"{original_mode}: {exc}") from None
-    changed = original_mode != "RGB" or orientation != 1
+    changed = original_mode != "RGB" or rotated
     if cfg.resize_short_side and min(rgb.size) > cfg.resize_short_side:
         scale = cfg.resize_short_side / min(rgb.size)
         size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))

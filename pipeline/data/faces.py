@@ -28,7 +28,7 @@ from PIL import Image
 from pipeline import outdir
 from pipeline.config import FacesParams
 from pipeline.data import images, manifest
-from pipeline.data.clean import Rejected, to_rgb
+from pipeline.data.clean import Rejected, to_rgb, upright
 from pipeline.io import write_parquet
 from pipeline.progress import progress
 
@@ -133,6 +133,7 @@ def _load(root: Path, rel: str) -> tuple[bytes, Image.Image]:
         data = images.read_bytes(root, rel)
         im = Image.open(io.BytesIO(data))
         im.load()  # decode now: truncated or corrupt data must fail here, not halfway through a crop
+        im = upright(im)[0]  # detect and crop upright, as clean and viewers show the image
     except Exception as exc:  # any decoder error is a property of the input, never a reason to stop the stage
         raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from None
     return data, im

@@ -129,15 +129,14 @@ class Predictor:
         import numpy as np
         from PIL import Image
 
-        from pipeline.data.clean import decode
+        from pipeline.data.clean import decode, upright
 
         data = path.read_bytes()
         if self.faces is None:
             return np.asarray(decode(data, self.clean)[0]), None
         from pipeline.data.faces import crop_box, detect
 
-        original = Image.open(io.BytesIO(data))
-        original.load()
+        original = upright(Image.open(io.BytesIO(data)))[0]  # the box must match decode's upright image
         found = [f for f in detect(original, self.faces) if f.score >= self.faces.threshold]  # best first
         if not found:
             return np.asarray(decode(data, self.clean)[0]), {"box": None, "score": None, "crop": None,

@@ -70,9 +70,10 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
         results_table(results, k),
         "",
         f"Chance top-1: {_pct(chance)}. GFLOPs: one image, forward pass, torch's FLOP counter (matmul, convolution "
-        "and attention; a multiply-add is 2 FLOPs). img/s: forward passes at evaluate.batch_size on the machine "
-        "that ran `evaluate` (CPU for the committed run). Tail: classes with fewer than "
-        f"{params.evaluate.tail_below} training images.",
+        "and attention; a multiply-add is 2 FLOPs). Tail: classes with fewer than "
+        f"{params.evaluate.tail_below} training images. Timings (training seconds, img/s) and run ids differ on "
+        "every run, so they are not in this versioned report: they are in MLflow, with a table of them "
+        "(`runtime.md`) in the `report` run's artifacts.",
         "",
         "![accuracy vs GFLOPs](figures/accuracy_vs_gflops.png)",
         "",
@@ -102,7 +103,7 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
             md += [f"![confusions of {r.name}](figures/{confused[r.name].name})", ""]
     md += [card.markdown, "",
            f"Open the runs: `mlflow ui --backend-store-uri sqlite:///$PWD/{params.base.mlflow_dir}/mlflow.db` "
-           "(the run ids are in the results table).", ""]
+           "(the `report` run links every variant's training run in its `run.<variant>` tags).", ""]
     text = "\n".join(md)
     out = out_dir / "report.md"
     write_text(out, text)
@@ -111,13 +112,18 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
 
 
 def headline(results: list[VariantResult]) -> str:
-    """One sentence: which variant is best on accuracy, on cost and on trainable parameters."""
-    best = max(results, key=lambda r: r.test["test_top1"])
-    cheap = min(results, key=lambda r: r.test["gflops"])
-    lean = min(results, key=lambda r: r.train["params_trainable"])
-    return (f"Best top-1: **{best.name}** ({_pct(best.test['test_top1'])}); fewest GFLOPs: **{cheap.name}** "
-            f"({cheap.test['gflops']:.3f}); fewest trainable parameters: **{lean.name}** "
-            f"({lean.train['params_trainable'] / 1e6:.3f} M).")
+    """One sentence: which variant is best on accuracy, on cost and on trainable parameters. The table's rule: a
+    variant without a figure is left out of that comparison, never an error."""
+    parts = []
+    for label, pick, value, fmt in (("Best top-1", max, lambda r: r.test.get("test_top1"), _pct),
+                                    ("fewest GFLOPs", min, lambda r: r.test.get("gflops"), _num(3)),
+                                    ("fewest trainable parameters", min, lambda r: r.train.get("params_trainable"),
+                                     lambda v: f"{v / 1e6:.3f} M")):
+        known = [r for r in results if isinstance(value(r), (int, float))]
+        if known:
+            r = pick(known, key=value)
+            parts.append(f"{label}: **{r.name}** ({fmt(value(r))})")
+    return ("; ".join(parts) + ".") if parts else "No test metrics yet."
 
 
 def results_table(results: list[VariantResult], k: int) -> str:
@@ -127,10 +133,10 @@ def results_table(results: list[VariantResult], k: int) -> str:
         rows.append([f"**{r.name}**", c["ila_variant"] if c["method"] == "ila" else c["method"],
                      f"`{r.backbone}`", c["img_size"], _pct(t.get("test_top1")), _pct(t.get(f"test_top{k}")),
                      _pct(t.get("test_macro_acc")), _pct(t.get("test_tail_acc")),
-                     f"{r.train['params_total'] / 1e6:.2f} M", f"{r.train['params_trainable'] / 1e6:.3f} M",
-                     f"{t['gflops']:.3f}", f"{t['test_img_per_s']:.0f}", f"`{r.run_id}`"])
+                     _millions(r.train.get("params_total"), 2), _millions(r.train.get("params_trainable"), 3),
+                     _num(3)(t.get("gflops"))])
     return md_table(["variant", "method", "backbone", "image size", "top-1", f"top-{k}", "macro acc", "tail acc",
-                   "params", "trainable", "GFLOPs", "img/s", "MLflow run"], rows)
+                   "params", "trainable", "GFLOPs"], rows)
 
 
 def settings_table(results: list[VariantResult]) -> str:
@@ -140,9 +146,8 @@ def settings_table(results: list[VariantResult]) -> str:
             len({repr(r.train_cfg.get(k)) for r in results}) > 1]
     keys = keys or ["epochs", "lr"]
     rows = [[r.name, *("-" if r.train_cfg.get(k) is None else r.train_cfg[k] for k in keys),
-             r.train.get("best_epoch", "?"), _pct(r.train.get("best_val_top1")),
-             f"{r.train.get('train_seconds', 0):.0f} s"] for r in results]
-    return md_table(["variant", *keys, "epoch kept", "val top-1", "training time"], rows)
+             r.train.get("best_epoch", "?"), _pct(r.train.get("best_val_top1"))] for r in results]
+    return md_table(["variant", *keys, "epoch kept", "val top-1"], rows)
 
 
 def confusion_table(r: VariantResult, n: int = 5) -> str:
@@ -179,6 +184,14 @@ def _pct(x) -> str:
     return f"{100 * x:.1f} %" if isinstance(x, (int, float)) else "n/a"
 
 
+def _num(digits: int):
+    return lambda x: f"{x:.{digits}f}" if isinstance(x, (int, float)) else "n/a"
+
+
+def _millions(x, digits: int) -> str:
+    return f"{x / 1e6:.{digits}f} M" if isinstance(x, (int, float)) else "n/a"
+
+
 def _split_detail(params: Params) -> str:
     sp = params.split
     if sp.strategy != "group":
@@ -194,10 +207,24 @@ def log_to_mlflow(params: Params, out_dir: Path, results: list[VariantResult], r
 
     from pipeline import tracking
 
-    tracking.setup(params.base, root)
-    with mlflow.start_run(run_name="report", tags={"stage": "report"}) as run:
-        mlflow.set_tags({f"run.{r.name}": r.run_id for r in results})
+    experiment_id = tracking.setup(params.base, root)  # the train runs' experiment and artifact store
+    runs = {r.name: tracking.train_run_of(r.model_file, experiment_id) for r in results}
+    with mlflow.start_run(experiment_id=experiment_id, run_name="report", tags={"stage": "report"}) as run:
+        mlflow.set_tags({f"run.{name}": tr.info.run_id for name, tr in runs.items() if tr is not None})
         mlflow.log_metrics({f"{r.name}.{k}": float(r.test[k]) for r in results
                             for k in ("test_top1", "test_macro_acc", "gflops") if k in r.test})
         mlflow.log_artifacts(str(out_dir), artifact_path="report")
+        mlflow.log_text(runtime_table(runs), "report/runtime.md")
     return run.info.run_id
+
+
+def runtime_table(runs: dict) -> str:
+    """What differs on every run, from the train runs' MLflow records: run id, training time and speeds."""
+    rows = []
+    for name, tr in runs.items():
+        m = tr.data.metrics if tr is not None else {}
+        rows.append([name, f"`{tr.info.run_id}`" if tr is not None else "not found",
+                     _num(0)(m.get("train_seconds")), _num(1)(m.get("train_img_per_s")),
+                     _num(0)(m.get("test_img_per_s"))])
+    return "# Run times\n\n" + md_table(["variant", "MLflow train run", "training s", "train img/s",
+                                          "test img/s (forward)"], rows) + "\n"

@@ -16,7 +16,7 @@ import yaml
 
 @dataclass(frozen=True)
 class VariantPaths:
-    model_dir: Path  # train: model.pt, run.json, config.yaml (the resolved params it trained with)
+    model_dir: Path  # train: model.pt, config.yaml (the resolved params it trained with)
     train_metrics: Path
     history: Path
     eval_metrics: Path
@@ -38,7 +38,7 @@ class VariantPaths:
 class VariantResult:
     name: str
     train_cfg: dict  # the train section it really trained with (variant + tuned values folded in)
-    run_id: str
+    model_file: Path  # models/<v>/model.pt: its md5 finds the MLflow train run (pipeline/tracking.py)
     train: dict  # metrics/train/<v>.json
     test: dict  # metrics/evaluate/<v>.json
     history: pl.DataFrame
@@ -55,7 +55,7 @@ class VariantResult:
 
 def load_variant(name: str, paths: VariantPaths) -> VariantResult:
     """Raises FileNotFoundError naming the first missing file (run `dvc repro` for that variant first)."""
-    for f in (paths.model_dir / "config.yaml", paths.model_dir / "run.json", paths.train_metrics, paths.history,
+    for f in (paths.model_dir / "config.yaml", paths.model_dir / "model.pt", paths.train_metrics, paths.history,
               paths.eval_metrics, paths.predictions, paths.per_class, paths.confused_pairs, paths.samples):
         if not f.is_file():
             raise FileNotFoundError(f"report: variant {name!r} has no {f} (run `dvc repro evaluate@{name}`)")
@@ -63,8 +63,28 @@ def load_variant(name: str, paths: VariantPaths) -> VariantResult:
         samples = {k: npz[k] for k in npz.files}
     return VariantResult(
         name=name, train_cfg=yaml.safe_load((paths.model_dir / "config.yaml").read_text())["train"],
-        run_id=json.loads((paths.model_dir / "run.json").read_text())["run_id"],
+        model_file=paths.model_dir / "model.pt",
         train=json.loads(paths.train_metrics.read_text()), test=json.loads(paths.eval_metrics.read_text()),
-        history=pl.read_csv(paths.history), per_class=pl.read_csv(paths.per_class),
-        predictions=pl.read_csv(paths.predictions, schema_overrides={"image_id": pl.String}),
-        confused_pairs=pl.read_csv(paths.confused_pairs), samples=samples)
+        history=read_history(paths.history), per_class=read_class_table(paths.per_class),
+        predictions=read_class_table(paths.predictions), confused_pairs=read_class_table(paths.confused_pairs),
+        samples=samples)
+
+
+# Numeric columns of evaluate's CSVs. Every other column (class names, image ids) is text, whatever it looks like:
+# type inference would read class folders `001` and `1` as the same number, or fail when a name after the first rows
+# is not numeric, and could give two variants' files different dtypes.
+CLASS_TABLE_NUMBERS = {"train_images": pl.Int64, "test_images": pl.Int64, "test_acc": pl.Float64,
+                       "count": pl.Int64, "actual_test_images": pl.Int64, "rate": pl.Float64,
+                       "confidence": pl.Float64}
+
+
+def read_class_table(path: Path) -> pl.DataFrame:
+    """plots/{predictions,per_class,confused_pairs}/<v>.csv: class and image columns as strings, counts as numbers."""
+    df = pl.read_csv(path, infer_schema=False)
+    return df.cast({c: t for c, t in CLASS_TABLE_NUMBERS.items() if c in df.columns})
+
+
+def read_history(path: Path) -> pl.DataFrame:
+    """plots/history/<v>.csv: one row per epoch, every column a number."""
+    df = pl.read_csv(path, infer_schema=False)
+    return df.cast({c: pl.Int64 if c == "epoch" else pl.Float64 for c in df.columns})

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import random
 import shutil
 import time
@@ -36,7 +35,7 @@ from pipeline.config import RECIPES, Params, TrainParams, flatten
 from pipeline.data import manifest
 from pipeline.data.dataset import STREAM_TORCH, EpochSampler, ManifestDataset, sample_seed
 from pipeline.data.transforms import data_config, eval_resize, eval_transform, train_transform
-from pipeline.io import md5_file, write_json, write_text
+from pipeline.io import atomic_path, md5_file, write_json, write_text
 from pipeline.models import build_model, model_options, save_checkpoint
 from pipeline.models.profile import count_params
 from pipeline.progress import progress
@@ -49,7 +48,7 @@ CACHE_LIMIT = 20_000  # decode-once cache for sets up to this many images (the e
 
 @dataclass(frozen=True)
 class TrainOutputs:
-    model_dir: Path  # model.pt (best checkpoint), run.json (MLflow ids), config.yaml (resolved params)
+    model_dir: Path  # model.pt (best checkpoint), config.yaml (resolved params); the MLflow run is found by md5
     metrics_file: Path  # DVC metrics: best val accuracy, epochs, timing
     history_file: Path  # DVC plots: one row per epoch
 
@@ -267,8 +266,6 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
                              "recipe": cfg.recipe or "none", "processes": str(d.world), **(tags or {})})
             mlflow.log_params({"params_total": n_params, "params_trainable": n_trainable,
                                "num_classes": len(classes)})
-        if d.main:
-            write_json(outputs.model_dir / "run.json", {"run_id": run.info.run_id, "experiment_id": experiment_id})
         for epoch in range(start_epoch, cfg.epochs + 1):
             # Everything random in this epoch derives from (seed, epoch): resuming here replays it exactly. Ranks
             # get their own torch stream (stochastic depth, dropout); rank 0's is the single-process one.
@@ -278,21 +275,24 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
             te = time.perf_counter()
             loss_sum, correct, seen, step = _train_epoch(net, train_loader, optimizer, scheduler, loss_fn, device,
                                                          cfg, step, scaler, channels_last, d, epoch)
-            scheduler.step(epoch)
             loss_sum, correct, seen = distributed.sum_all([loss_sum, correct, seen], d, device)
             images_seen, train_seconds = images_seen + int(seen), train_seconds + time.perf_counter() - te
             row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
-                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - te}
+                   "lr": optimizer.param_groups[0]["lr"]}
+            epoch_seconds = time.perf_counter() - te
             distributed.sync_buffers(model, d)  # one set of BatchNorm statistics for validation and checkpoints
             if va_df.height:
-                row |= _validate(model, val_loader, va_df.height, len(classes), cfg.precision, device, d)
+                row |= _validate(model, val_loader, va_df.height, len(classes), cfg.precision, device, d,
+                                 params.evaluate.top_k)
             history.append(row)
             score = row.get("val_top1", float(epoch))  # without a val split the last epoch is kept
             improved = score > best["val_top1"]
             if improved:
                 best = {"val_top1": score, "epoch": epoch}
             if d.main:
-                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+                # Seconds go to MLflow only: in the DVC outputs they would change every rerun's hashes.
+                mlflow.log_metrics({**{k: v for k, v in row.items() if k != "epoch"},
+                                    "epoch_seconds": epoch_seconds}, step=epoch)
                 if improved:
                     save_checkpoint(ckpt_dir / "best.pt", model, {**meta, "epoch": epoch})
                 checkpoint.save_state(ckpt_dir / "last.pt", model=model.state_dict(),
@@ -302,19 +302,21 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
                                       train_seconds=train_seconds, run_id=run.info.run_id)
                 print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.3f}  train {row['train_top1']:.3f}"
                       + (f"  val {row['val_top1']:.3f}" if "val_top1" in row else "")
-                      + f"  ({row['epoch_seconds']:.1f}s)", flush=True)
+                      + f"  ({epoch_seconds:.1f}s)", flush=True)
                 if on_epoch is not None:
                     on_epoch(row)
 
         seconds = time.perf_counter() - t0
-        summary = {"best_epoch": best["epoch"], "epochs": cfg.epochs, "train_seconds": round(train_seconds, 2),
-                   "train_images": tr_df.height, "val_images": va_df.height, "num_classes": len(classes),
-                   "params_total": n_params, "params_trainable": n_trainable,
-                   "train_img_per_s": round(images_seen / max(train_seconds, 1e-9), 2), "processes": d.world}
+        # The summary is a DVC metrics file: only what the same inputs reproduce. Timings go to MLflow.
+        summary = {"best_epoch": best["epoch"], "epochs": cfg.epochs, "train_images": tr_df.height,
+                   "val_images": va_df.height, "num_classes": len(classes), "params_total": n_params,
+                   "params_trainable": n_trainable, "processes": d.world}
         if va_df.height:
             summary["best_val_top1"] = best["val_top1"]
+        timings = {"train_seconds": round(train_seconds, 2),
+                   "train_img_per_s": round(images_seen / max(train_seconds, 1e-9), 2)}
         if d.main:
-            _finish(mlflow, ckpt_dir, outputs, history, summary)
+            _finish(mlflow, ckpt_dir, outputs, history, summary, timings)
     distributed.barrier(d)  # the other ranks leave only once rank 0 has written everything
     if d.main:
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the resumable state has served its purpose
@@ -337,9 +339,13 @@ def _optimization(model: nn.Module, cfg: TrainParams, updates_per_epoch: int):
     # timm counts warm-up in epochs and multiplies by updates_per_epoch for per-step schedules: a step count
     # becomes a fraction of an epoch.
     warmup = cfg.warmup_epochs if cfg.warmup_steps is None else cfg.warmup_steps / updates_per_epoch
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=warmup,
-                                       warmup_lr=1e-6, min_lr=cfg.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=updates_per_epoch)
+    # warmup_prefix: the cosine runs over the steps after the warm-up, from the peak lr down to min_lr at the last
+    # step (GLSim's WarmupCosine). timm's default runs it from step 0, so the warm-up would end below train.lr.
+    warmup = min(warmup, cfg.epochs - 1 / updates_per_epoch)  # at least one cosine step
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs - warmup,
+                                       warmup_epochs=warmup, warmup_lr=1e-6, min_lr=cfg.min_lr,
+                                       step_on_epochs=False, updates_per_epoch=updates_per_epoch,
+                                       warmup_prefix=True)
     return optimizer, scheduler
 
 
@@ -369,57 +375,62 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, loss_
 
 
 def _validate(model: nn.Module, loader: DataLoader, n: int, num_classes: int, precision: str,
-              device: torch.device, d: Dist) -> dict:
-    """Val loss/top-1/top-5 over the whole val split: each rank predicts its shard, all ranks get all logits."""
+              device: torch.device, d: Dist, top_k: int = 5) -> dict:
+    """Val loss/top-1/top-k (evaluate.top_k) over the whole val split: each rank predicts its shard, all ranks get
+    all logits."""
     logits, labels = predict(model, loader, device, precision, desc="val", bar=d.main)
     logits, labels = distributed.gather_rows(logits, n, d, device), distributed.gather_rows(labels, n, d, device)
-    s = summarize(logits, labels, num_classes)
+    s = summarize(logits, labels, num_classes, top_k)
     loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
-    return {"val_loss": float(loss), "val_top1": s["top1"], "val_top5": s["top5"]}
+    return {"val_loss": float(loss), "val_top1": s["top1"], f"val_top{top_k}": s[f"top{top_k}"]}
 
 
-def _finish(mlflow, ckpt_dir: Path, outputs: TrainOutputs, history: list[dict], summary: dict) -> None:
-    """Rank 0: the DVC outputs (best checkpoint, history, metrics) and their MLflow copies."""
+def _finish(mlflow, ckpt_dir: Path, outputs: TrainOutputs, history: list[dict], summary: dict,
+            timings: dict) -> None:
+    """Rank 0: the DVC outputs (best checkpoint, history, metrics) and their MLflow copies. The run is tagged with
+    the checkpoint's md5, which is how evaluate, report and predict find it (no run id in the DVC outputs)."""
     from pipeline import tracking
 
     shutil.copyfile(ckpt_dir / "best.pt", outputs.model_dir / "model.pt")
     _write_history(outputs.history_file, history)
     write_json(outputs.metrics_file, summary)
-    mlflow.log_metrics({k: float(summary[k]) for k in ("best_val_top1", "train_seconds", "train_img_per_s")
-                        if k in summary})
+    mlflow.set_tag(tracking.MODEL_MD5_TAG, md5_file(outputs.model_dir / "model.pt"))
+    mlflow.log_metrics({k: float(v) for k, v in {**summary, **timings}.items()
+                        if k in ("best_val_top1", "train_seconds", "train_img_per_s")})
     tracking.log_artifacts_as({"config.yaml": outputs.model_dir / "config.yaml",
                                "model.pt": outputs.model_dir / "model.pt", "train_history.csv": outputs.history_file,
                                "train_metrics.json": outputs.metrics_file})
 
 
 def _mlflow_run(mlflow, experiment_id: str, run_id: str | None, run_name: str):
-    """Continue the killed run's MLflow run when it still exists in the store; otherwise start a new one."""
+    """Continue the killed run's MLflow run when it still exists in the store; otherwise start a new one.
+
+    Only "no such run" (the store was wiped or moved; the history is in the state) starts a fresh run: any other
+    error, a store that does not answer say, fails the run instead of silently splitting its history."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
     if run_id is not None:
         try:
             mlflow.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
+        else:
             return mlflow.start_run(run_id=run_id)
-        except Exception:  # store was wiped or moved: the history is in the state, log it to a fresh run
-            pass
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
     keys = list(dict.fromkeys(k for row in history for k in row))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for row in history:
             w.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
-    tmp.replace(path)
 
 
 def _timm_version() -> str:
     import timm
 
     return timm.__version__
-
-
-def load_run(model_dir: Path) -> dict:
-    return json.loads((model_dir / "run.json").read_text())

@@ -1,7 +1,8 @@
 """The `evaluate` stage: the selected checkpoint on the test split (held-out artists for the default).
 
 Besides the accuracies it stores what the report compares the models by, so the report never runs a model: the
-inference cost (GFLOPs per image from torch's FLOP counter, forward img/s at evaluate.batch_size on this machine) and,
+inference cost (GFLOPs per image from torch's FLOP counter; forward img/s at evaluate.batch_size on this machine goes
+to MLflow only, since it differs between runs) and,
 in a samples .npz, a few test images as the model saw them with their predictions (and, for GLSim, the CLS-patch
 similarity map, the selected patches, the box and the crop).
 """
@@ -9,6 +10,7 @@ similarity map, the selected patches, the box and the crop).
 from __future__ import annotations
 
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +25,7 @@ from pipeline.data.transforms import eval_transform
 from pipeline.inference.explain import write_samples
 from pipeline.io import atomic_path, write_json
 from pipeline.models import load_checkpoint
-from pipeline.training.engine import (load_run, make_loader, predict, resolve_device, seed_everything,
-                                      use_channels_last)
+from pipeline.training.engine import make_loader, predict, resolve_device, seed_everything, use_channels_last
 from pipeline.training.metrics import GROUPS, confused_pairs, frequency_groups, group_accuracy, summarize
 
 
@@ -80,14 +81,15 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     metrics = {"test_top1": s["top1"], f"test_top{cfg.top_k}": s[f"top{cfg.top_k}"],
                "test_macro_acc": s["macro_acc"], "test_class_acc_std": s["class_acc_std"], "test_images": s["n"],
                "test_classes": int(test["class_id"].n_unique()), "chance_top1": 1.0 / len(classes),
-               "checkpoint_epoch": int(ckpt.get("epoch", 0))} | _cost(model, spec["img_size"], cfg.batch_size, device)
+               "checkpoint_epoch": int(ckpt.get("epoch", 0)), "gflops": _gflops(model, spec["img_size"], device)}
     for g in GROUPS:  # a group without test classes is left out (JSON has no NaN), its class count is 0
         if g in by_group:
             metrics[f"test_{g}_acc"] = by_group[g]["acc"]
         metrics[f"test_{g}_classes"] = by_group.get(g, {}).get("classes", 0)
     write_json(out.metrics, metrics)
+    img_per_s = _throughput(model, spec["img_size"], cfg.batch_size, device)  # MLflow only: differs every run
 
-    pred, confidence = logits.argmax(1), _softmax(logits).max(1)
+    pred, confidence = logits.argmax(1), torch.from_numpy(logits).softmax(1).max(1).values.numpy()
     _write_predictions(out.predictions, test["image_id"].to_list(), labels, pred, confidence, classes)
     n_test = np.bincount(labels, minlength=len(classes))
     _write_csv(out.per_class, ["class_name", "train_images", "test_images", "test_acc", "frequency"],
@@ -101,9 +103,15 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     write_samples(out.samples, model, dataset, picks, test["image_id"].to_list(), classes, pred[picks],
                   confidence[picks], ckpt["data_config"], device)
 
-    tracking.setup(base, root)
-    with mlflow.start_run(run_id=load_run(model_dir)["run_id"]):
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    experiment_id = tracking.setup(base, root)
+    run = tracking.train_run_of(model_dir / "model.pt", experiment_id)
+    if run is None:  # trained elsewhere (another store): the results get a run of their own
+        print(f"evaluate: no train run in MLflow wrote {model_dir / 'model.pt'}; logging to a new run",
+              file=sys.stderr)
+    with (mlflow.start_run(run_id=run.info.run_id) if run is not None else
+          mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{model_dir.name}",
+                           tags={"stage": "evaluate"})):
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()} | {"test_img_per_s": img_per_s})
         tracking.log_artifacts_as({"test_metrics.json": out.metrics, "per_class.csv": out.per_class,
                                    "confused_pairs.csv": out.confused_pairs})
     print(f"evaluate: test top-1 {metrics['test_top1']:.3f}, top-{cfg.top_k} {metrics[f'test_top{cfg.top_k}']:.3f} "
@@ -113,15 +121,20 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     return metrics
 
 
-def _cost(model, img_size: int, batch_size: int, device: torch.device, repeats: int = 3) -> dict:
-    """GFLOPs of one image (torch's FLOP counter, pipeline/models/profile.py) and forward img/s at batch_size: the
-    best of `repeats` timings (as timeit advises: slower ones measure the machine's other load, not the model)."""
-    from pipeline.models.profile import count_flops, measure_throughput
+def _gflops(model, img_size: int, device: torch.device) -> float:
+    """GFLOPs of one image (torch's FLOP counter, pipeline/models/profile.py)."""
+    from pipeline.models.profile import count_flops
 
-    x = torch.zeros(1, 3, img_size, img_size, device=device)
-    img_per_s = max(measure_throughput(model, img_size, batch_size, device, warmup=1, iters=3)[0]
-                    for _ in range(repeats))
-    return {"gflops": count_flops(model, x) / 1e9, "test_img_per_s": img_per_s}
+    return count_flops(model, torch.zeros(1, 3, img_size, img_size, device=device)) / 1e9
+
+
+def _throughput(model, img_size: int, batch_size: int, device: torch.device, repeats: int = 3) -> float:
+    """Forward img/s at batch_size: the best of `repeats` timings (as timeit advises: slower ones measure the
+    machine's other load, not the model)."""
+    from pipeline.models.profile import measure_throughput
+
+    return max(measure_throughput(model, img_size, batch_size, device, warmup=1, iters=3)[0]
+               for _ in range(repeats))
 
 
 def _write_predictions(path: Path, image_ids: list, labels: np.ndarray, pred: np.ndarray, confidence: np.ndarray,
@@ -135,8 +148,3 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)

@@ -125,12 +125,12 @@ def run_sweep(params: Params, split_manifest: Path, image_root: Path, root: Path
     try:
         trials = _outcomes(_tuner(trainable, params, root, storage, name).fit(), cfg.metric, cfg.mode, cfg.epochs)
         summary, best = _summarize(trials, cfg.metric, cfg.mode, name)
-        summary["sweep_seconds"] = round(time.perf_counter() - t0, 1)
         # No trial id in the file: a sweep re-run from scratch gets new ids, and train must not re-run for that.
         write_best(best_file, best["values"], f"sweep {name}: best of {summary['trials']} trials, {cfg.metric} "
                    f"{best['value']:.4f} at epoch {best['epoch']}")
-        write_json(metrics_file, summary)
-        finish_parent(client, parent, summary, best["values"], best_file)
+        write_json(metrics_file, summary)  # no seconds in the DVC metrics: they change every rerun's hash
+        finish_parent(client, parent, {**summary, "sweep_seconds": round(time.perf_counter() - t0, 1)},
+                      best["values"], best_file)
     except BaseException as exc:
         client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise

@@ -1,0 +1,55 @@
+"""Engine details from review (issue 15 point 5): validation's top-k, and what a tracking-store failure does."""
+
+from __future__ import annotations
+
+import socket
+
+import mlflow
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline.training.distributed import Dist
+from pipeline.training.engine import _mlflow_run, _validate
+
+
+def test_validation_reports_the_configured_top_k():
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 4), torch.arange(20) % 5
+    model = torch.nn.Linear(4, 5)
+    row = _validate(model, DataLoader(TensorDataset(x, y), batch_size=8), 20, 5, "fp32", torch.device("cpu"),
+                    Dist(), top_k=3)
+    assert set(row) == {"val_loss", "val_top1", "val_top3"}
+    ranks = (model(x).argsort(1, descending=True)[:, :3] == y[:, None]).any(1).float().mean().item()
+    assert row["val_top3"] == pytest.approx(ranks)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_tracking_env(monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: monkeypatch puts the variable back as it was."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_vanished_run_starts_a_new_one(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = mlflow.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    with _mlflow_run(mlflow, exp, "0" * 32, "fresh") as run:  # the store was wiped: that id is unknown
+        assert run.info.run_name == "fresh" and run.info.run_id != "0" * 32
+
+
+def test_a_store_that_does_not_answer_fails_the_run(monkeypatch):
+    """It used to swallow every error and silently start a new run, splitting the history of a resumed run."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(Exception, match="127.0.0.1"):
+        _mlflow_run(mlflow, "0", "a" * 32, "never")
+    assert mlflow.active_run() is None
