@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_predict_parser(sub)
 
+    from pipeline.gpu_check import add_gpu_check_parser  # light: torch is imported when the command runs
+
+    add_gpu_check_parser(sub)
+
     # Its own options (--packages, --out, ...) are parsed by pipeline.data.emoji_build.main.
     p = sub.add_parser("build-emoji", help="rebuild datasets/emoji from the unpacked font/image packages",
                        add_help=False)
