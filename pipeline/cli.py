@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_predict_parser(sub)
 
+    from pipeline.gpu_check import add_gpu_check_parser  # light: torch is imported when the command runs
+
+    add_gpu_check_parser(sub)
+
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

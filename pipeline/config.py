@@ -238,7 +238,7 @@ class TrainParams(_Section):
     model: str = "tf_efficientnet_lite0"  # any timm model name
     patch_size: PositiveInt | None = None  # ViT patch size (timm resamples pretrained embeddings); null: from the name
     backbone_cnn: str | None = None  # hybrid ViT: this timm CNN's stage at stride patch_size is the patch embedding
-    weights: str = "package:efficientnet_lite0"  # none | hub | file:PATH | package:efficientnet_lite0 (hybrid: CNN)
+    weights: str = "package:efficientnet_lite0"  # none|hub|hf-hub:ID|local-dir:DIR|file:PATH|package:... (weights.py)
     img_size: PositiveInt = 96  # training/eval resolution (square)
     glsim_top_k: PositiveInt | None = None  # glsim: patches selected by similarity; null: 8, 16 from img_size 448
     glsim_box: Literal["paper", "corrected"] = "paper"  # glsim crop end: paper max_index*P (as published) or (max+1)*P
@@ -285,8 +285,10 @@ class TrainParams(_Section):
     @field_validator("weights")
     @classmethod
     def _weights(cls, v: str) -> str:
-        if not re.fullmatch(r"none|hub|file:.+|package:efficientnet_lite0", v):
-            raise ValueError(f"must be none, hub, file:PATH or package:efficientnet_lite0, got {v!r}")
+        hub_id = r"hf-hub:[\w.-]+/[\w.-]+(@[\w./-]+)?"  # ORG/NAME[@REVISION], as timm's hf-hub: names
+        if not re.fullmatch(rf"none|hub|{hub_id}|local-dir:.+|file:.+|package:efficientnet_lite0", v):
+            raise ValueError("must be none, hub, hf-hub:ORG/NAME, local-dir:PATH, file:PATH or "
+                             f"package:efficientnet_lite0, got {v!r}")
         return v
 
     @field_validator("patch_size", "backbone_cnn")
@@ -535,6 +537,10 @@ def _check_paths(params: Params, root: Path) -> list[str]:
         wfile = params.train.weights.removeprefix("file:")
         if not (root / wfile).is_file():
             errors.append(f"  - train.weights: file {wfile!r} does not exist")
+    if params.train.weights.startswith("local-dir:"):
+        wdir = params.train.weights.removeprefix("local-dir:")
+        if not (root / wdir).is_dir():
+            errors.append(f"  - train.weights: folder {wdir!r} does not exist")
     return errors
 
 

