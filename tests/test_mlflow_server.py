@@ -27,6 +27,7 @@ from pipeline.data import manifest
 from pipeline.data.acquire import acquire
 from pipeline.data.clean import clean
 from pipeline.data.split import split
+from pipeline.io import md5_file
 from tests.conftest import BIN, REPO, make_tiny_emoji, write_tiny_params
 
 pytestmark = pytest.mark.slow  # about 1.5 minutes: a server and five stage processes
@@ -136,7 +137,9 @@ def test_every_stage_logs_to_a_tracking_server_and_nothing_to_the_project(tmp_pa
     assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:")  # served by the server
 
     # train + evaluate: one run with per-epoch and test metrics and their artifacts
-    run_id = json.loads((root / "models/cnn/run.json").read_text())["run_id"]
+    runs = client.search_runs([exp.experiment_id], f"tags.model_md5 = '{md5_file(root / 'models/cnn/model.pt')}'")
+    assert len(runs) == 1  # found as evaluate and report find it: by the checkpoint's md5
+    run_id = runs[0].info.run_id
     run = client.get_run(run_id)
     assert run.info.experiment_id == exp.experiment_id and run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [1, 2]

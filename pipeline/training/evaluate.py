@@ -87,7 +87,7 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
             metrics[f"test_{g}_acc"] = by_group[g]["acc"]
         metrics[f"test_{g}_classes"] = by_group.get(g, {}).get("classes", 0)
     write_json(out.metrics, metrics)
-    img_per_s = _throughput(model, spec["img_size"], cfg.batch_size, device)  # MLflow only: differs every run
+    img_per_s = forward_throughput(model, spec["img_size"], cfg.batch_size, device)  # MLflow only: differs every run
 
     pred, confidence = logits.argmax(1), torch.from_numpy(logits).softmax(1).max(1).values.numpy()
     _write_predictions(out.predictions, test["image_id"].to_list(), labels, pred, confidence, classes)
@@ -128,7 +128,7 @@ def _gflops(model, img_size: int, device: torch.device) -> float:
     return count_flops(model, torch.zeros(1, 3, img_size, img_size, device=device)) / 1e9
 
 
-def _throughput(model, img_size: int, batch_size: int, device: torch.device, repeats: int = 3) -> float:
+def forward_throughput(model, img_size: int, batch_size: int, device: torch.device, repeats: int = 3) -> float:
     """Forward img/s at batch_size: the best of `repeats` timings (as timeit advises: slower ones measure the
     machine's other load, not the model)."""
     from pipeline.models.profile import measure_throughput
