@@ -17,7 +17,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import polars as pl
 import pytest
 import yaml
 from mlflow import MlflowClient
