@@ -81,13 +81,13 @@ def test_invalid_params_fail_before_dvc_touches_any_output(repo, bad):
 
 def test_repro_produces_every_stage_output(repo):
     for out in ("data/raw/manifest.parquet", "data/clean/manifest.parquet", "data/split/manifest.parquet",
-                "models/cnn/model.pt", "models/glsim/run.json", "metrics/evaluate/ila.json",
+                "models/cnn/model.pt", "models/glsim/config.yaml", "metrics/evaluate/ila.json",
                 "plots/history/cnn.csv", "plots/samples/glsim.npz", "reports/report.html",
                 "reports/report.md", "reports/figures/training_curves.png", "dvc.lock", "mlflow/mlflow.db"):
         assert (repo / out).is_file(), out
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     variants = ("cnn", "glsim", "ila")
-    assert set(lock["stages"]) == {"acquire", "faces", "clean", "split", "tune", "report",
+    assert set(lock["stages"]) == {"check_params", "acquire", "faces", "clean", "split", "tune", "report",
                                    *(f"{stage}@{v}" for stage in ("train", "evaluate") for v in variants)}
     for v in variants:
         assert json.loads((repo / f"metrics/evaluate/{v}.json").read_text())["test_images"] == 10

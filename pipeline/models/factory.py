@@ -179,8 +179,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
     meta = dict(meta)
     if "model_spec" in meta:
         meta["model_spec"] = {**meta["model_spec"], "options": dict(getattr(model, "build_options", {}))}
-    with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "model": state, **meta}, tmp)
+    # Saved through a file object: given a path, torch names the zip's top folder after the file, and the temporary
+    # file's random name would make every save's bytes differ (and with them dvc.lock).
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"format": CHECKPOINT_FORMAT, "model": state, **meta}, f)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
