@@ -114,14 +114,16 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
 
 
 def _cost(model, img_size: int, batch_size: int, device: torch.device, repeats: int = 3) -> dict:
-    """GFLOPs of one image (torch's FLOP counter, pipeline/models/profile.py) and forward img/s at batch_size: the
-    best of `repeats` timings (as timeit advises: slower ones measure the machine's other load, not the model)."""
-    from pipeline.models.profile import count_flops, measure_throughput
+    """GFLOPs of one image (torch's FLOP counter, pipeline/models/profile.py), the same as GMACs (the papers' unit)
+    and forward img/s at batch_size: the best of `repeats` timings (as timeit advises: slower ones measure the
+    machine's other load, not the model)."""
+    from pipeline.models.profile import count_flops, macs, measure_throughput
 
     x = torch.zeros(1, 3, img_size, img_size, device=device)
     img_per_s = max(measure_throughput(model, img_size, batch_size, device, warmup=1, iters=3)[0]
                     for _ in range(repeats))
-    return {"gflops": count_flops(model, x) / 1e9, "test_img_per_s": img_per_s}
+    flops = count_flops(model, x)
+    return {"gflops": flops / 1e9, "gmacs": macs(flops) / 1e9, "test_img_per_s": img_per_s}
 
 
 def _write_predictions(path: Path, image_ids: list, labels: np.ndarray, pred: np.ndarray, confidence: np.ndarray,
