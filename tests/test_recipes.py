@@ -4,6 +4,8 @@ depth, hidden dropout, the original ImageNet-21k weights, LayerNorm eps)."""
 
 from __future__ import annotations
 
+import re
+
 import albumentations as A
 import numpy as np
 import pytest
@@ -298,3 +300,26 @@ def test_stochastic_depth_reaches_glsim_and_names_the_key_where_timm_has_none():
     assert glsim.vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     with pytest.raises(ValueError, match="train.drop_path_rate"):
         build_model("cnn", "vgg11", 5, "none", 32, drop_path_rate=0.1)
+
+
+def test_readme_papers_settings_resolve_to_what_the_table_says():
+    """The README's table of the papers' settings: each variant cell is valid params and resolves to the stated
+    weights, rates and sizes (the table cannot drift from RECIPES)."""
+    from pipeline.config import AcquireParams, variant_train
+    from pipeline.data.registry import source_dataset
+    from tests.conftest import REPO
+
+    lines = (REPO / "README.md").read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| variant | `glsim224:"))
+    cells = [yaml.safe_load("{" + c + "}") for c in re.findall(r"`([^`]+)`", row)]
+    data = next(line for line in lines if line.startswith("| data | `acquire:"))
+    sources = [yaml.safe_load(c)["acquire"] for c in re.findall(r"`([^`]+)`", data)]
+    resolved = [TrainParams.model_validate(variant_train(TrainParams(), next(iter(c.values())))) for c in cells]
+    glsim224, glsim448, ila448 = resolved
+    for cfg in resolved:
+        assert (cfg.model, cfg.weights, cfg.layer_norm_eps, cfg.init) == (
+            "vit_base_patch16_224.orig_in21k", "hub", 1e-12, "paper")
+    assert (glsim224.img_size, glsim448.img_size, ila448.img_size) == (224, 448, 448)
+    assert (glsim448.drop_path_rate, glsim448.drop_path_rule, glsim448.proj_drop_rate) == (0.1, "constant", 0.0)
+    assert (ila448.ila_variant, ila448.proj_drop_rate, ila448.drop_path_rate, ila448.lr) == ("ila++", 0.1, 0.0, 0.1)
+    assert [source_dataset(AcquireParams.model_validate(a)) for a in sources] == ["daf", "cotton"]
