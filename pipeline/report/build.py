@@ -15,8 +15,8 @@ import polars as pl
 from pipeline.config import Params
 from pipeline.data import manifest
 from pipeline.data.card import md_table, write_card
-from pipeline.io import write_text
 from pipeline.data.registry import source_dataset
+from pipeline.io import write_text
 from pipeline.report import figures, papers
 from pipeline.report.results import VariantPaths, VariantResult, load_variant
 

@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader
 from pipeline.config import RECIPES, Params, TrainParams, flatten
 from pipeline.data import manifest
 from pipeline.data.dataset import STREAM_TORCH, EpochSampler, ManifestDataset, sample_seed
+from pipeline.data.registry import source_dataset
 from pipeline.data.transforms import data_config, eval_resize, eval_transform, train_transform
 from pipeline.io import md5_file, write_json, write_text
-from pipeline.data.registry import source_dataset
 from pipeline.models import build_model, describe_weights, model_options, save_checkpoint
 from pipeline.models.profile import count_params
 from pipeline.progress import progress

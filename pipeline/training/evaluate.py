@@ -114,7 +114,7 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
 
 
 def _cost(model, img_size: int, batch_size: int, device: torch.device, repeats: int = 3) -> dict:
-    """GFLOPs of one image (torch's FLOP counter, pipeline/models/profile.py), the same as GMACs (the papers' unit)
+    """GFLOPs of one image (torch's FLOP counter, pipeline/models/profile.py), GMACs (half of it: the papers' unit)
     and forward img/s at batch_size: the best of `repeats` timings (as timeit advises: slower ones measure the
     machine's other load, not the model)."""
     from pipeline.models.profile import count_flops, macs, measure_throughput
