@@ -219,16 +219,31 @@ class SplitParams(_Section):
         return v
 
 
-# Paper training recipes for `train.recipe` (reference-methods.md A.5 and C.6). Precision is left to the user
-# (the papers use fp16 AMP, which needs CUDA), and so are method, model and img_size (224 or 448 in the papers).
-_PAPER_TRAINER = dict(optimizer="sgd",  # timm "sgd": SGD with Nesterov momentum 0.9
+# Paper training recipes for `train.recipe` (reference-methods.md A.4, A.5, C.2 and C.6, checked against the authors'
+# code). Precision is left to the user (the papers use fp16 AMP, which needs CUDA), and so are method and img_size
+# (224 or 448 in the papers). The model is the papers' original Google ImageNet-21k ViT-B/16 (timm's `orig_in21k`
+# tag; the bare name would resolve to timm's default augreg2_in21k_ft_in1k weights).
+PAPER_MODEL = "vit_base_patch16_224.orig_in21k"
+# Architectures whose original Google ImageNet-21k weights timm tags `orig_in21k` (timm.list_pretrained
+# ("*.orig_in21k") of the pinned timm): under a recipe their bare name gets the tag.
+ORIG_IN21K = frozenset({"vit_base_patch16_224", "vit_base_patch32_224", "vit_base_r50_s16_224",
+                        "vit_large_patch16_224", "vit_large_patch32_224", "vit_huge_patch14_224"})
+_PAPER_TRAINER = dict(model=PAPER_MODEL, weights="hub",  # or file:ViT-B_16.npz, the original Google release
+                      optimizer="sgd",  # timm "sgd": SGD with Nesterov momentum 0.9
                       weight_decay=0.0, batch_size=8, epochs=50, warmup_steps=500, min_lr=1.0e-5, grad_clip=1.0,
-                      resize_ratio=1.34, hflip=0.5)
+                      resize_ratio=1.34, hflip=0.5,
+                      layer_norm_eps=1.0e-12,  # the authors' ViT (timm's: 1e-6)
+                      init="paper",  # Xavier-uniform weights, N(0, 1e-6) biases for the new layers
+                      drop_path_rule="constant")  # the authors' DropPath(sd) has one rate in every block
 RECIPES: dict[str, dict] = {
-    # GLSim README command: lr 0.01, medaugs = flip + TrivialAugmentWide + random erasing 0.3 + LS 0.1 + SD 0.1
-    "glsim": {**_PAPER_TRAINER, "lr": 0.01, "augment": "med", "label_smoothing": 0.1, "drop_path_rate": 0.1},
-    # ILA README commands: frozen backbone, lr 0.1, weakaugs = flip only (no label smoothing, no stochastic depth)
-    "ila": {**_PAPER_TRAINER, "lr": 0.1, "augment": "weak", "label_smoothing": 0.0, "drop_path_rate": 0.0},
+    # GLSim README command: lr 0.01, medaugs = flip + TrivialAugmentWide + random erasing 0.3 + LS 0.1 + SD 0.1.
+    # With stochastic depth on, the authors' blocks use DropPath *instead of* their hidden dropout: no dropout.
+    "glsim": {**_PAPER_TRAINER, "lr": 0.01, "augment": "med", "label_smoothing": 0.1, "drop_path_rate": 0.1,
+              "proj_drop_rate": 0.0},
+    # ILA README commands: frozen backbone, lr 0.1, weakaugs = flip only (no label smoothing, no stochastic depth),
+    # so the blocks keep hidden_dropout_prob 0.1, also in the frozen backbone while training
+    "ila": {**_PAPER_TRAINER, "lr": 0.1, "augment": "weak", "label_smoothing": 0.0, "drop_path_rate": 0.0,
+            "proj_drop_rate": 0.1},
 }
 
 
@@ -240,7 +255,7 @@ class TrainParams(_Section):
     backbone_cnn: str | None = None  # hybrid ViT: this timm CNN's stage at stride patch_size is the patch embedding
     weights: str = "package:efficientnet_lite0"  # none|hub|hf-hub:ID|local-dir:DIR|file:PATH|package:... (weights.py)
     img_size: PositiveInt = 96  # training/eval resolution (square)
-    glsim_top_k: PositiveInt | None = None  # glsim: patches selected by similarity; null: 8, 16 from img_size 448
+    glsim_top_k: PositiveInt | None = None  # glsim: patches selected by similarity; null: 8, 16 for dogs (GLSim repo)
     glsim_box: Literal["paper", "corrected"] = "paper"  # glsim crop end: paper max_index*P (as published) or (max+1)*P
     ila_variant: Literal["ila", "ila+", "ila++"] = "ila"  # ila: 2 down-sampling ILAs; +: plain ILAs; ++: adapters
     epochs: PositiveInt = 15  # full passes over the train split
@@ -261,7 +276,12 @@ class TrainParams(_Section):
     recipe: Literal["glsim", "ila"] | None = None  # paper preset (RECIPES); keys written in params.yaml win over it
     augment: Literal["rrc", "weak", "med"] = "rrc"  # rrc: crop+jitter above; weak/med: GLSim weakaugs/medaugs
     resize_ratio: Annotated[float, Field(ge=1.0)] = 1.34  # weak/med: resize to img_size*ratio, random/centre crop
-    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # stochastic depth of the deepest block
+    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # stochastic depth (see drop_path_rule)
+    drop_path_rule: Literal["linear", "constant"] = "linear"  # linear: timm's 0 .. rate over the blocks; constant:
+    # the rate in every block (GLSim/ILA code), ViTs only. GLSim's aggregator block always gets the rate itself
+    proj_drop_rate: Fraction = 0.0  # ViT: dropout on each block's attention and MLP outputs (authors: 0.1 w/o SD)
+    layer_norm_eps: Annotated[float, Field(gt=0)] | None = None  # ViT LayerNorm eps; null: the model's (timm: 1e-6)
+    init: Literal["timm", "paper"] = "timm"  # new glsim/ila layers: timm/PyTorch init, or the authors' Xavier-uniform
     grad_clip: Annotated[float, Field(gt=0)] | None = None  # max L2 norm of all gradients; null: no clipping
     warmup_steps: NonNegInt | None = None  # warm-up in optimiser steps (GLSim: 500); null: warmup_epochs
     sync_bn: bool = False  # data-parallel runs on CUDA: synchronise BatchNorm statistics across processes
@@ -272,7 +292,7 @@ class TrainParams(_Section):
     def _apply_recipe(cls, data: object) -> object:
         """A recipe fills the keys params.yaml leaves out; every key written there (even null) wins."""
         if isinstance(data, dict) and isinstance(data.get("recipe"), str) and data["recipe"] in RECIPES:
-            return {**RECIPES[data["recipe"]], **data}
+            return pin_paper_weights({**RECIPES[data["recipe"]], **data})
         return data
 
     @field_validator("recipe")
@@ -408,6 +428,15 @@ class TuneParams(_Section):
         return v
 
 
+def pin_paper_weights(train: dict) -> dict:
+    """Under a recipe, a bare ViT name that timm also has as `orig_in21k` gets that tag (the papers' weights); a
+    name with a tag of its own (`vit_base_patch16_224.augreg2_in21k_ft_in1k`) is kept as written."""
+    model = train.get("model")
+    if isinstance(model, str) and "." not in model and model in ORIG_IN21K:
+        return {**train, "model": f"{model}.orig_in21k"}
+    return train
+
+
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # used in paths, DVC stage names and `-S variants.<name>.*`
 
 
@@ -416,7 +445,9 @@ def variant_train(train: TrainParams, overrides: dict) -> dict:
     one, then its own keys. Unlike train.recipe (which fills only keys params.yaml leaves out), a variant's recipe
     replaces the train section's values, so `variants.x: {recipe: glsim}` is a paper recipe run."""
     recipe = overrides.get("recipe")
-    return {**train.model_dump(), **(RECIPES.get(recipe, {}) if isinstance(recipe, str) else {}), **overrides}
+    if not isinstance(recipe, str) or recipe not in RECIPES:
+        return {**train.model_dump(), **overrides}
+    return pin_paper_weights({**train.model_dump(), **RECIPES[recipe], **overrides})
 
 
 class Params(_Section):

@@ -100,8 +100,18 @@ def test_glsim_shapes_at_two_sizes_and_one_training_step(img_size):
     assert torch.equal(model.last_boxes, model.forward_with_crops(x).boxes)
 
 
+@pytest.mark.parametrize("img_size, dataset, k", [(224, None, 8), (448, None, 8), (448, "cub", 8),
+                                                   (224, "dogs", 16), (448, "dogs", 16)])
+def test_default_top_k_is_the_glsim_repos_rule(img_size, dataset, k):
+    """GLSim's build_args.py: dynamic_top 8 at every size, doubled for Stanford Dogs only (the ILA repo's doubling at
+    448 is not the default). The checkpoint records the resolved k, so reloading needs no dataset name."""
+    assert default_top_k(dataset) == k
+    with torch.device("meta"):
+        model = build_model("glsim", "test_vit", 2, "none", img_size, patch_size=16, dataset=dataset)
+    assert model.top_k == k and model.build_options["glsim_top_k"] == k
+
+
 def test_top_k_default_and_errors():
-    assert default_top_k(224) == 8 and default_top_k(448) == 16
     assert build_model("glsim", "test_vit", 2, "none", 32).top_k == 4  # only 4 patches at 32 px
     with pytest.raises(ValueError, match="train.glsim_top_k: 5 exceeds the 4 patches"):
         build_model("glsim", "test_vit", 2, "none", 32, glsim_top_k=5)
@@ -109,8 +119,35 @@ def test_top_k_default_and_errors():
         build_model("glsim", "resnet18", 2, "none", 32)
 
 
+def test_paper_selection_formula_gives_table_1():
+    """(D + 2(D + 1) + 1) * N of the paper's calc_flops.py: 0.45 MFLOPs at 224 and 1.8 at 448 for ViT-B/16."""
+    assert glsim.paper_selection_flops(768, 196) == 452_172
+    assert round(glsim.paper_selection_flops(768, 196) / 1e6, 2) == 0.45
+    assert round(glsim.paper_selection_flops(768, 784) / 1e6, 1) == 1.8
+
+
 def test_selection_flops_vit_b_224_under_one_mflop():
     feats = torch.randn(1, 197, 768)  # ViT-B/16 at 224: CLS + 196 patches of 768 dims
     flops = count_flops(select_boxes, feats, 8, (14, 14), (16, 16), (224, 224))
     assert flops == 2 * 196 * 768  # one multiply-add per patch and channel, 2 FLOPs each
     assert flops <= 1_000_000
+
+
+def test_paper_init_of_the_aggregator():
+    """init paper: every Linear of the aggregator Xavier-uniform with N(0, 1e-6) biases (the authors' init_weights);
+    init timm: trunc-normal(0.02), zero biases. The head is zero in both (A.1 step 7)."""
+    torch.manual_seed(0)
+    paper = build_model("glsim", "vit_tiny_patch16_224", 5, "none", 32, patch_size=8, init="paper")
+    timm_init = build_model("glsim", "vit_tiny_patch16_224", 5, "none", 32, patch_size=8)
+    lins = [m for m in paper.aggregator.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(lins) == 4  # qkv, proj, fc1, fc2
+    for lin in lins:
+        fan_in, fan_out = lin.in_features, lin.out_features
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.99 * bound  # uniform up to the bound
+        assert lin.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+        assert (lin.bias != 0).all() and 0.5e-6 < lin.bias.std() < 2e-6
+    for lin in (m for m in timm_init.aggregator.modules() if isinstance(m, torch.nn.Linear)):
+        assert lin.weight.std().item() == pytest.approx(0.02, rel=0.1) and (lin.bias == 0).all()
+    for model in (paper, timm_init):
+        assert (model.head.weight == 0).all() and (model.head.bias == 0).all()

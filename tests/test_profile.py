@@ -40,13 +40,27 @@ def test_done_when_glsim(vit_b_224):
     assert 2.0 <= ratio <= 2.01  # two encoder passes plus a one-block aggregator over two tokens
 
 
+def test_macs_are_half_the_flops_and_the_selection_is_priced_as_the_paper_does(vit_b_224):
+    """The papers' "FLOPs" are torchprofile MACs: ViT-B/16 at 224 is ~17.6 G of them; GLS selection by the paper's
+    formula (D + 2(D + 1) + 1) * N is 0.45 MFLOPs (Table 1), our counted matmul being 2 N D."""
+    for run in vit_b_224.values():
+        assert run["macs"] * 2 == run["flops"]
+    assert 17.4e9 < vit_b_224["vit"]["macs"] < 17.7e9
+    gl = vit_b_224["glsim"]
+    assert gl["selection_flops_paper"] == 452_172 and round(gl["selection_flops_paper"] / 1e6, 2) == 0.45
+    assert gl["selection_flops"] == 2 * 196 * 768
+    assert vit_b_224["vit"]["selection_flops_paper"] is None
+
+
 def test_profile_command_prints_one_json_object(capsys):
     rc = main(["--model", "test_vit", "--method", "glsim", "--img-size", "32", "--num-classes", "3",
                "--device", "cpu", "--batch-size", "2", "--warmup", "1", "--iters", "1", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("params_total", "params_trainable", "flops", "tokens", "selection_flops", "img_per_s", "peak_mem_mb"):
+    for key in ("params_total", "params_trainable", "flops", "macs", "tokens", "selection_flops",
+                "selection_flops_paper", "img_per_s", "peak_mem_mb"):
         assert key in out
+    assert out["macs"] == out["flops"] // 2 and out["selection_flops_paper"] == (64 + 2 * 65 + 1) * 4
     assert out["img_per_s"] > 0 and out["peak_mem_mb"] >= 0 and out["encoder_passes"] == 2
     assert out["tokens"] == [5, 5, 5] and 0 < out["selection_flops"] <= 1_000_000
 
@@ -60,6 +74,13 @@ def test_add_profile_parser_plugs_into_a_cli(capsys):
     assert args.fn(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["variant"] == "ila++" and out["tokens"] == [37, 17, 5] and out["selection_flops"] is None
+
+
+def test_profile_table_prints_macs_beside_flops_and_takes_a_dataset(capsys):
+    assert main(["--model", "test_vit", "--method", "glsim", "--img-size", "64", "--num-classes", "3",
+                 "--device", "meta", "--dataset", "dogs"]) == 0  # k = 16: all 16 patches
+    lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert int(lines["macs"]) * 2 == int(lines["flops"]) and int(lines["selection_flops_paper"]) == 195 * 16
 
 
 def test_profile_errors(capsys):

@@ -1,7 +1,10 @@
-"""Issue 6: the GLSim and ILA paper recipes as named presets, their albumentations pipelines, gradient clipping and
-stochastic depth."""
+"""Issues 6 and 16: the GLSim and ILA paper recipes as named presets that match the authors' code (optimiser,
+schedule, albumentations pipelines with torchvision's TrivialAugmentWide, gradient clipping, per-block stochastic
+depth, hidden dropout, the original ImageNet-21k weights, LayerNorm eps)."""
 
 from __future__ import annotations
+
+import re
 
 import albumentations as A
 import numpy as np
@@ -26,26 +29,126 @@ def test_glsim_recipe_resolves_to_the_papers_values():
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs) == ("sgd", 0.01, 0.0, 8, 50)
     assert (cfg.warmup_steps, cfg.min_lr, cfg.grad_clip, cfg.label_smoothing) == (500, 1e-5, 1.0, 0.1)
     assert (cfg.augment, cfg.hflip, cfg.drop_path_rate, cfg.resize_ratio) == ("med", 0.5, 0.1, 1.34)
-    assert recipe_overrides(cfg) == {}
+    # SD on: DropPath(0.1) in every block *instead of* the hidden dropout; the authors' ViT LayerNorm and init
+    assert (cfg.drop_path_rule, cfg.proj_drop_rate, cfg.layer_norm_eps, cfg.init) == ("constant", 0.0, 1e-12, "paper")
+    assert recipe_overrides(cfg) == {"model": ("vit_tiny_patch16_224", "vit_base_patch16_224.orig_in21k"),
+                                     "weights": ("none", "hub")}  # VIT names its own (tiny, random) model
 
 
 def test_ila_recipe_is_the_same_trainer_with_lr_0_1_and_weak_augs():
     cfg = TrainParams.model_validate({**VIT, "method": "ila", "recipe": "ila"})
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps) == ("sgd", 0.1, 0.0, 1.0, 500)
     assert (cfg.augment, cfg.label_smoothing, cfg.drop_path_rate) == ("weak", 0.0, 0.0)
+    # SD off: the authors' hidden_dropout_prob 0.1 on the attention and MLP outputs
+    assert (cfg.proj_drop_rate, cfg.layer_norm_eps, cfg.init) == (0.1, 1e-12, "paper")
+
+
+@pytest.mark.parametrize("written, resolved", [
+    (None, "vit_base_patch16_224.orig_in21k"),  # the recipe's own model
+    ("vit_base_patch16_224", "vit_base_patch16_224.orig_in21k"),  # bare name: timm would pick augreg2_in21k_ft_in1k
+    ("vit_large_patch16_224", "vit_large_patch16_224.orig_in21k"),
+    ("vit_base_patch16_224.augreg2_in21k_ft_in1k", "vit_base_patch16_224.augreg2_in21k_ft_in1k"),  # a chosen tag
+    ("vit_small_patch16_224", "vit_small_patch16_224"),  # timm has no orig_in21k for it
+])
+def test_recipes_pin_the_papers_imagenet21k_weights(written, resolved):
+    from pipeline.config import variant_train
+    from pipeline.models import describe_weights
+
+    model = {} if written is None else {"model": written}
+    cfg = TrainParams.model_validate({"method": "glsim", "img_size": 224, "recipe": "glsim", **model})
+    assert cfg.model == resolved and cfg.weights == "hub"
+    via_variant = variant_train(TrainParams(), {"method": "glsim", "img_size": 224, "recipe": "glsim", **model})
+    assert via_variant["model"] == resolved
+    assert TrainParams(model="vit_base_patch16_224", method="vit").model == "vit_base_patch16_224"  # no recipe
+    if resolved.endswith("orig_in21k"):
+        with torch.device("meta"):
+            built = build_model("vit", cfg.model, 5, "none", 224)
+        assert built.pretrained_cfg["tag"] == "orig_in21k"
+        assert describe_weights(cfg.model, "hub") == f"hub {resolved}"
+    assert describe_weights("vit_base_patch16_224", "hub") == "hub vit_base_patch16_224.augreg2_in21k_ft_in1k"
+    assert describe_weights(cfg.model, "file:/w/ViT-B_16.npz") == "file ViT-B_16.npz"
+
+
+def test_the_pinned_architectures_are_timms_orig_in21k_list():
+    from pipeline.config import ORIG_IN21K
+
+    assert ORIG_IN21K == {n.split(".")[0] for n in timm.list_pretrained("*.orig_in21k")}
+
+
+def _drop_rates(blocks) -> list[list[float]]:
+    return [[getattr(getattr(b, a), "drop_prob", 0.0) for a in ("drop_path1", "drop_path2")] for b in blocks]
+
+
+def test_constant_drop_path_gives_every_block_and_the_aggregator_the_rate():
+    """The authors' DropPath(sd) in every block (timm's linear rule: 0.0 in block 0 ... the rate in the last)."""
+    kw = dict(patch_size=8, drop_path_rate=0.1)
+    constant = build_model("vit", "test_vit", 5, "none", 32, **kw, drop_path_rule="constant")
+    assert type(constant.blocks[0]) is timm.models.vision_transformer.Block  # timm's own block, only its option
+    assert _drop_rates(constant.blocks) == [[pytest.approx(0.1)] * 2] * 6
+    linear = build_model("vit", "test_vit", 5, "none", 32, **kw)
+    assert _drop_rates(linear.blocks)[0] == [0.0, 0.0] and _drop_rates(linear.blocks)[-1] == [pytest.approx(0.1)] * 2
+    glsim = build_model("glsim", "test_vit", 5, "none", 32, **kw, drop_path_rule="constant")
+    assert _drop_rates(glsim.vit.blocks) == [[pytest.approx(0.1)] * 2] * 6
+    assert _drop_rates([glsim.aggregator[0]]) == [[pytest.approx(0.1)] * 2]  # GLSim's aggregator: sd too
+    assert _drop_rates([build_model("glsim", "test_vit", 5, "none", 32, **kw).aggregator[0]]) == \
+        [[pytest.approx(0.1)] * 2]  # under timm's rule as well: it follows the deepest block
+    # block 0 really drops its residual branches in training (timm's linear rule leaves it deterministic)
+    x = torch.randn(64, 17, 64)
+    block0 = constant.blocks[0].train()
+    assert not torch.equal(block0(x), block0(x))
+    assert torch.equal(linear.blocks[0].train()(x), linear.blocks[0](x))
+    with pytest.raises(ValueError, match="train.drop_path_rule: applies to the blocks of a timm ViT"):
+        build_model("cnn", "resnet18", 5, "none", 32, drop_path_rate=0.1, drop_path_rule="constant")
+
+
+def test_hidden_dropout_on_attention_and_mlp_outputs_also_in_ilas_frozen_backbone():
+    cfg = TrainParams.model_validate({**VIT, "method": "ila", "recipe": "ila"})
+    ila = build_model("ila", "test_vit", 5, "none", 48, patch_size=8, proj_drop_rate=cfg.proj_drop_rate)
+    blocks = [b.block if hasattr(b, "block") else b for b in ila.vit.blocks]  # the ILA wrappers hold timm's Block
+    for b in blocks:  # the authors' two dropouts per block, not timm's third one inside the MLP
+        assert (b.attn.proj_drop.p, b.mlp.drop2.p, b.mlp.drop1.p) == (0.1, 0.1, 0.0)
+    assert not any(p.requires_grad for b in blocks for p in b.parameters())  # frozen ...
+    ila.train()
+    assert all(b.attn.proj_drop.training and b.mlp.drop2.training for b in blocks)  # ... but dropping while training
+    seen = []
+    blocks[0].attn.proj_drop.register_forward_hook(lambda _m, _i, out: seen.append((out == 0).float().mean().item()))
+    ila(torch.randn(8, 3, 48, 48))
+    assert 0.05 < seen[0] < 0.15  # about 10 % of the attention outputs zeroed
+    ila.eval()
+    x = torch.randn(2, 3, 48, 48)
+    assert torch.equal(ila(x), ila(x))
+    agg = build_model("glsim", "test_vit", 5, "none", 32, patch_size=8, proj_drop_rate=0.1).aggregator[0]
+    assert (agg.attn.proj_drop.p, agg.mlp.drop2.p, agg.mlp.drop1.p) == (0.1, 0.1, 0.0)
+    assert build_model("vit", "test_vit", 5, "none", 32, patch_size=8).blocks[0].attn.proj_drop.p == 0
+
+
+def test_layer_norm_eps_reaches_every_norm_and_the_checkpoint(tmp_path):
+    from pipeline.models import load_checkpoint, save_checkpoint
+
+    model = build_model("glsim", "test_vit", 3, "none", 32, patch_size=8, layer_norm_eps=1e-12)
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 * 6 + 1 + 2 + 1 and {m.eps for m in norms} == {1e-12}  # blocks, final, aggregator
+    save_checkpoint(tmp_path / "m.pt", model, {"classes": ["a", "b", "c"],
+                                              "model_spec": {"method": "glsim", "model": "test_vit", "img_size": 32}})
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    assert {m.eps for m in loaded.modules() if isinstance(m, nn.LayerNorm)} == {1e-12}
+    assert {m.eps for m in build_model("vit", "test_vit", 3, "none", 32, patch_size=8).modules()
+            if isinstance(m, nn.LayerNorm)} == {1e-6}  # timm's default without the recipe
 
 
 def test_keys_written_in_params_yaml_win_over_the_recipe(tmp_path, tiny_emoji):
     params = yaml.safe_load(write_tiny_params(tmp_path, tiny_emoji).read_text())
     recipe_keys = {"optimizer", "lr", "weight_decay", "batch_size", "epochs", "warmup_steps", "min_lr", "grad_clip",
-                   "label_smoothing", "augment", "hflip", "drop_path_rate", "resize_ratio"}
+                   "label_smoothing", "augment", "hflip", "drop_path_rate", "resize_ratio", "drop_path_rule",
+                   "proj_drop_rate", "layer_norm_eps", "init"}
     params["train"] = {k: v for k, v in params["train"].items() if k not in recipe_keys} | {
         **VIT, "recipe": "glsim", "lr": 0.003, "grad_clip": None}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(params))
     cfg = load_params(path).train
     assert (cfg.lr, cfg.grad_clip, cfg.optimizer, cfg.augment) == (0.003, None, "sgd", "med")
-    assert recipe_overrides(cfg) == {"lr": (0.003, 0.01), "grad_clip": (None, 1.0)}
+    assert recipe_overrides(cfg) == {"lr": (0.003, 0.01), "grad_clip": (None, 1.0), "weights": ("none", "hub"),
+                                     "model": ("vit_tiny_patch16_224", "vit_base_patch16_224.orig_in21k")}
 
 
 def test_ila_recipe_needs_a_frozen_backbone_method(tmp_path, tiny_emoji):
@@ -96,10 +199,58 @@ def test_augment_pipelines_are_albumentations_and_give_the_model_size(augment):
         assert eval_resize(cfg) == {"eval_resize": 64}
         assert [type(op).__name__ for op in e.transforms][:2] == ["Resize", "CenterCrop"]
     if augment == "med":
-        trivial = t.transforms[3]
-        assert isinstance(trivial, A.OneOf) and len(trivial.transforms) == 14  # TrivialAugmentWide's op set
+        assert names[3] == "TrivialAugmentWide" and t.transforms[3].p == 1.0  # on uint8, before normalisation
         assert names[-3:] == ["Normalize", "Erasing", "ToTensorV2"]  # erasing after normalisation, as timm/GLSim
         assert t.transforms[-2].p == 0.3
+
+
+def test_trivial_augment_wide_is_torchvisions_op_set_and_ranges():
+    """The 14 ops and "wide" magnitudes of TrivialAugmentWide (31 bins): translate is at most 32 px at any image size,
+    sharpness is signed (factor 0.01 .. 1.99: it also blurs), posterize keeps 2 .. 8 bits."""
+    from pipeline.data.transforms import TrivialAugmentWide
+
+    assert TrivialAugmentWide().space() == {
+        "Identity": (0.0, 0.0, False), "ShearX": (0.0, pytest.approx(0.99), True),
+        "ShearY": (0.0, pytest.approx(0.99), True), "TranslateX": (0.0, 32.0, True), "TranslateY": (0.0, 32.0, True),
+        "Rotate": (0.0, 135.0, True), "Brightness": (0.0, pytest.approx(0.99), True),
+        "Color": (0.0, pytest.approx(0.99), True), "Contrast": (0.0, pytest.approx(0.99), True),
+        "Sharpness": (0.0, pytest.approx(0.99), True), "Posterize": (2.0, 8.0, False), "Solarize": (0.0, 255.0, False),
+        "AutoContrast": (0.0, 0.0, False), "Equalize": (0.0, 0.0, False)}
+
+
+def test_trivial_augment_wide_translates_at_most_32_px_at_448_and_is_seeded():
+    """Behaviour at 448 px: outputs that are pure horizontal shifts move by 1..32 px (the stand-in moved up to 64);
+    the op is torchvision's own, drawn from albumentations' seed, and leaves torch's global stream alone."""
+    cfg = TrainParams.model_validate({**VIT, "img_size": 448, "patch_size": 16, "augment": "med"})
+    trivial = train_transform(cfg, DCFG, seed=0).transforms[3]
+    t = A.Compose([trivial], seed=0)
+    img = np.random.default_rng(0).integers(1, 256, (448, 448, 3), dtype=np.uint8)  # no zero: fill is 0
+
+    def shifted(dx):
+        out = np.zeros_like(img)
+        if dx >= 0:
+            out[:, dx:] = img[:, :448 - dx]
+        else:
+            out[:, :dx] = img[:, -dx:]
+        return out
+
+    shifts = []
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for seed in range(400):
+        t.set_random_seed(seed)
+        out = t(image=img)["image"]
+        row = out[200]
+        for dx in range(-64, 65):
+            if dx and np.array_equal(row, shifted(dx)[200]) and np.array_equal(out, shifted(dx)):
+                shifts.append(dx)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert len(shifts) >= 20 and max(map(abs, shifts)) <= 32 and max(map(abs, shifts)) >= 25
+    assert min(shifts) < 0 < max(shifts)  # signed
+    t.set_random_seed(7)
+    first = t(image=img)["image"]
+    t.set_random_seed(7)
+    assert np.array_equal(first, t(image=img)["image"])
 
 
 def test_medaugs_erase_about_30_percent_of_images():
@@ -149,3 +300,26 @@ def test_stochastic_depth_reaches_glsim_and_names_the_key_where_timm_has_none():
     assert glsim.vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     with pytest.raises(ValueError, match="train.drop_path_rate"):
         build_model("cnn", "vgg11", 5, "none", 32, drop_path_rate=0.1)
+
+
+def test_readme_papers_settings_resolve_to_what_the_table_says():
+    """The README's table of the papers' settings: each variant cell is valid params and resolves to the stated
+    weights, rates and sizes (the table cannot drift from RECIPES)."""
+    from pipeline.config import AcquireParams, variant_train
+    from pipeline.data.registry import source_dataset
+    from tests.conftest import REPO
+
+    lines = (REPO / "README.md").read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| variant | `glsim224:"))
+    cells = [yaml.safe_load("{" + c + "}") for c in re.findall(r"`([^`]+)`", row)]
+    data = next(line for line in lines if line.startswith("| data | `acquire:"))
+    sources = [yaml.safe_load(c)["acquire"] for c in re.findall(r"`([^`]+)`", data)]
+    resolved = [TrainParams.model_validate(variant_train(TrainParams(), next(iter(c.values())))) for c in cells]
+    glsim224, glsim448, ila448 = resolved
+    for cfg in resolved:
+        assert (cfg.model, cfg.weights, cfg.layer_norm_eps, cfg.init) == (
+            "vit_base_patch16_224.orig_in21k", "hub", 1e-12, "paper")
+    assert (glsim224.img_size, glsim448.img_size, ila448.img_size) == (224, 448, 448)
+    assert (glsim448.drop_path_rate, glsim448.drop_path_rule, glsim448.proj_drop_rate) == (0.1, "constant", 0.0)
+    assert (ila448.ila_variant, ila448.proj_drop_rate, ila448.drop_path_rate, ila448.lr) == ("ila++", 0.1, 0.0, 0.1)
+    assert [source_dataset(AcquireParams.model_validate(a)) for a in sources] == ["daf", "cotton"]

@@ -88,3 +88,35 @@ def test_tables_and_html(results):
                                  "parameters: **ila** (0.056 M).")
     html = to_html("# T\n\n" + table, "T")
     assert html.count("<tr>") == 4 and "<title>T</title>" in html
+
+
+def test_the_papers_tables_are_complete_and_name_registry_datasets():
+    from pipeline.data import registry
+    from pipeline.report import papers
+
+    t = papers.tables()
+    glsim, ila = t.filter(pl.col("source") == "GLSim Table 4"), t.filter(pl.col("source") == "ILA Table 1")
+    assert glsim.height == 10 * 6 and set(glsim["img_size"]) == {224}  # 10 datasets x 6 methods
+    assert ila.height == 5 * 18 and set(ila["img_size"]) == {448}  # 5 cultivar sets x 18 methods
+    assert set(t["dataset"]) <= set(registry.keys())
+    assert glsim.filter((pl.col("dataset") == "dafb") & (pl.col("ours") == "glsim"))["top1"].item() == 93.36
+    assert ila.filter((pl.col("dataset") == "cotton") & (pl.col("ours") == "ila++"))["top1"].item() == 55.42
+    header = (papers.FOLDER / "ila_table1_is448.csv").read_text().splitlines()[0]
+    assert header.startswith("# ILA paper") and "arXiv 2409.11051" in header  # the source travels with the data
+
+
+def test_results_table_sets_the_papers_top1_beside_ours_for_a_dataset_they_report(results):
+    glsim = fake_result("glsim", 1, "glsim")
+    glsim = VariantResult(**{**glsim.__dict__, "train_cfg": {**glsim.train_cfg, "img_size": 224},
+                             "test": {**glsim.test, "test_top1": 0.9}})
+    ila = fake_result("ila", 2, "ila")
+    ila = VariantResult(**{**ila.__dict__, "train_cfg": {**ila.train_cfg, "img_size": 448, "ila_variant": "ila++"},
+                           "test": {**ila.test, "test_top1": 0.6}})
+    table = results_table([glsim, ila, results[0]], 5, "cub")
+    lines = table.splitlines()
+    assert "| top-1 | paper top-1 | ours - paper (points) | top-5 |" in lines[0]
+    assert "| 90.0 % | 90.9 % (GLSim, GLSim Table 4) | -0.9 |" in lines[2]  # 90.0 - 90.93
+    assert "| 60.0 % | - | - |" in lines[3]  # ILA Table 1 has no CUB
+    assert "| 60.0 % | 55.4 % (ILA++, ILA Table 1) | +4.6 |" in results_table([ila], 5, "cotton")
+    for dataset in (None, "daf", "cars"):  # not a registry name, or one the papers do not report
+        assert "paper top-1" not in results_table([glsim, ila], 5, dataset)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -102,6 +103,7 @@ def test_evaluate_reports_test_metrics(project):
     preds = pl.read_csv(project["cnn"].predictions)
     assert preds.height == N_CLASSES and set(preds.columns) == {"image_id", "actual", "predicted", "confidence"}
     assert m["gflops"] > 0 and "test_img_per_s" not in m  # a timing: MLflow only (issue 15)
+    assert m["gmacs"] == pytest.approx(m["gflops"] / 2)  # the papers' unit
 
 
 def test_mlflow_run_has_params_epoch_metrics_and_artifacts(project):
@@ -111,6 +113,7 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(project):
     run = client.get_run(run_id)
     assert run.data.params["train.lr"] == "0.001" and run.data.params["train.img_size"] == "32"
     assert run.data.tags["stage"] == "train" and run.data.tags["device"] == "cpu"
+    assert run.data.tags["weights"] == "package:efficientnet_lite0"  # which weights the run started from
     assert not any(k.startswith("variants.") for k in run.data.params)
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2]
     assert "test_top1" in run.data.metrics and run.data.metrics["test_img_per_s"] > 0
@@ -155,9 +158,11 @@ def test_report_compares_every_variant_with_valid_pngs(project):
     for name in ("cnn", "glsim", "ila"):
         row = next(line for line in text.splitlines() if line.startswith(f"| **{name}** |"))
         assert row.count(" | ") == header.count(" | ")  # one cell per column of the header
-    for col in ("backbone", "image size", "top-1", "top-5", "macro acc", "tail acc", "params", "trainable",
-                "GFLOPs"):
+    for col in ("backbone", "weights", "image size", "top-1", "top-5", "macro acc", "tail acc", "params",
+                "trainable", "GFLOPs", "GMACs"):
         assert f"| {col} |" in header
+    assert "paper top-1" not in header  # the emoji are in no paper
+    assert "| package:efficientnet_lite0 for the tf_efficientnet_lite0 patch embedding; transformer random |" in text
     headers = [line for line in text.splitlines() if line.startswith("| variant |")]
     for timing in ("img/s", "MLflow run", "training time"):  # they differ every run: MLflow, not the report
         assert not any(timing in h for h in headers)
@@ -201,3 +206,40 @@ def test_report_run_in_mlflow_links_the_runs_it_compares(project):
         assert run.data.metrics[f"{name}.test_top1"] == pytest.approx(project["evals"][name]["test_top1"])
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/figures"} <= names
+
+
+def test_report_on_a_registry_dataset_sets_the_papers_top1_beside_ours(project, tmp_path):
+    """The same tiny images, declared as CUB (acquire.csv.dataset): a GLSim variant trained and evaluated at 224 px
+    gets GLSim Table 4's 90.93 % and the difference; the variant at 32 px, which no table has, gets '-'."""
+    from pipeline.config import CsvSource
+
+    params = project["params"]
+    cub = params.acquire.model_copy(update={"source": "csv", "csv": CsvSource(path="x", dataset="cub")})
+    # 32 px patches (a 7x7 grid) and 4-image cost timings keep a 224 px run to seconds
+    paper = {"method": "glsim", "model": "test_vit", "backbone_cnn": None, "patch_size": 32, "weights": "none",
+             "img_size": 224, "epochs": 1}
+    params = params.model_copy(update={"acquire": cub, "variants": {"paper": paper, "cnn": {}},
+                                       "evaluate": params.evaluate.model_copy(update={"batch_size": 4})})
+    inputs = ReportInputs(project["split_file"], project["cleaned"], tmp_path / "models", tmp_path / "metrics",
+                          tmp_path / "plots")
+    shutil.copytree(project["root"] / "metrics", tmp_path / "metrics")  # clean/split counts and cnn's metrics
+    for kind in ("models", "plots"):
+        for path in (project["root"] / kind).rglob("cnn*"):
+            dest = tmp_path / path.relative_to(project["root"])
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if path.is_dir() else shutil.copyfile)(path, dest)
+    p, paths = params.with_variant("paper"), inputs.variant("paper")
+    train(p, project["split_file"], project["cleaned"], TrainOutputs(paths.model_dir, paths.train_metrics,
+                                                                     paths.history), tmp_path)
+    ours = evaluate(p, project["split_file"], project["cleaned"], paths.model_dir,
+                    EvalOutputs(paths.eval_metrics, paths.predictions, paths.per_class, paths.confused_pairs,
+                                paths.samples), tmp_path)["test_top1"]
+    text = build_report(params, inputs, tmp_path / "reports")[0].read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| variant | method |"))
+    assert "| top-1 | paper top-1 | ours - paper (points) |" in header
+    row = next(line for line in text.splitlines() if line.startswith("| **paper** |")).split(" | ")
+    assert row[6:8] == ["90.9 % (GLSim, GLSim Table 4)", f"{100 * ours - 90.93:+.1f}"]
+    assert row[3] == "random init" and row[4] == "224"
+    cnn = next(line for line in text.splitlines() if line.startswith("| **cnn** |")).split(" | ")
+    assert cnn[6:8] == ["-", "-"]
+    assert "Paper top-1: the published mean for `cub`" in text

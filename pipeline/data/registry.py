@@ -81,6 +81,17 @@ def lookup(name: str) -> DatasetInfo:
     return REGISTRY[key]
 
 
+def source_dataset(acquire) -> str | None:
+    """The registry key of the data an `acquire` section (pipeline.config.AcquireParams) imports, where it names one:
+    acquire.csv.dataset for the csv source, daf / dafb for the DAF:re release's faces/ / fullMin256/; else None.
+    GLSim's default top-k and the report's papers' numbers depend on it."""
+    if acquire.source == "csv" and acquire.csv.dataset:
+        return lookup(acquire.csv.dataset).key
+    if acquire.source == "dafre":
+        return "daf" if acquire.dafre.images == "faces" else "dafb"
+    return None
+
+
 def _size_notes(info: DatasetInfo, df: pl.DataFrame) -> list[str]:
     """Differences in split sizes, where the frame carries its source's split and the entry gives sizes.
 

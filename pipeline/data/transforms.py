@@ -3,7 +3,8 @@
 `train.augment` picks the training pipeline:
 - rrc: RandomResizedCrop + optional flip + colour jitter (the emoji default: artists differ in colour and line).
 - weak: GLSim/ILA "weakaugs": resize to a square of int(img_size * resize_ratio), random crop, horizontal flip.
-- med: GLSim "medaugs": weak + a TrivialAugmentWide-style op + random erasing (p 0.3, after normalisation).
+- med: GLSim "medaugs": weak + TrivialAugmentWide (torchvision's own, as the GLSim code uses it) + random erasing
+  (p 0.3, after normalisation).
 Evaluation mirrors it: weak/med resize to the same square and centre-crop (GLSim's test transform); rrc resizes the
 short side to img_size and centre-crops. The eval resize is stored in the checkpoint's data config, so the evaluate
 stage applies the one the model was trained with.
@@ -11,8 +12,11 @@ stage applies the one the model was trained with.
 
 from __future__ import annotations
 
+from typing import Any
+
 import albumentations as A
 import cv2
+import numpy as np
 from torch import nn
 
 from pipeline.config import TrainParams
@@ -56,40 +60,55 @@ def train_transform(cfg: TrainParams, dcfg: dict, seed: int) -> A.Compose:
         big = int(size * cfg.resize_ratio)
         ops = [A.Resize(big, big, interpolation=interp), A.RandomCrop(size, size), A.HorizontalFlip(p=cfg.hflip)]
         if cfg.augment == "med":
-            ops += [trivial_augment_wide(), *normalize,
+            ops += [TrivialAugmentWide(), *normalize,
                     A.Erasing(scale=(0.02, 0.4), ratio=(0.3, 3.3), fill=0, p=ERASE_PROB)]
         else:
             ops += normalize
     return A.Compose([*ops, A.ToTensorV2()], seed=seed)
 
 
-def trivial_augment_wide() -> A.OneOf:
-    """TrivialAugmentWide (Mueller & Hutter 2021; torchvision's op set and "wide" ranges) in albumentations.
+class TrivialAugmentWide(A.ImageOnlyTransform):
+    """torchvision's TrivialAugmentWide (Mueller & Hutter 2021), the op the GLSim code applies, inside albumentations.
 
-    TrivialAugment applies ONE op, picked uniformly, with a magnitude drawn uniformly from its range: exactly what
-    OneOf over equally weighted p=1 ops with ranges does. Ranges: shear +-0.99 (as an angle: atan(0.99) = 44.7 deg),
-    translate +-32 px at 224 px (as a fraction of the size), rotate +-135 deg, brightness/saturation/contrast factors
-    1 +- 0.99, posterize 2..8 bits, solarize at any threshold. Sharpness only sharpens here (albumentations has no
-    PIL-style sharpness factor below 1). Geometric ops fill with black, as torchvision's default.
+    Albumentations has no exact one: its Sharpen only sharpens (torchvision's sharpness factor runs 0.01 .. 1.99, so it
+    also blurs), and a translate given as a fraction of the size grows with the image (torchvision: at most 32 px at
+    any size). This runs torchvision's transform itself on the uint8 RGB image (as a PIL image, as in the GLSim code:
+    before ToTensor and normalisation). Its randomness (one op uniformly out of 14, one of 31 magnitude bins, a random
+    sign) comes from torch's generator, which is seeded here from albumentations' own generator and restored
+    afterwards: seeded pipelines stay reproducible and the global torch stream is left untouched.
     """
-    shear, move = 44.7, 32 / 224
-    ops = [
-        A.NoOp(p=1.0),
-        A.Affine(shear={"x": (-shear, shear), "y": (0, 0)}, p=1.0),
-        A.Affine(shear={"x": (0, 0), "y": (-shear, shear)}, p=1.0),
-        A.Affine(translate_percent={"x": (-move, move), "y": (0, 0)}, p=1.0),
-        A.Affine(translate_percent={"x": (0, 0), "y": (-move, move)}, p=1.0),
-        A.Affine(rotate=(-135, 135), p=1.0),
-        A.ColorJitter(brightness=(0.01, 1.99), contrast=(1, 1), saturation=(1, 1), hue=(0, 0), p=1.0),
-        A.ColorJitter(brightness=(1, 1), contrast=(1, 1), saturation=(0.01, 1.99), hue=(0, 0), p=1.0),
-        A.ColorJitter(brightness=(1, 1), contrast=(0.01, 1.99), saturation=(1, 1), hue=(0, 0), p=1.0),
-        A.Sharpen(alpha=(0.0, 0.99), lightness=(1.0, 1.0), p=1.0),
-        A.Posterize(num_bits=(2, 8), p=1.0),
-        A.Solarize(threshold_range=(0.0, 1.0), p=1.0),
-        A.AutoContrast(p=1.0),
-        A.Equalize(p=1.0),
-    ]
-    return A.OneOf(ops, p=1.0)
+
+    NUM_BINS = 31  # torchvision's default num_magnitude_bins
+
+    def __init__(self, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import TrivialAugmentWide as TorchTrivialAugmentWide
+
+        # torchvision's defaults, as the GLSim code calls it: nearest interpolation, black fill
+        self.op = TorchTrivialAugmentWide(num_magnitude_bins=self.NUM_BINS, interpolation=InterpolationMode.NEAREST)
+
+    def space(self) -> dict[str, tuple[float, float, bool]]:
+        """op -> (smallest, largest magnitude, signed): the op set and ranges the transform draws from."""
+        out = {}
+        for name, (mags, signed) in self.op._augmentation_space(self.NUM_BINS).items():
+            values = mags.reshape(-1).tolist()
+            out[name] = (float(min(values)), float(max(values)), bool(signed))
+        return out
+
+    def get_params(self) -> dict[str, Any]:
+        return {"torch_seed": int(self.random_generator.integers(0, 2**63 - 1))}
+
+    def apply(self, img: np.ndarray, torch_seed: int = 0, **params: Any) -> np.ndarray:
+        import torch
+        from PIL import Image
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch_seed)
+            return np.asarray(self.op(Image.fromarray(img)))
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ()
 
 
 def eval_transform(img_size: int, dcfg: dict) -> A.Compose:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__all__ = ["METHODS", "build_model", "load_checkpoint", "model_options", "save_checkpoint"]
+__all__ = ["METHODS", "build_model", "describe_weights", "load_checkpoint", "model_options", "save_checkpoint"]
 
 if TYPE_CHECKING:
-    from pipeline.models.factory import METHODS, build_model, load_checkpoint, model_options, save_checkpoint
+    from pipeline.models.factory import (METHODS, build_model, describe_weights, load_checkpoint, model_options,
+                                         save_checkpoint)
 
 
 def __getattr__(name: str):

@@ -15,10 +15,11 @@ from typing import Any
 
 import timm
 import torch
-from timm.layers import HybridEmbed
+from timm.layers import HybridEmbed, LayerNorm
 from torch import nn
 
 from pipeline.io import atomic_path
+from pipeline.models.blocks import block_type, constant_drop_path, output_dropout_only
 from pipeline.models.weights import (WeightsError, efficientnet_lite0_package_state_dict, load_backbone_weights,
                                      load_pretrained)
 
@@ -27,20 +28,32 @@ CHECKPOINT_FORMAT = "anime-fgvc-checkpoint/1"
 PACKAGE_CNN = "tf_efficientnet_lite0"  # the one architecture package:efficientnet_lite0 fits
 
 
-def model_options(cfg: Any) -> dict[str, Any]:
-    """The build_model keyword options held by a TrainParams (engine: build_model(..., **model_options(cfg)))."""
+def model_options(cfg: Any, dataset: str | None = None) -> dict[str, Any]:
+    """The build_model keyword options held by a TrainParams (engine: build_model(..., **model_options(cfg)));
+    dataset: the registry name of the data (pipeline/data/registry.source_dataset), for GLSim's default top-k."""
     return {"patch_size": cfg.patch_size, "backbone_cnn": cfg.backbone_cnn, "glsim_top_k": cfg.glsim_top_k,
-            "glsim_box": cfg.glsim_box, "ila_variant": cfg.ila_variant, "drop_path_rate": cfg.drop_path_rate}
+            "glsim_box": cfg.glsim_box, "ila_variant": cfg.ila_variant, "drop_path_rate": cfg.drop_path_rate,
+            "drop_path_rule": cfg.drop_path_rule, "proj_drop_rate": cfg.proj_drop_rate,
+            "layer_norm_eps": cfg.layer_norm_eps, "init": cfg.init, "dataset": dataset}
 
 
 def build_model(method: str, model_name: str, num_classes: int, weights: str = "none",
                 img_size: int | None = None, root: Path | None = None, *, patch_size: int | None = None,
                 backbone_cnn: str | None = None, glsim_top_k: int | None = None, glsim_box: str = "paper",
-                ila_variant: str = "ila", drop_path_rate: float = 0.0) -> nn.Module:
+                ila_variant: str = "ila", drop_path_rate: float = 0.0, drop_path_rule: str = "linear",
+                proj_drop_rate: float = 0.0, layer_norm_eps: float | None = None, init: str = "timm",
+                dataset: str | None = None) -> nn.Module:
     """Create a model with `num_classes` outputs; `model(x)` returns logits for every method.
 
-    drop_path_rate: stochastic depth, handed to timm.create_model (its per-block rule; a hybrid's CNN stays without).
-    It has no parameters and no effect in eval mode, so checkpoints do not record it.
+    drop_path_rate: stochastic depth, handed to timm.create_model; drop_path_rule "linear" is timm's rule (0 in the
+    first block up to the rate in the last), "constant" gives every ViT block the rate, as the GLSim/ILA code does
+    (timm's own Block with drop_path=rate, through timm's block_fn option). A hybrid's CNN stays without; GLSim's
+    aggregator block gets the rate under both rules. proj_drop_rate: timm's dropout on the attention projection and
+    the MLP output of every ViT block (the authors' hidden_dropout_prob; pipeline/models/blocks.py). Neither has
+    parameters nor any effect in eval mode, so checkpoints do not record them. layer_norm_eps: every LayerNorm of the
+    ViT (and GLSim's aggregator); it changes the outputs, so checkpoints record it. init: "paper" initialises the
+    layers GLSim and ILA add as the authors' code does (glsim.py, ila.py). dataset: a registry name; GLSim's default
+    top-k depends on it (16 for dogs), and the top-k it resolves to is recorded.
     weights: none (random init) | hub (timm/HF download, needs HF_HUB_OFFLINE=0 and a network) |
     hf-hub:ORG/NAME (a hub model from the local HF cache, offline too) | local-dir:PATH (a timm/HF model folder) |
     file:PATH (.safetensors, .pth/.bin with weights_only=True, or a Google ViT .npz) |
@@ -56,6 +69,11 @@ def build_model(method: str, model_name: str, num_classes: int, weights: str = "
     if (patch_size or backbone_cnn) and not vit_like:
         key = "patch_size" if patch_size else "backbone_cnn"
         raise ValueError(f"train.{key}: only applies to ViT models, not {method} {model_name!r}")
+    block_options = {"drop_path_rule": drop_path_rule != "linear", "proj_drop_rate": proj_drop_rate,
+                     "layer_norm_eps": layer_norm_eps is not None}
+    if not vit_like and any(block_options.values()):
+        key = next(k for k, v in block_options.items() if v)
+        raise ValueError(f"train.{key}: applies to the blocks of a timm ViT, not {method} {model_name!r}")
     kwargs: dict[str, Any] = {"num_classes": 0 if method == "glsim" else num_classes}
     if img_size is not None and vit_like:
         kwargs["img_size"] = img_size  # timm resamples the position embedding of pretrained weights
@@ -63,6 +81,12 @@ def build_model(method: str, model_name: str, num_classes: int, weights: str = "
         kwargs["patch_size"] = patch_size  # ... and the patch embedding kernel
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
+        if drop_path_rule == "constant":
+            kwargs["block_fn"] = partial(constant_drop_path, block_type(model_name), drop_path_rate)
+    if proj_drop_rate:
+        kwargs["proj_drop_rate"] = proj_drop_rate
+    if layer_norm_eps is not None:
+        kwargs["norm_layer"] = partial(LayerNorm, eps=layer_norm_eps)
     try:
         model = (_hybrid_vit(model_name, backbone_cnn, weights, root, patch_size, **kwargs) if backbone_cnn
                  else _create(model_name, weights, root, **kwargs))
@@ -72,24 +96,46 @@ def build_model(method: str, model_name: str, num_classes: int, weights: str = "
         raise ValueError(f"train.drop_path_rate: timm model {model_name!r} has no stochastic depth") from None
     if vit_like:
         _check_grid(model, img_size)
+        if proj_drop_rate:
+            output_dropout_only(model.blocks)
     if method == "glsim":
         from pipeline.models.glsim import GLSimViT
 
-        model = GLSimViT(model, num_classes, top_k=glsim_top_k, box=glsim_box)
+        model = GLSimViT(model, num_classes, top_k=glsim_top_k, box=glsim_box, drop_path=drop_path_rate,
+                         proj_drop=proj_drop_rate, init=init, dataset=dataset)
     elif method == "ila":
         from pipeline.models.ila import ILAViT
 
-        model = ILAViT(model, ila_variant)
+        model = ILAViT(model, ila_variant, init=init)
     elif method == "linear":
         freeze_backbone(model)
     # What load_checkpoint needs to rebuild the same architecture (the weights come from the checkpoint itself).
-    options: dict[str, Any] = {"patch_size": patch_size, "backbone_cnn": backbone_cnn}
+    options: dict[str, Any] = {"patch_size": patch_size, "backbone_cnn": backbone_cnn,
+                               "layer_norm_eps": layer_norm_eps}
     if method == "glsim":
-        options |= {"glsim_top_k": glsim_top_k, "glsim_box": glsim_box}
+        options |= {"glsim_top_k": model.top_k, "glsim_box": glsim_box}  # the resolved k: no dataset needed later
     elif method == "ila":
         options["ila_variant"] = ila_variant
     model.build_options = {k: v for k, v in options.items() if v is not None}
     return model
+
+
+def describe_weights(model_name: str, weights: str, backbone_cnn: str | None = None) -> str:
+    """Which pretrained weights a (model, train.weights) pair loads, for the report and the MLflow run: timm resolves a
+    bare hub name to its default tag (vit_base_patch16_224 -> .augreg2_in21k_ft_in1k, not the papers' orig_in21k)."""
+    if backbone_cnn:
+        return f"{describe_weights(backbone_cnn, weights)} for the {backbone_cnn} patch embedding; transformer random"
+    if weights == "none":
+        return "random init"
+    if weights.startswith("file:"):
+        return f"file {Path(weights.removeprefix('file:')).name}"
+    if weights == "hub":
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(model_name)
+        arch = model_name.split(".", 1)[0]
+        return f"hub {arch}.{cfg.tag}" if cfg is not None and cfg.tag else f"hub {model_name}"
+    return weights
 
 
 def _is_vit(model_name: str) -> bool:

@@ -22,7 +22,10 @@ from timm.layers import LayerNorm
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from pipeline.models.blocks import output_dropout_only
+
 BOX_RULES = ("paper", "corrected")
+INITS = ("timm", "paper")
 
 
 @dataclass
@@ -32,9 +35,24 @@ class GLSimOutput:
     boxes: torch.Tensor  # (B, 4) long: x0, y0, x1, y1 in input pixels (end exclusive)
 
 
-def default_top_k(img_size: int) -> int:
-    """8 at 224; the ILA repo's GLSim doubles it from 448 up (A.2, G.5)."""
-    return 16 if img_size >= 448 else 8
+TOP_K = 8  # the GLSim repo's `dynamic_top` argparse default (A.2)
+DOUBLE_TOP_K = ("dogs",)  # registry names for which both repos double it (Stanford Dogs)
+
+
+def default_top_k(dataset: str | None = None) -> int:
+    """The GLSim repo's rule (build_args.py): 8 at every image size, doubled for Stanford Dogs (16).
+
+    The ILA repo's GLSim re-implementation (fgir_vit build_args.py) also doubles it from img_size 448 up (16 at 448,
+    32 for Dogs at 448); set train.glsim_top_k to follow that one. Which rule the GLSim paper's 448 runs used is not
+    stated (reference-methods.md G.5); this follows the paper's own code.
+    """
+    return 2 * TOP_K if dataset in DOUBLE_TOP_K else TOP_K
+
+
+def paper_selection_flops(dim: int, n_patches: int) -> int:
+    """GLS selection cost as the GLSim paper counts it (Table 1; tools/calc_flops.py): one cosine similarity per patch,
+    (D numerator + 2 (D + 1) denominator + 1 division) * N. ViT-B/16: 452,172 = 0.45 MFLOPs at 224, 1.8 M at 448."""
+    return (dim + 2 * (dim + 1) + 1) * n_patches
 
 
 def gls_similarity(feats: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
@@ -104,7 +122,13 @@ def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int
 class GLSimViT(nn.Module):
     """Two passes of one timm ViT (full crop + GLS crop), an aggregator over the two CLS tokens, a zero-init head."""
 
-    def __init__(self, vit: VisionTransformer, num_classes: int, top_k: int | None = None, box: str = "paper") -> None:
+    def __init__(self, vit: VisionTransformer, num_classes: int, top_k: int | None = None, box: str = "paper", *,
+                 drop_path: float = 0.0, proj_drop: float = 0.0, init: str = "timm",
+                 dataset: str | None = None) -> None:
+        """drop_path / proj_drop: the aggregator block's stochastic depth and hidden dropout (the authors build it with
+        the encoder's sd and hidden_dropout_prob). init "paper": the authors' init_weights, Xavier-uniform weights and
+        N(0, 1e-6) biases for every Linear of the aggregator; "timm": the ViT's trunc-normal(0.02) and zero biases.
+        dataset: registry name for the default top-k (default_top_k)."""
         super().__init__()
         if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
             raise ValueError("train.model: glsim needs a timm VisionTransformer with a CLS token "
@@ -119,21 +143,28 @@ class GLSimViT(nn.Module):
         self.patch_px = (self.img_hw[0] // self.grid[0], self.img_hw[1] // self.grid[1])  # "patch_equivalent" (A.3)
         n_patches = self.grid[0] * self.grid[1]
         if top_k is None:
-            top_k = min(default_top_k(self.img_hw[0]), n_patches)
+            top_k = min(default_top_k(dataset), n_patches)
         elif top_k > n_patches:
             raise ValueError(f"train.glsim_top_k: {top_k} exceeds the {n_patches} patches at img_size "
                              f"{self.img_hw[0]}")
         self.top_k, self.box = top_k, box
         dim = vit.embed_dim
         first = vit.blocks[0]
-        self.aggregator = nn.Sequential(  # A.1 step 6: one encoder-type block (random init) + LayerNorm
-            Block(dim, num_heads=first.attn.num_heads, mlp_ratio=first.mlp.fc1.out_features / dim, qkv_bias=True,
-                  norm_layer=partial(LayerNorm, eps=1e-6)),
-            LayerNorm(dim, eps=1e-6))
+        if init not in INITS:
+            raise ValueError(f"train.init: unknown init {init!r}, expected one of {INITS}")
+        eps = getattr(first.norm1, "eps", 1e-6)  # the encoder's LayerNorm eps (train.layer_norm_eps)
+        block = Block(dim, num_heads=first.attn.num_heads, mlp_ratio=first.mlp.fc1.out_features / dim, qkv_bias=True,
+                      proj_drop=proj_drop, drop_path=drop_path, norm_layer=partial(LayerNorm, eps=eps))
+        output_dropout_only([block])
+        self.aggregator = nn.Sequential(block, LayerNorm(dim, eps=eps))  # A.1 step 6: one encoder-type block + LN
         for m in self.aggregator.modules():
-            if isinstance(m, nn.Linear):  # the ViT's own init convention for linear layers
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Linear):
+                if init == "paper":  # the authors' init_weights
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.normal_(m.bias, std=1e-6)
+                else:  # the ViT's own init convention for linear layers
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
         self.head = nn.Linear(dim, num_classes)
         nn.init.zeros_(self.head.weight)  # A.1 step 7: zero-initialised head
         nn.init.zeros_(self.head.bias)

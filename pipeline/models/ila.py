@@ -22,6 +22,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 VARIANTS = ("ila", "ila+", "ila++")
+INITS = ("timm", "paper")
 BOTTLENECK = 8  # r: adapter_dim of the reference code (C.2, C.3)
 DROP = 0.1  # hidden_dropout_prob of the reference, applied to the ILA and adapter branches (C.2, C.3)
 
@@ -145,10 +146,14 @@ def _param_ids(module: nn.Module) -> set[int]:
 class ILAViT(nn.Module):
     """A frozen timm VisionTransformer with ILAs (and, for ila++, parallel adapters); forward returns logits."""
 
-    def __init__(self, vit: VisionTransformer, variant: str = "ila") -> None:
+    def __init__(self, vit: VisionTransformer, variant: str = "ila", init: str = "timm") -> None:
+        """init "paper": the new layers as the authors' code leaves them (paper_init); "timm": as built here (Xavier
+        Linear weights with zero biases in the adapters, PyTorch's default convs, timm's head)."""
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"train.ila_variant: unknown variant {variant!r}, expected one of {VARIANTS}")
+        if init not in INITS:
+            raise ValueError(f"train.init: unknown init {init!r}, expected one of {INITS}")
         if not isinstance(vit, VisionTransformer) or vit.cls_token is None or vit.num_prefix_tokens != 1:
             raise ValueError("train.model: ila needs a timm VisionTransformer with exactly one CLS token and no "
                              "register tokens (e.g. vit_base_patch16_224)")
@@ -172,7 +177,23 @@ class ILAViT(nn.Module):
             elif variant == "ila+":
                 block = BlockWithILA(block, ILAdapter(dim, downsample=False))
             vit.blocks[i] = block
+        if init == "paper":
+            self.paper_init()
         self._freeze()
+
+    @torch.no_grad()
+    def paper_init(self) -> None:
+        """The authors' init of what ILA adds: ILAdapter.init_weights gives the 3x3 depthwise, 1x1 and CLS convs
+        Xavier-uniform weights (their biases keep PyTorch's default); then ViT.init_weights gives every Linear, the
+        adapters' and the head's, Xavier-uniform weights and N(0, 1e-6) biases. RSDS keeps its near-one init."""
+        adapters = [m for m in self.modules() if isinstance(m, (ILAdapter, BottleneckAdapter))]
+        for conv in (c for a in adapters if isinstance(a, ILAdapter) for c in (a.dwconv, a.pwconv, a.cls_conv)):
+            nn.init.xavier_uniform_(conv.weight)
+        head = self.vit.get_classifier()
+        linears = [lin for a in adapters for lin in (a.down, a.up)] + ([head] if isinstance(head, nn.Linear) else [])
+        for lin in linears:
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.normal_(lin.bias, std=1e-6)
 
     def _freeze(self) -> None:
         """C.1: train the head, the CLS token, the ILAs and the adapters only."""

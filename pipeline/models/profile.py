@@ -3,11 +3,14 @@
     python -m pipeline profile --model vit_base_patch16_224 --method ila --variant ila+ --img-size 224 \
         --num-classes 200 --json
 
-prints one JSON object with params_total, params_trainable, flops, tokens, selection_flops, img_per_s, peak_mem_mb.
-FLOPs are counted, not derived from formulas: torch.utils.flop_counter.FlopCounterMode around one forward at batch 1
-(eval mode, no gradients). It counts matmuls, convolutions and attention, one multiply-add = 2 FLOPs; elementwise ops
-(norms, activations, softmax, the crop's bilinear sampling) are not counted. `--device meta` counts parameters, FLOPs
-and tokens without running anything (no speed or memory).
+prints one JSON object with params_total, params_trainable, flops, macs, tokens, selection_flops,
+selection_flops_paper, img_per_s, peak_mem_mb. FLOPs are counted, not derived from formulas:
+torch.utils.flop_counter.FlopCounterMode around one forward at batch 1 (eval mode, no gradients). It counts matmuls,
+convolutions and attention, one multiply-add = 2 FLOPs; elementwise ops (norms, activations, softmax, the crop's
+bilinear sampling) are not counted. `macs` = flops / 2 is the unit of the papers' tables: their "FLOPs" are
+multiply-accumulates from torchprofile. `selection_flops_paper` is GLSim's selection by the paper's own formula,
+(D + 2(D + 1) + 1) * N (0.45 M for ViT-B/16 at 224, paper Table 1). `--device meta` counts parameters, FLOPs and
+tokens without running anything (no speed or memory).
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-FLOP_NOTE = "torch.utils.flop_counter, forward at batch 1; matmul/conv/attention only; multiply-add = 2 FLOPs"
+FLOP_NOTE = ("torch.utils.flop_counter, forward at batch 1; matmul/conv/attention only; multiply-add = 2 FLOPs; "
+             "macs = flops / 2 (the papers' 'FLOPs')")
+
+
+def macs(flops: int | float) -> int | float:
+    """Multiply-accumulates of a FLOP count from torch's counter, where every counted op is multiply-adds."""
+    return flops // 2 if isinstance(flops, int) else flops / 2
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -93,6 +102,15 @@ def encoder_tokens(model: nn.Module, x: torch.Tensor) -> tuple[list[int] | None,
     return [seen[i][0] for i in starts], len(seen[0])
 
 
+def selection_flops_paper(model: nn.Module) -> int | None:
+    """GLSim's selection cost by the paper's formula (glsim.paper_selection_flops) for this model's D and N."""
+    if not hasattr(model, "select"):
+        return None
+    from pipeline.models.glsim import paper_selection_flops
+
+    return paper_selection_flops(model.vit.embed_dim, model.grid[0] * model.grid[1])
+
+
 def selection_flops(model: nn.Module, x: torch.Tensor) -> int | None:
     """FLOPs of GLSim's selection alone (similarity + top-k + box), on real final-layer features of x."""
     if not hasattr(model, "select"):
@@ -150,7 +168,7 @@ def profile(method: str, model_name: str, img_size: int, num_classes: int, *, va
             **options: Any) -> dict[str, Any]:
     """Build (method, model_name) like training does and profile it; see the module docstring for the fields.
 
-    options: build_model keyword options (patch_size, backbone_cnn, glsim_top_k, glsim_box). variant: the ILA
+    options: build_model keyword options (patch_size, backbone_cnn, glsim_top_k, glsim_box, dataset). variant: the ILA
     variant (ila | ila+ | ila++). device "meta" counts without running (img_per_s and peak_mem_mb are None).
     """
     import torch
@@ -174,8 +192,10 @@ def profile(method: str, model_name: str, img_size: int, num_classes: int, *, va
         img_per_s, peak_mb = measure_throughput(model, img_size, batch_size, dev, warmup, iters)
     x = torch.randn(1, 3, img_size, img_size, device=dev)
     tokens, passes = encoder_tokens(model, x)
-    result |= {"flops": count_flops(model, x), "flops_counter": FLOP_NOTE, "tokens": tokens,
+    flops = count_flops(model, x)
+    result |= {"flops": flops, "macs": macs(flops), "flops_counter": FLOP_NOTE, "tokens": tokens,
                "encoder_passes": passes, "selection_flops": selection_flops(model, x),
+               "selection_flops_paper": selection_flops_paper(model),
                "img_per_s": None if img_per_s is None else round(img_per_s, 2),
                "peak_mem_mb": None if peak_mb is None else round(peak_mb, 1), "batch_size": batch_size}
     return result
@@ -196,6 +216,7 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--top-k", type=int, dest="glsim_top_k", help="as train.glsim_top_k")
     p.add_argument("--box", choices=("paper", "corrected"), default="paper", dest="glsim_box",
                    help="as train.glsim_box")
+    p.add_argument("--dataset", help="registry name of the data (glsim's default top-k doubles for dogs)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | meta (count only, no measurement)")
     p.add_argument("--batch-size", type=int, default=8, help="images per timed forward (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards first (default 2)")
@@ -218,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     options = {"patch_size": args.patch_size, "backbone_cnn": args.backbone_cnn}
     if args.method == "glsim":
-        options |= {"glsim_top_k": args.glsim_top_k, "glsim_box": args.glsim_box}
+        options |= {"glsim_top_k": args.glsim_top_k, "glsim_box": args.glsim_box, "dataset": args.dataset}
     result = profile(args.method, args.model, args.img_size, args.num_classes, variant=args.variant,
                      device=device, batch_size=args.batch_size, warmup=args.warmup, iters=args.iters,
                      weights=args.weights, **options)

@@ -15,8 +15,9 @@ import polars as pl
 from pipeline.config import Params
 from pipeline.data import manifest
 from pipeline.data.card import md_table, write_card
+from pipeline.data.registry import source_dataset
 from pipeline.io import write_text
-from pipeline.report import figures
+from pipeline.report import figures, papers
 from pipeline.report.results import VariantPaths, VariantResult, load_variant
 
 
@@ -56,6 +57,7 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
                                            figs / f"confused_{r.name}.png") for r in results}
 
     chance = results[0].test.get("chance_top1")
+    dataset = source_dataset(params.acquire)  # a registry name: the papers' numbers go beside ours
     md = [
         "# Fine-grained recognition report",
         "",
@@ -67,13 +69,14 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
         "",
         headline(results),
         "",
-        results_table(results, k),
+        results_table(results, k, dataset),
         "",
+        *([papers_note(dataset), ""] if papers.reports(dataset) else []),
         f"Chance top-1: {_pct(chance)}. GFLOPs: one image, forward pass, torch's FLOP counter (matmul, convolution "
-        "and attention; a multiply-add is 2 FLOPs). Tail: classes with fewer than "
-        f"{params.evaluate.tail_below} training images. Timings (training seconds, img/s) and run ids differ on "
-        "every run, so they are not in this versioned report: they are in MLflow, with a table of them "
-        "(`runtime.md`) in the `report` run's artifacts.",
+        "and attention; a multiply-add is 2 FLOPs); GMACs, half of it, is the papers' \"FLOPs\". Tail: classes "
+        f"with fewer than {params.evaluate.tail_below} training images. Timings (training seconds, img/s) and run "
+        "ids differ on every run, so they are not in this versioned report: they are in MLflow, with a table of "
+        "them (`runtime.md`) in the `report` run's artifacts.",
         "",
         "![accuracy vs GFLOPs](figures/accuracy_vs_gflops.png)",
         "",
@@ -126,17 +129,34 @@ def headline(results: list[VariantResult]) -> str:
     return ("; ".join(parts) + ".") if parts else "No test metrics yet."
 
 
-def results_table(results: list[VariantResult], k: int) -> str:
+def results_table(results: list[VariantResult], k: int, dataset: str | None = None) -> str:
+    """One row per variant; with a registry dataset the papers report (papers.py), their top-1 for the same method
+    and image size and ours minus theirs, in points."""
+    from pipeline.models import describe_weights
+
+    with_paper = papers.reports(dataset)
     rows = []
     for r in results:
         t, c = r.test, r.train_cfg
+        paper = papers.paper_top1(dataset, c) if with_paper else None
+        theirs = ([] if not with_paper else ["-", "-"] if paper is None else
+                  [f"{_pct(paper.top1)} ({paper.method}, {paper.source})",
+                   f"{100 * (t['test_top1'] - paper.top1):+.1f}"])
         rows.append([f"**{r.name}**", c["ila_variant"] if c["method"] == "ila" else c["method"],
-                     f"`{r.backbone}`", c["img_size"], _pct(t.get("test_top1")), _pct(t.get(f"test_top{k}")),
+                     f"`{r.backbone}`", describe_weights(c["model"], c.get("weights", "none"), c.get("backbone_cnn")),
+                     c["img_size"], _pct(t.get("test_top1")), *theirs, _pct(t.get(f"test_top{k}")),
                      _pct(t.get("test_macro_acc")), _pct(t.get("test_tail_acc")),
                      _millions(r.train.get("params_total"), 2), _millions(r.train.get("params_trainable"), 3),
-                     _num(3)(t.get("gflops"))])
-    return md_table(["variant", "method", "backbone", "image size", "top-1", f"top-{k}", "macro acc", "tail acc",
-                   "params", "trainable", "GFLOPs"], rows)
+                     _num(3)(t.get("gflops")), _num(3)(t.get("gmacs"))])
+    return md_table(["variant", "method", "backbone", "weights", "image size", "top-1",
+                     *(["paper top-1", "ours - paper (points)"] if with_paper else []), f"top-{k}", "macro acc",
+                     "tail acc", "params", "trainable", "GFLOPs", "GMACs"], rows)
+
+
+def papers_note(dataset: str) -> str:
+    return (f"Paper top-1: the published mean for `{dataset}` with the same method at the same image size (GLSim "
+            "Table 4 at 224 px, ILA Table 1 at 448 px; ViT-B/16 with the original ImageNet-21k weights; "
+            "`pipeline/report/papers/`); `-` where the papers have none.")
 
 
 def settings_table(results: list[VariantResult]) -> str:

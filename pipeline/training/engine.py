@@ -34,9 +34,10 @@ from torch.utils.data import DataLoader
 from pipeline.config import RECIPES, Params, TrainParams, flatten
 from pipeline.data import manifest
 from pipeline.data.dataset import STREAM_TORCH, EpochSampler, ManifestDataset, sample_seed
+from pipeline.data.registry import source_dataset
 from pipeline.data.transforms import data_config, eval_resize, eval_transform, train_transform
 from pipeline.io import atomic_path, md5_file, write_json, write_text
-from pipeline.models import build_model, model_options, save_checkpoint
+from pipeline.models import build_model, describe_weights, model_options, save_checkpoint
 from pipeline.models.profile import count_params
 from pipeline.progress import progress
 from pipeline.training import checkpoint, distributed
@@ -198,7 +199,7 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
         raise ValueError(f"{split_manifest}: the train split is empty")
 
     model = build_model(cfg.method, cfg.model, len(classes), cfg.weights, cfg.img_size, root=root,
-                        **model_options(cfg))
+                        **model_options(cfg, source_dataset(params.acquire)))
     dcfg = {**data_config(model), **eval_resize(cfg)}  # stored in the checkpoint: evaluate resizes the same way
     channels_last = use_channels_last(cfg.method, cfg.backbone_cnn)
     model = model.to(device)
@@ -263,7 +264,8 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
             mlflow.set_tags({"git_commit": tracking.git_commit(root), "split_manifest_md5": split_md5,
                              "device": str(device), "torch": torch.__version__, "timm": _timm_version(),
                              "stage": "train", "method": cfg.method, "model": cfg.model,
-                             "recipe": cfg.recipe or "none", "processes": str(d.world), **(tags or {})})
+                             "recipe": cfg.recipe or "none", "processes": str(d.world),
+                             "weights": describe_weights(cfg.model, cfg.weights, cfg.backbone_cnn), **(tags or {})})
             mlflow.log_params({"params_total": n_params, "params_trainable": n_trainable,
                                "num_classes": len(classes)})
         for epoch in range(start_epoch, cfg.epochs + 1):

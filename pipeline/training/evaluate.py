@@ -81,7 +81,7 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     metrics = {"test_top1": s["top1"], f"test_top{cfg.top_k}": s[f"top{cfg.top_k}"],
                "test_macro_acc": s["macro_acc"], "test_class_acc_std": s["class_acc_std"], "test_images": s["n"],
                "test_classes": int(test["class_id"].n_unique()), "chance_top1": 1.0 / len(classes),
-               "checkpoint_epoch": int(ckpt.get("epoch", 0)), "gflops": _gflops(model, spec["img_size"], device)}
+               "checkpoint_epoch": int(ckpt.get("epoch", 0))} | _cost(model, spec["img_size"], device)
     for g in GROUPS:  # a group without test classes is left out (JSON has no NaN), its class count is 0
         if g in by_group:
             metrics[f"test_{g}_acc"] = by_group[g]["acc"]
@@ -121,11 +121,13 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     return metrics
 
 
-def _gflops(model, img_size: int, device: torch.device) -> float:
-    """GFLOPs of one image (torch's FLOP counter, pipeline/models/profile.py)."""
-    from pipeline.models.profile import count_flops
+def _cost(model, img_size: int, device: torch.device) -> dict:
+    """GFLOPs of one image (torch's FLOP counter, pipeline/models/profile.py) and GMACs (half of it: the papers'
+    unit)."""
+    from pipeline.models.profile import count_flops, macs
 
-    return count_flops(model, torch.zeros(1, 3, img_size, img_size, device=device)) / 1e9
+    flops = count_flops(model, torch.zeros(1, 3, img_size, img_size, device=device))
+    return {"gflops": flops / 1e9, "gmacs": macs(flops) / 1e9}
 
 
 def forward_throughput(model, img_size: int, batch_size: int, device: torch.device, repeats: int = 3) -> float:
