@@ -61,8 +61,14 @@ def test_profile_command_prints_one_json_object(capsys):
                 "selection_flops_paper", "img_per_s", "peak_mem_mb"):
         assert key in out
     assert out["macs"] == out["flops"] // 2 and out["selection_flops_paper"] == (64 + 2 * 65 + 1) * 4
-    assert out["img_per_s"] > 0 and out["peak_mem_mb"] >= 0 and out["encoder_passes"] == 2
+    assert out["img_per_s"] > 0 and isinstance(out["peak_mem_mb"], float) and out["encoder_passes"] == 2
     assert out["tokens"] == [5, 5, 5] and 0 < out["selection_flops"] <= 1_000_000
+    # On the meta device nothing runs: the same counts, and no speed or memory figure at all.
+    assert main(["--model", "test_vit", "--method", "glsim", "--img-size", "32", "--num-classes", "3",
+                 "--device", "meta", "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["img_per_s"] is None and meta["peak_mem_mb"] is None
+    assert (meta["flops"], meta["params_total"], meta["tokens"]) == (out["flops"], out["params_total"], out["tokens"])
 
 
 def test_add_profile_parser_plugs_into_a_cli(capsys):
