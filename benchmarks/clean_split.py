@@ -39,6 +39,7 @@ DAFRE_ROWS, DAFRE_CLASSES = 463_437, 3_263
 class Planted:
     near: dict[str, str] = field(default_factory=dict)  # near-duplicate image_id -> the earlier image it copies
     exact: dict[str, str] = field(default_factory=dict)  # exact duplicate -> the earlier image with its md5
+    conflicts: dict[str, str] = field(default_factory=dict)  # the same md5 under another class -> the earlier image
     blank: list[str] = field(default_factory=list)  # rows sharing one hash (first one first)
     crowded: list[str] = field(default_factory=list)  # distinct hashes sharing band 0: one oversized bucket
     renamed_classes: int = 0  # classes with a second spelling of their name
@@ -93,16 +94,22 @@ def synthetic_manifest(n_rows: int, n_classes: int, hamming: int, seed: int = 0)
     pairs = rng.choice(free, size=(int(0.012 * n), 2), replace=False)
     sources, copies = pairs.min(axis=1), pairs.max(axis=1)
     n_exact = len(sources) // 6
-    for src, dup in zip(sources[:n_exact], copies[:n_exact]):
-        md5[dup], phash[dup] = md5[src], phash[src]
+    n_conflict = n_exact // 3
+    for src, dup in zip(sources[:n_exact], copies[:n_exact]):  # re-uploads into the same class
+        md5[dup], phash[dup], class_id[dup] = md5[src], phash[src], class_id[src]
         planted.exact[image_id[dup]] = image_id[src]
+    for src, dup in zip(sources[n_exact:n_exact + n_conflict], copies[n_exact:n_exact + n_conflict]):
+        class_id[dup] = (class_id[src] + 1) % n_classes  # the same bytes labelled as another class
+        md5[dup], phash[dup] = md5[src], phash[src]
+        planted.conflicts[image_id[dup]] = image_id[src]
     if hamming:
-        for src, dup in zip(sources[n_exact:], copies[n_exact:]):
+        for src, dup in zip(sources[n_exact + n_conflict:], copies[n_exact + n_conflict:]):
             phash[dup] = _flip_bits(rng, phash[src], hamming)
             planted.near[image_id[dup]] = image_id[src]
     names = np.array([f"character_{c:04d}" for c in range(n_classes)])[class_id]
     # Every 50th class has some rows spelt like a crawled tag ('Character 0049'): normalisation merges them.
     respelt = (class_id % 50 == 49) & (rng.random(n) < 0.3)
+    respelt[np.isin(image_id, list(planted.exact) + list(planted.conflicts))] = False  # keep the planted labels
     names[respelt] = np.char.add("Character ", np.char.zfill(class_id[respelt].astype(str), 4))
     planted.renamed_classes = int(np.unique(class_id[respelt]).size)
     df = pl.DataFrame({

@@ -153,6 +153,10 @@ def test_benchmark_finds_exact_duplicates_and_limits(bench) -> None:
     q = bench["quarantine"]
     dups = q.filter(pl.col("reason") == "duplicate")
     assert dict(zip(dups["image_id"], dups["duplicate_of"])) == bench["planted"].exact
+    # Issue 15: the same bytes under two classes quarantine both copies, never keep the first label silently.
+    conflicts = bench["planted"].conflicts
+    assert len(conflicts) > 10
+    assert set(q.filter(pl.col("reason") == "label_conflict")["image_id"]) == set(conflicts) | set(conflicts.values())
     counts = bench["counts"]
     assert counts["class_names_merged"] == bench["planted"].renamed_classes > 0
     sizes = bench["kept"].group_by("class_name").len()["len"]

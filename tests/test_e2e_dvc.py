@@ -137,7 +137,8 @@ def test_push_to_a_remote_and_pull_into_a_fresh_clone(repo, tmp_path):
     pushed = run_cmd(["dvc", "push", "acquire"], repo)
     assert pushed.returncode == 0, pushed.stderr
     assert any(remote.rglob("*")), "nothing reached the remote"
-    for cmd in (["git", "add", ".dvc/config", "dvc.lock"],
+    # metrics/params_check.txt: check_params' constant output, in git like the metrics (acquire depends on it)
+    for cmd in (["git", "add", ".dvc/config", "dvc.lock", "metrics/params_check.txt"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "remote"]):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
 
@@ -182,7 +183,7 @@ def test_push_to_s3_and_pull_into_a_fresh_clone(repo, tmp_path, monkeypatch):
         assert pushed.returncode == 0, pushed.stderr
         objects = s3.list_objects_v2(Bucket="dvc-store", Prefix="cache/").get("KeyCount", 0)
         assert objects > 0
-        for cmd in (["git", "add", "dvc.lock"],
+        for cmd in (["git", "add", "dvc.lock", "metrics/params_check.txt"],
                     ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "lock",
                      "--allow-empty"]):
             subprocess.run(cmd, cwd=repo, check=True, capture_output=True)

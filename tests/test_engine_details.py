@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import pytest
 import torch
@@ -20,6 +22,19 @@ def test_validation_reports_the_configured_top_k():
     assert set(row) == {"val_loss", "val_top1", "val_top3"}
     ranks = (model(x).argsort(1, descending=True)[:, :3] == y[:, None]).any(1).float().mean().item()
     assert row["val_top3"] == pytest.approx(ranks)
+
+
+@pytest.fixture(autouse=True)
+def _restore_tracking_env():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which later tests in this process would log to: put the
+    variable back as it was (monkeypatch.delenv of an absent variable restores nothing)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(None)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def test_a_vanished_run_starts_a_new_one(tmp_path):

@@ -341,13 +341,11 @@ def _optimization(model: nn.Module, cfg: TrainParams, updates_per_epoch: int):
     # timm counts warm-up in epochs and multiplies by updates_per_epoch for per-step schedules: a step count
     # becomes a fraction of an epoch.
     warmup = cfg.warmup_epochs if cfg.warmup_steps is None else cfg.warmup_steps / updates_per_epoch
-    # warmup_prefix: the cosine runs over the steps after the warm-up, from the peak lr down to min_lr at the last
-    # step (GLSim's WarmupCosine). timm's default runs it from step 0, so the warm-up would end below train.lr.
-    warmup = min(warmup, cfg.epochs - 1 / updates_per_epoch)  # at least one cosine step
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs - warmup,
-                                       warmup_epochs=warmup, warmup_lr=1e-6, min_lr=cfg.min_lr,
-                                       step_on_epochs=False, updates_per_epoch=updates_per_epoch,
-                                       warmup_prefix=True)
+    # timm's default (warmup_prefix=False), as the GLSim/ILA trainers use it: the cosine spans the whole run and the
+    # warm-up overlays its start, so the lr peaks a little below train.lr when the warm-up ends.
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=warmup,
+                                       warmup_lr=1e-6, min_lr=cfg.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=updates_per_epoch)
     return optimizer, scheduler
 
 
