@@ -92,6 +92,20 @@ def dafre_labels(tmp_path_factory) -> Path:
     return dest
 
 
+@pytest.fixture(autouse=True)
+def _tracking_env_stays_per_test():
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI (and tracking.setup marks its own export): restored after
+    every test, so that no in-process test sends a later one's runs to its store (or to a cwd-relative ./mlruns)."""
+    keys = ("MLFLOW_TRACKING_URI", "PIPELINE_MLFLOW_URI_SET")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 # --- the suite never writes into the repository (issue 15) ------------------------------------------------------------
 
 _CACHE_PARTS = ("__pycache__", ".pytest_cache")  # Python's own byte-code caches are not test output
