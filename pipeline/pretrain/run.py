@@ -60,6 +60,8 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="override base.threads (torch intra-op threads)")
     p.add_argument("--max-per-source", type=int, default=None, help="first N files/emoji per source (smoke runs)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing state in the work folder")
+    p.add_argument("--export-only", action="store_true",
+                   help="export the work folder's last state as it is (e.g. of a run still going), no training")
 
 
 def main(args, params: Params, root: Path) -> dict:
@@ -68,6 +70,13 @@ def main(args, params: Params, root: Path) -> dict:
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')}: must be at least 1, got {value}")
     work = Path(args.work) if args.work else root / params.base.data_root / "pretrain"
+    if args.export_only:
+        import torch
+
+        state = work / "last.pt"
+        if not state.is_file():
+            raise FileNotFoundError(f"--export-only: no distillation state {state}")
+        args.steps = int(torch.load(state, map_location="cpu", weights_only=True)["step"])
     summary = run_pretrain(params, root, Path(args.out), work, sources_dir=Path(args.sources) if args.sources else None,
                            steps=args.steps, threads=args.threads, max_per_source=args.max_per_source,
                            resume=not args.no_resume)
