@@ -400,7 +400,7 @@ class PretrainParams(_Section):
     exclude_categories: tuple[str, ...] = ("Smileys & Emotion", "People & Body")  # emoji categories never used
     exclude_dataset: str = "datasets/emoji"  # no code point of this dataset's index.csv enters the pool
     pool_px: PositiveInt = 112  # side of the white square every pool image is fitted onto (then cropped)
-    steps: PositiveInt = 3000  # optimiser steps (the loss curve and card report them)
+    steps: PositiveInt = 2200  # optimiser steps (the loss curve and card report them)
     batch_size: PositiveInt = 64  # images per step
     lr: Annotated[float, Field(gt=0)] = 1.0e-3  # AdamW peak learning rate
     weight_decay: Annotated[float, Field(ge=0)] = 0.05  # AdamW decoupled weight decay

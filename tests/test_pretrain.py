@@ -150,3 +150,54 @@ def test_committed_weights_match_their_card_and_run():
         t5 = set(teacher(x)[3].topk(5).indices[0].tolist())
         s5 = set(student(x).topk(5).indices[0].tolist())
     assert t5 & s5
+
+
+def _shapes_manifest(root: Path) -> pl.DataFrame:
+    """3 classes (a red disc, a green bar, a blue cross) drawn at jittered places: 4 train, 2 val, 2 test each."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for cls in range(3):
+        for i, split in enumerate(["train"] * 4 + ["val"] * 2 + ["test"] * 2):
+            im = Image.new("RGB", (48, 48), "white")
+            d = ImageDraw.Draw(im)
+            x, y = rng.integers(4, 16, 2)
+            if cls == 0:
+                d.ellipse([x, y, x + 26, y + 26], fill=(220, 30, 30))
+            elif cls == 1:
+                d.rectangle([x, y + 8, x + 30, y + 16], fill=(30, 180, 30))
+            else:
+                d.line([x, y, x + 26, y + 26], fill=(30, 30, 220), width=5)
+                d.line([x + 26, y, x, y + 26], fill=(30, 30, 220), width=5)
+            im.save(root / f"{cls}_{i}.png")
+            rows.append({"path": f"{cls}_{i}.png", "class_id": cls, "split": split})
+    return pl.DataFrame(rows)
+
+
+def test_linear_probe_separates_classes_on_frozen_teacher_features(tmp_path):
+    from pipeline.pretrain.probe import probe, teacher_model
+
+    torch.set_num_threads(1)
+    df = _shapes_manifest(tmp_path)
+    result = probe(teacher_model(), "cnn", df, tmp_path, 32)
+    assert result["dim"] == 1280 and result["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
+    assert result["test_top1"] > 50.0  # chance is 33 %
+    with pytest.raises(ValueError, match="train, val and test"):
+        probe(teacher_model(), "cnn", df.filter(pl.col("split") != "val"), tmp_path, 32)
+
+
+def test_a_larger_budget_continues_the_state_and_the_card_says_so(tmp_path):
+    from pipeline.pretrain.distill import export
+
+    torch.set_num_threads(1)
+    cfg = PretrainParams(**{**TINY, "sources": ("openclipart",)})
+    images = np.random.default_rng(4).integers(0, 255, (6, 40, 40, 3), dtype=np.uint8)
+    paths = DistillPaths(tmp_path / "w", tmp_path / "out/v.safetensors")
+    distill(cfg, images, paths, seed=0, device=torch.device("cpu"), steps=2)
+    result = distill(cfg, images, paths, seed=0, device=torch.device("cpu"), steps=4)
+    assert result["budgets"] == [[0, 2], [2, 4]] and [r["step"] for r in result["history"]] == [1, 2, 3, 4]
+    rows = [{"group": "openclipart", "source": "s", "licence": "l", "images": 6}]
+    summary = export(result, cfg, rows, paths, seed=0, device="cpu")
+    assert summary["steps"] == 4
+    assert "Step budget changed while resuming: 2 steps from step 0; 4 steps from step 2" in paths.card.read_text()

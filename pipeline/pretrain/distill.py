@@ -263,7 +263,7 @@ def distill(cfg, images: np.ndarray, paths: DistillPaths, *, seed: int, device: 
                                   warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
     fingerprint = _fingerprint(cfg, len(images))
     state_file = paths.work_dir / "last.pt"
-    start, history, seconds = 0, [], 0.0
+    start, history, seconds, budgets = 0, [], 0.0, [[0, steps]]
     if resume and state_file.is_file():
         state = torch.load(state_file, map_location="cpu", weights_only=True)
         if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
@@ -273,6 +273,10 @@ def distill(cfg, images: np.ndarray, paths: DistillPaths, *, seed: int, device: 
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         start, history, seconds = int(state["step"]), list(state["history"]), float(state["seconds"])
+        # A resumed run may get another step budget: the cosine schedule changes from there on, and the card says so.
+        budgets = [list(b) for b in state.get("budgets", [[0, steps]])]
+        if budgets[-1][1] != steps and start < steps:  # (an export of the state as it is changes nothing)
+            budgets.append([start, steps])
         log.info("pretrain: resumed at step %d of %d", start, steps)
     batches = StepBatches(images, cfg.batch_size, seed, augmentation(cfg, seed), cfg.mixup)
     weights = {"tokens": cfg.w_tokens, "deep": cfg.w_deep, "cls": cfg.w_cls, "logits": cfg.w_logits}
@@ -303,19 +307,19 @@ def distill(cfg, images: np.ndarray, paths: DistillPaths, *, seed: int, device: 
             bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
         if done % cfg.checkpoint_every == 0 or done == steps:
             _save_state(state_file, student, heads, optimizer, done, history,
-                        seconds + time.perf_counter() - t0, fingerprint)
+                        seconds + time.perf_counter() - t0, fingerprint, budgets)
             write_curve(paths.curve_csv, history)
     seconds += time.perf_counter() - t0
     return {"steps": steps, "seconds": seconds, "history": history, "student": student.eval(),
-            "grid": [h, w], "patch_size": patch, "teacher_stage_channels": teacher.channels}
+            "grid": [h, w], "patch_size": patch, "teacher_stage_channels": teacher.channels, "budgets": budgets}
 
 
 def _save_state(path: Path, student, heads, optimizer, step: int, history: list, seconds: float,
-                fingerprint: dict) -> None:
+                fingerprint: dict, budgets: list) -> None:
     with atomic_path(path) as tmp:
         torch.save({"format": CHECKPOINT_FORMAT, "step": step, "student": student.state_dict(),
                     "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
-                    "seconds": seconds, "fingerprint": fingerprint}, tmp)
+                    "seconds": seconds, "fingerprint": fingerprint, "budgets": budgets}, tmp)
 
 
 def write_curve(path: Path, history: list[dict]) -> None:
@@ -378,7 +382,8 @@ def export(result: dict, cfg, pool_rows: list[dict], paths: DistillPaths, *, see
     last = result["history"][-1] if result["history"] else {}
     summary = {"weights": paths.weights.name, "sha256": digest, "student": cfg.student, "img_size": cfg.img_size,
                "patch_size": result["patch_size"], "grid": result["grid"], "teacher": cfg.teacher,
-               "steps": result["steps"], "batch_size": cfg.batch_size, "seconds": round(result["seconds"], 1),
+               "steps": result["steps"], "budgets": result["budgets"], "batch_size": cfg.batch_size,
+               "seconds": round(result["seconds"], 1),
                "device": device, "seed": seed, "images": sum(r["images"] for r in pool_rows),
                "params": sum(p.numel() for p in student.parameters()),
                "final_loss": {k: round(last[k], 4) for k in ("loss", "tokens", "deep", "cls", "logits") if k in last}}
@@ -390,6 +395,10 @@ def export(result: dict, cfg, pool_rows: list[dict], paths: DistillPaths, *, see
 def model_card(summary: dict, cfg, pool_rows: list[dict], paths: DistillPaths) -> str:
     rows = "\n".join(f"| {r['group']} | {r['images']} | {r['source']} | {r['licence']} |" for r in pool_rows)
     loss = ", ".join(f"{k} {v}" for k, v in summary["final_loss"].items())
+    budgets = summary["budgets"]
+    budget_note = "" if len(budgets) == 1 else (
+        "\n- Step budget changed while resuming: " + "; ".join(f"{n} steps from step {s}" for s, n in budgets)
+        + " (the cosine schedule follows the budget of the moment: see the lr column of the loss csv).")
     return f"""# {paths.weights.stem}
 
 A timm `{summary['student']}` (img_size {summary['img_size']}, patch {summary['patch_size']}, a \
@@ -405,7 +414,7 @@ licence-clean images, by `python -m pipeline pretrain` (pipeline/pretrain/distil
   ({cfg.w_logits}); same augmented view for both networks, mixup on {cfg.mixup:.0%} of the batches.
 - Training: {summary['steps']} steps x batch {summary['batch_size']} = {summary['steps'] * summary['batch_size']:,} \
 views, AdamW lr {cfg.lr} (cosine, {cfg.warmup_steps} warm-up steps), {cfg.precision}, seed {summary['seed']},
-  {summary['seconds'] / 60:.1f} min on {summary['device']}.
+  {summary['seconds'] / 60:.1f} min on {summary['device']}.{budget_note}
 - Final losses (mean of the last {cfg.log_every} steps): {loss}
 - Loss curve: [{paths.curve_csv.name}]({paths.curve_csv.name}), ![loss]({paths.curve_png.name})
 
