@@ -55,6 +55,33 @@ def _add_acquire_parsers(sub) -> None:
         sp.set_defaults(fn=_acquire, section_from_cli=getattr(mod, f"section_from_cli{suffix}"))
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from pipeline.pretrain import run
+
+    run.main(args, load_params(args.params), Path(args.params).resolve().parent)
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from pipeline.pretrain import probe
+
+    probe.main(args, load_params(args.params), Path(args.params).resolve().parent)
+    return 0
+
+
+def _add_pretrain_parsers(sub) -> None:
+    from pipeline.pretrain import probe, run  # light: torch is imported when the command runs
+
+    p = sub.add_parser("pretrain", help="distil the offline Lite0 into a ViT (params section pretrain)")
+    p.add_argument("--params", default="params.yaml")
+    run.add_arguments(p)
+    p.set_defaults(fn=_pretrain)
+    p = sub.add_parser("probe", help="frozen-feature linear probe on the embedded split: weights vs the teacher")
+    p.add_argument("--params", default="params.yaml")
+    probe.add_arguments(p)
+    p.set_defaults(fn=_probe)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.inference.predict import add_predict_parser  # light: torch is imported when the command runs
 
     add_predict_parser(sub)
+    _add_pretrain_parsers(sub)
 
     from pipeline.gpu_check import add_gpu_check_parser  # light: torch is imported when the command runs
 

@@ -440,6 +440,38 @@ def pin_paper_weights(train: dict) -> dict:
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # used in paths, DVC stage names and `-S variants.<name>.*`
 
 
+class PretrainParams(_Section):
+    """`python -m pipeline pretrain` / the pretrain stage: distil the offline CNN into a ViT (pipeline/pretrain)."""
+
+    teacher: Literal["tf_efficientnet_lite0"] = "tf_efficientnet_lite0"  # the CNN with offline ImageNet weights
+    student: str = "vit_tiny_patch16_224"  # timm ViT name (one CLS token); built at img_size with a 1000-way head
+    patch_size: PositiveInt | None = None  # null: from the name; tokens regress the teacher map at this stride
+    img_size: PositiveInt = 96  # distillation resolution (the train default, so GLSim's grid is the same)
+    min_grid: PositiveInt = 6  # smallest token grid side accepted (GLSim needs room to crop)
+    sources: tuple[Literal["openclipart", "emoji"], ...] = ("openclipart", "emoji")  # unlabeled image groups
+    sources_dir: str = "pretrain_sources"  # under base.data_root; filled by tools/fetch_pretrain_sources.sh
+    exclude_categories: tuple[str, ...] = ("Smileys & Emotion", "People & Body")  # emoji categories never used
+    exclude_dataset: str = "datasets/emoji"  # no code point of this dataset's index.csv enters the pool
+    pool_px: PositiveInt = 112  # side of the white square every pool image is fitted onto (then cropped)
+    steps: PositiveInt = 2200  # optimiser steps (the loss curve and card report them)
+    batch_size: PositiveInt = 64  # images per step
+    lr: Annotated[float, Field(gt=0)] = 1.0e-3  # AdamW peak learning rate
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05  # AdamW decoupled weight decay
+    warmup_steps: NonNegInt = 150  # linear warm-up before the cosine decay
+    min_lr: Annotated[float, Field(ge=0)] = 1.0e-5  # floor of the cosine schedule
+    scale_min: Annotated[float, Field(gt=0, le=1)] = 0.25  # RandomResizedCrop lower area bound (heavy)
+    mixup: Fraction = 0.5  # share of batches mixed with their reverse (both networks see the mix)
+    w_tokens: Annotated[float, Field(ge=0)] = 1.0  # weight: patch tokens -> teacher map at the patch stride
+    w_deep: Annotated[float, Field(ge=0)] = 1.0  # weight: pooled patch tokens -> teacher head map
+    w_cls: Annotated[float, Field(ge=0)] = 1.0  # weight: CLS -> teacher pooled head features
+    w_logits: Annotated[float, Field(ge=0)] = 1.0  # weight: KL to the teacher's ImageNet logits
+    temperature: Annotated[float, Field(gt=0)] = 1.0  # logits KD temperature
+    precision: Literal["fp32", "bf16"] = "bf16"  # autocast dtype of both forwards (bf16: 2.4x faster steps on this CPU)
+    checkpoint_every: PositiveInt = 50  # steps between atomic resumable states (work folder last.pt)
+    log_every: PositiveInt = 10  # steps averaged into one loss-curve row
+    name: str = "vit_tiny_distilled"  # weights/<name>.safetensors, .md (card), .provenance.csv, .loss.csv/.png
+
+
 def variant_train(train: TrainParams, overrides: dict) -> dict:
     """The train keys of one variant: `train` (already tuned, if tune.apply), then the variant's recipe, if it names
     one, then its own keys. Unlike train.recipe (which fills only keys params.yaml leaves out), a variant's recipe
@@ -463,6 +495,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     report: ReportParams = ReportParams()
     tune: TuneParams = TuneParams()  # after train: its values are checked against the train section
+    pretrain: PretrainParams = PretrainParams()
 
     @field_validator("variants")
     @classmethod

@@ -38,13 +38,17 @@ TINY_TRAIN = {"img_size": 32, "epochs": 2, "batch_size": 16, "warmup_epochs": 0}
 
 
 def shrink(params: dict) -> dict:
-    """The tiny training settings, for the train section and every variant (hybrid ViTs take the CNN's stride-4
-    stage: at 32 px that is an 8x8 token grid, enough for ILA's two down-sampling steps)."""
+    """The tiny training settings, for the train section and every variant. ViTs get an 8x8 token grid at 32 px,
+    enough for ILA's two down-sampling steps: hybrids take the CNN's stride-4 stage, the distilled ViT's patch
+    embedding is resampled to patch 4 by timm. Relative weight files point into this repository."""
     params["base"]["device"] = "cpu"
     params["train"].update(TINY_TRAIN)
     for overrides in params.get("variants", {}).values():
-        if overrides.get("backbone_cnn"):
+        if overrides.get("backbone_cnn") or overrides.get("method") in ("vit", "glsim", "ila"):
             overrides["patch_size"] = 4
+        weights = overrides.get("weights", "")
+        if weights.startswith("file:") and not Path(weights.removeprefix("file:")).is_absolute():
+            overrides["weights"] = f"file:{REPO / weights.removeprefix('file:')}"
     return params
 
 

@@ -348,13 +348,14 @@ def test_check_params_cli(tmp_path: Path) -> None:
 
 def test_variant_overrides_only_its_keys(tmp_path):
     params = load_params(params_with(tmp_path, {}))
-    assert list(params.variants) == ["cnn", "glsim", "ila"]
+    assert list(params.variants) == ["cnn", "vit", "glsim", "ila"]
     cnn, glsim = params.with_variant("cnn"), params.with_variant("glsim")
     assert cnn.train == params.train  # {}: the train section as written
-    assert (glsim.train.method, glsim.train.model, glsim.train.backbone_cnn) == ("glsim", "test_vit",
-                                                                                 "tf_efficientnet_lite0")
-    assert glsim.train.model_copy(update={"method": "cnn", "model": params.train.model, "backbone_cnn": None}) \
-        == params.train
+    distilled = "file:weights/vit_tiny_distilled.safetensors"
+    assert (glsim.train.method, glsim.train.model, glsim.train.weights) == ("glsim", "vit_tiny_patch16_224",
+                                                                            distilled)
+    assert glsim.train.model_copy(update={"method": "cnn", "model": params.train.model,
+                                          "weights": params.train.weights}) == params.train
 
 
 def test_variant_recipe_replaces_train_values_and_its_own_keys_win(tmp_path):
@@ -368,5 +369,5 @@ def test_variant_recipe_replaces_train_values_and_its_own_keys_win(tmp_path):
 
 
 def test_unknown_variant_is_named(tmp_path):
-    with pytest.raises(ParamsError, match=r"variants.vit: no such variant .*have cnn, glsim, ila"):
-        load_params(params_with(tmp_path, {})).with_variant("vit")
+    with pytest.raises(ParamsError, match=r"variants.vit-b: no such variant .*have cnn, vit, glsim, ila"):
+        load_params(params_with(tmp_path, {})).with_variant("vit-b")

@@ -86,7 +86,7 @@ def test_repro_produces_every_stage_output(repo):
                 "reports/report.md", "reports/figures/training_curves.png", "dvc.lock", "mlflow/mlflow.db"):
         assert (repo / out).is_file(), out
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    variants = ("cnn", "glsim", "ila")
+    variants = ("cnn", "vit", "glsim", "ila")
     assert set(lock["stages"]) == {"check_params", "acquire", "faces", "clean", "split", "tune", "report",
                                    *(f"{stage}@{v}" for stage in ("train", "evaluate") for v in variants)}
     for v in variants:
@@ -118,14 +118,14 @@ def test_training_knob_does_not_invalidate_acquisition(repo):
         params["train"]["lr"] = 0.5
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         changed = set(json.loads(run_cmd(["dvc", "status", "--json"], repo).stdout))
-        assert {"train@cnn", "train@glsim", "train@ila"} <= changed
+        assert {"train@cnn", "train@vit", "train@glsim", "train@ila"} <= changed
         assert not changed & {"acquire", "faces", "clean", "split"}
         # A variant's own key changes that variant only.
         params = yaml.safe_load(original)
         params["variants"]["glsim"]["lr"] = 0.5
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         changed = set(json.loads(run_cmd(["dvc", "status", "--json"], repo).stdout))
-        assert "train@glsim" in changed and not changed & {"train@cnn", "train@ila", "tune"}
+        assert "train@glsim" in changed and not changed & {"train@cnn", "train@vit", "train@ila", "tune"}
     finally:
         params_file.write_text(original)
 

@@ -14,15 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tools.build_emoji import (
-    INDEX_COLUMNS,
-    STYLES,
-    fit_to_canvas,
-    index_csv_bytes,
-    index_rows,
-    png_bytes,
-    single_codepoint,
-)
+from pipeline.data.emoji_sources import INDEX_COLUMNS, STYLES, fit_to_canvas, png_bytes, single_codepoint
+from tools.build_emoji import index_csv_bytes, index_rows
 
 DATASET = Path(__file__).resolve().parents[1] / "datasets" / "emoji"
 EXPECTED_HEADER = ["file", "codepoint", "class_name", "category", "subcategory", "style"]
@@ -114,7 +107,7 @@ def test_licences_and_attribution_shipped() -> None:
 
 
 # --------------------------------------------------------------------------- #
-# Pure helpers of tools/build_emoji.py on synthetic input
+# Pure helpers of tools/build_emoji.py and pipeline/data/emoji_sources.py on synthetic input
 # --------------------------------------------------------------------------- #
 
 
@@ -173,7 +166,7 @@ def test_png_bytes_is_deterministic_and_has_no_metadata() -> None:
 
 
 def test_index_csv_layout() -> None:
-    from tools.build_emoji import EmojiInfo
+    from pipeline.data.emoji_sources import EmojiInfo
 
     infos = [
         EmojiInfo(0x1F600, "grinning face", "Smileys & Emotion", "face-smiling", "1f600.png"),

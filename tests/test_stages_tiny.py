@@ -40,7 +40,7 @@ def project(tmp_path_factory, tiny_emoji) -> dict:
     for name, counts in (("clean", clean_counts), ("split", split_counts)):
         (root / "metrics").mkdir(exist_ok=True)
         (root / "metrics" / f"{name}.json").write_text(json.dumps(counts))
-    # Every variant of the repo's params.yaml (cnn, glsim, ila), at the tiny size, laid out as dvc.yaml does.
+    # Every variant of the repo's params.yaml (cnn, vit, glsim, ila), at the tiny size, laid out as dvc.yaml does.
     inputs = ReportInputs(split_file, cleaned, root / "models", root / "metrics", root / "plots")
     summaries, evals = {}, {}
     for name in params.variants:
@@ -131,7 +131,7 @@ def test_variants_train_what_they_override(project):
                                 project["root"] / "plots")
         _, ckpt = load_checkpoint(paths.model_dir / "model.pt")
         assert ckpt["model_spec"]["method"] == method and ckpt["model_spec"]["img_size"] == 32
-        assert ckpt["model_spec"]["options"]["backbone_cnn"] == "tf_efficientnet_lite0"
+        assert ckpt["model_spec"]["options"]["patch_size"] == 4  # the distilled ViT, its patch embedding resampled
     s = project["summaries"]
     assert s["glsim"]["params_trainable"] == s["glsim"]["params_total"]  # GLSim fine-tunes everything
     assert s["ila"]["params_trainable"] < s["ila"]["params_total"] / 10  # ILA: adapters, CLS token and head only
@@ -155,21 +155,22 @@ def test_report_compares_every_variant_with_valid_pngs(project):
     root = project["root"]
     text = project["report"].read_text()
     header = next(line for line in text.splitlines() if line.startswith("| variant | method |"))
-    for name in ("cnn", "glsim", "ila"):
+    for name in ("cnn", "vit", "glsim", "ila"):
         row = next(line for line in text.splitlines() if line.startswith(f"| **{name}** |"))
         assert row.count(" | ") == header.count(" | ")  # one cell per column of the header
     for col in ("backbone", "weights", "image size", "top-1", "top-5", "macro acc", "tail acc", "params",
                 "trainable", "GFLOPs", "GMACs"):
         assert f"| {col} |" in header
     assert "paper top-1" not in header  # the emoji are in no paper
-    assert "| package:efficientnet_lite0 for the tf_efficientnet_lite0 patch embedding; transformer random |" in text
+    assert "| package:efficientnet_lite0 |" in text  # which weights each variant started from
+    assert text.count("| file vit_tiny_distilled.safetensors |") == 3  # vit, glsim and ila: the same distilled ViT
     headers = [line for line in text.splitlines() if line.startswith("| variant |")]
     for timing in ("img/s", "MLflow run", "training time"):  # they differ every run: MLflow, not the report
         assert not any(timing in h for h in headers)
     figures = sorted(p.name for p in (root / "reports/figures").glob("*.png"))
     assert {"accuracy_vs_gflops.png", "training_curves.png", "per_class_vs_frequency.png", "glsim_glsim.png",
             "dataset.png", "samples.png"} <= set(figures)
-    assert "glsim_cnn.png" not in figures and "glsim_ila.png" not in figures
+    assert not {"glsim_cnn.png", "glsim_vit.png", "glsim_ila.png"} & set(figures)
     assert "## Dataset card" in text  # the split stage's card is the report's data section
     for name in figures:
         assert f"figures/{name}" in text
@@ -180,10 +181,10 @@ def test_report_compares_every_variant_with_valid_pngs(project):
 
 def test_report_names_the_missing_output_of_a_variant(project, tmp_path):
     params = project["params"]
-    more = params.model_copy(update={"variants": {**params.variants, "vit": {}}})
+    more = params.model_copy(update={"variants": {**params.variants, "vit-b": {}}})
     inputs = ReportInputs(project["split_file"], project["cleaned"], project["root"] / "models",
                           project["root"] / "metrics", project["root"] / "plots")
-    with pytest.raises(FileNotFoundError, match=r"variant 'vit' has no .*models/vit/config.yaml.*evaluate@vit"):
+    with pytest.raises(FileNotFoundError, match=r"variant 'vit-b' has no .*models/vit-b/config.yaml.*evaluate@vit-b"):
         build_report(more, inputs, tmp_path / "reports")
 
 
@@ -199,7 +200,7 @@ def test_report_run_in_mlflow_links_the_runs_it_compares(project):
     assert client.get_experiment(run.info.experiment_id).name == project["params"].base.experiment
     assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(root / "mlflow")
     runtime = client.download_artifacts(run_id, "report/runtime.md", str(root / "dl"))
-    for name in ("cnn", "glsim", "ila"):
+    for name in ("cnn", "vit", "glsim", "ila"):
         tr = train_run(root / "mlflow/mlflow.db", root / "models" / name / "model.pt")
         assert run.data.tags[f"run.{name}"] == tr.info.run_id
         assert tr.info.run_id in Path(runtime).read_text()
