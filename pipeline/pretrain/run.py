@@ -81,5 +81,6 @@ def main(args, params: Params, root: Path) -> dict:
                            steps=args.steps, threads=args.threads, max_per_source=args.max_per_source,
                            resume=not args.no_resume)
     print(f"pretrain: {summary['steps']} steps in {summary['seconds'] / 60:.1f} min, final loss "
-          f"{summary['final_loss'].get('loss')} -> {Path(args.out) / summary['weights']} (sha256 {summary['sha256'][:12]})")
+          f"{summary['final_loss'].get('loss')} -> {Path(args.out) / summary['weights']} "
+          f"(sha256 {summary['sha256'][:12]})")
     return summary
