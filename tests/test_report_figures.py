@@ -11,14 +11,14 @@ import pytest
 from PIL import Image
 
 from pipeline.report import figures
-from pipeline.report.build import headline, results_table, settings_table, to_html
+from pipeline.report.build import claims, headline, results_table, settings_table, to_html
 from pipeline.report.results import VariantResult
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_result(name: str, seed: int, method: str = "cnn", trainable: int = 1000, gflops: float = 0.1,
-                counts: np.ndarray | None = None) -> VariantResult:
+                counts: np.ndarray | None = None, top1: float | None = None) -> VariantResult:
     rng = np.random.default_rng(seed)
     counts = np.geomspace(1, 500, 60).astype(int) if counts is None else counts
     acc = np.clip(np.log(counts) / np.log(500) + rng.normal(0, 0.1, len(counts)), 0, 1)
@@ -31,7 +31,7 @@ def fake_result(name: str, seed: int, method: str = "cnn", trainable: int = 1000
     return VariantResult(
         name=name, train_cfg=cfg, model_file=Path(f"models/{name}/model.pt"),
         train={"params_total": 10 * trainable, "params_trainable": trainable, "best_epoch": 3, "best_val_top1": 0.35},
-        test={"test_top1": float(acc.mean()), "test_top5": 0.9, "test_macro_acc": float(acc.mean()), "gflops": gflops},
+        test={"test_top1": float(acc.mean()) if top1 is None else top1, "test_top5": 0.9, "test_macro_acc": float(acc.mean()), "gflops": gflops},
         history=history, per_class=per_class,
         predictions=pl.DataFrame({"image_id": ["1"], "actual": ["c0"], "predicted": ["c0"], "confidence": [0.9]}),
         confused_pairs=pl.DataFrame(schema={"actual": pl.String, "predicted": pl.String, "count": pl.Int64,
@@ -120,3 +120,16 @@ def test_results_table_sets_the_papers_top1_beside_ours_for_a_dataset_they_repor
     assert "| 60.0 % | 55.4 % (ILA++, ILA Table 1) | +4.6 |" in results_table([ila], 5, "cotton")
     for dataset in (None, "daf", "cars"):  # not a registry name, or one the papers do not report
         assert "paper top-1" not in results_table([glsim, ila], 5, dataset)
+
+
+def test_claims_compare_glsim_and_ila_with_the_vit_on_the_same_weights():
+    vit = fake_result("vit", 0, "vit", trainable=5_000_000, gflops=0.4, top1=0.30)
+    glsim = fake_result("glsim", 1, "glsim", trainable=5_400_000, gflops=0.8, top1=0.28)
+    ila = fake_result("ila", 2, "ila", trainable=50_000, gflops=0.3, top1=0.27)
+    ila.train["params_total"] = 50_000_000  # a frozen backbone: 0.1 % trainable
+    text = "\n".join(claims([fake_result("cnn", 3), vit, glsim, ila]))
+    assert "**glsim** vs **vit**: top-1 28.0 % vs 30.0 % (-2.0 points) at 2.00x the GFLOPs" in text
+    assert "GLSim paper's claim (better than its ViT, at about 2x the FLOPs) **does not hold**" in text
+    assert "**ila** vs **vit**: top-1 27.0 % vs 30.0 % (-3.0 points) at 0.75x the GFLOPs, 0.10 % of the" in text
+    assert "ILA paper's claim" in text and text.count("**holds**") == 1  # ILA: within 5 points, 0.1 % trainable
+    assert claims([fake_result("cnn", 3), glsim]) == []  # no ViT to compare with: no claim line

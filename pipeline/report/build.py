@@ -69,6 +69,7 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
         "",
         headline(results),
         "",
+        *claims(results),
         results_table(results, k, dataset),
         "",
         *([papers_note(dataset), ""] if papers.reports(dataset) else []),
@@ -127,6 +128,44 @@ def headline(results: list[VariantResult]) -> str:
             r = pick(known, key=value)
             parts.append(f"{label}: **{r.name}** ({fmt(value(r))})")
     return ("; ".join(parts) + ".") if parts else "No test metrics yet."
+
+
+# The papers' claims, as this report checks them against a plain ViT variant on the same model and weights: GLSim
+# beats its ViT (at about 2x the FLOPs); ILA keeps the ViT's accuracy (here: within 5 points) with under 2 % of the
+# parameters trainable and fewer FLOPs.
+ILA_MAX_DROP, ILA_MAX_TRAINABLE = 0.05, 0.02
+
+
+def claims(results: list[VariantResult]) -> list[str]:
+    """One line per GLSim/ILA variant that has a `vit` variant on the same model and weights to compare with: the
+    papers' claim, the figures here, and whether it holds on this data. Nothing when no such pair exists."""
+    def key(r: VariantResult) -> tuple:
+        return r.train_cfg.get("model"), r.train_cfg.get("weights"), r.train_cfg.get("backbone_cnn")
+
+    lines = []
+    for r in results:
+        method = r.train_cfg.get("method")
+        base = next((b for b in results if b.train_cfg.get("method") == "vit" and key(b) == key(r)), None)
+        figures_known = all(isinstance(x.test.get(m), (int, float)) for x in (r, base or r)
+                            for m in ("test_top1", "gflops"))
+        if method not in ("glsim", "ila") or base is None or not figures_known:
+            continue
+        diff = r.test["test_top1"] - base.test["test_top1"]
+        cost = r.test["gflops"] / base.test["gflops"]
+        said = (f"**{r.name}** vs **{base.name}**: top-1 {_pct(r.test['test_top1'])} vs "
+                f"{_pct(base.test['test_top1'])} ({100 * diff:+.1f} points) at {cost:.2f}x the GFLOPs")
+        if method == "glsim":
+            verdict = "holds" if diff > 0 else "does not hold"
+            lines.append(f"- {said}. The GLSim paper's claim (better than its ViT, at about 2x the FLOPs) "
+                         f"**{verdict}** on this data.")
+        else:
+            share = r.train.get("params_trainable", 0) / max(r.train.get("params_total", 1), 1)
+            holds = diff >= -ILA_MAX_DROP and share < ILA_MAX_TRAINABLE and cost < 1
+            lines.append(f"- {said}, {100 * share:.2f} % of the parameters trainable. The ILA paper's claim (the "
+                         f"ViT's accuracy, within {100 * ILA_MAX_DROP:.0f} points here, with under "
+                         f"{100 * ILA_MAX_TRAINABLE:.0f} % trainable and fewer FLOPs) "
+                         f"**{'holds' if holds else 'does not hold'}** on this data.")
+    return ["The papers' claims against the plain ViT:", "", *lines, ""] if lines else []
 
 
 def results_table(results: list[VariantResult], k: int, dataset: str | None = None) -> str:
