@@ -87,7 +87,7 @@ def test_repro_produces_every_stage_output(repo):
         assert (repo / out).is_file(), out
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     variants = ("cnn", "vit", "glsim", "ila")
-    assert set(lock["stages"]) == {"check_params", "acquire", "faces", "clean", "split", "tune", "report",
+    assert set(lock["stages"]) == {"check_params", "acquire", "faces", "clean", "split", "pretrain", "tune", "report",
                                    *(f"{stage}@{v}" for stage in ("train", "evaluate") for v in variants)}
     for v in variants:
         assert json.loads((repo / f"metrics/evaluate/{v}.json").read_text())["test_images"] == 10
