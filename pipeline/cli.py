@@ -109,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
 
     add_gpu_check_parser(sub)
 
+    from pipeline.stage_deps import add_stage_deps_parser
+
+    add_stage_deps_parser(sub)
+
+    from pipeline.verify import add_verify_parser
+
+    add_verify_parser(sub)
+
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

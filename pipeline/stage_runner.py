@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from pipeline.config import Params, load_params
 
 # ParamsError, ManifestError, SplitError and WeightsError are ValueErrors; missing files, refused connections and a
 # crawl that ran out of retries (danbooru.CrawlError) are OSErrors. Importing nothing heavier here keeps a params
@@ -29,12 +28,16 @@ def stage_parser(description: str, reads_split: bool = False) -> argparse.Argume
     return p
 
 
-def run(main: Callable[[argparse.Namespace, Params, Path], object], parser: argparse.ArgumentParser,
-        argv: list[str] | None = None) -> int:
-    """Parse args, load + validate params (before any work), call main(args, params, project_root)."""
+def run(main: Callable[[argparse.Namespace, Any, Path], object], parser: argparse.ArgumentParser,
+        load: Callable[[str], Any], argv: list[str] | None = None) -> int:
+    """Parse args, load + validate params with `load` (before any work), call main(args, params, project_root).
+
+    `load` is the stage's own loader: pipeline.config.load_params (the whole file) for the training side,
+    pipeline.data_config.load_data_params for the data stages, which then never import the training params, so
+    DVC does not re-run them when a recipe changes (pipeline/stage_deps.py)."""
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = load(args.params)
         main(args, params, Path(args.params).resolve().parent)
     except KNOWN_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -75,6 +75,41 @@ def train_run_of(model_file: Path, experiment_id: str):
     return runs[0] if runs else None
 
 
+SEED_GROUP_TAG = "seed_group"  # on the parent run of one variant's seed runs: what it groups (variant + settings)
+
+
+def seed_group_run(base: BaseParams, root: Path, name: str, group: str, tags: dict[str, str]) -> str:
+    """The parent run that groups one variant's runs over `base.seeds` in `mlflow ui` (each seed's run carries
+    `mlflow.parentRunId`). A stage re-run with the same settings (`group`) reuses it instead of leaving orphans."""
+    import mlflow
+
+    experiment_id = setup(base, root)
+    found = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list", max_results=1,
+                               filter_string=f"tags.{SEED_GROUP_TAG} = '{group}'",
+                               order_by=["attributes.start_time DESC"])
+    if found:
+        return found[0].info.run_id
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment_id, run_name=name, tags={SEED_GROUP_TAG: group, **tags})
+    return run.info.run_id
+
+
+def log_seed_summary(run_id: str, summary: dict, prefix: str = "") -> None:
+    """Log mean, std and n_seeds of a seeds summary (pipeline/seeds.py) to the group run, and close it."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key, value in summary.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            client.log_metric(run_id, f"{prefix}{key}", float(value))
+    client.set_terminated(run_id)
+
+
+def parent_of(run) -> str | None:
+    """The group run a seed's run belongs to (None for a run outside any group)."""
+    return run.data.tags.get("mlflow.parentRunId") if run is not None else None
+
+
 def log_artifacts_as(files: dict[str, Path]) -> None:
     """Log files to the active run under fixed names: DVC paths are per variant (plots/history/cnn.csv), the run's
     artifacts are not (train_history.csv), so every run looks alike in `mlflow ui`."""

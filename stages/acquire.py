@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from pipeline.data.acquire import acquire
+from pipeline.data_config import load_data_params
 from pipeline.stage_runner import run, stage_parser
 
 
@@ -16,4 +17,4 @@ def main(args, params, root):
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
     parser.add_argument("--out", required=True, help="output folder (images/ + manifest.parquet)")
-    sys.exit(run(main, parser))
+    sys.exit(run(main, parser, load_data_params))

@@ -8,6 +8,7 @@ re-runs this stage without invalidating the stages after it.
 
 import sys
 
+from pipeline.config import load_params
 from pipeline.io import write_text
 from pipeline.stage_runner import run, stage_parser
 
@@ -21,4 +22,4 @@ def main(args, params, root):
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
     parser.add_argument("--out", required=True, help="the constant file written when params.yaml is valid")
-    sys.exit(run(main, parser))
+    sys.exit(run(main, parser, load_params))

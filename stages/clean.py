@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from pipeline.data.clean import clean
+from pipeline.data_config import load_data_params
 from pipeline.io import write_json
 from pipeline.stage_runner import run, stage_parser
 
@@ -27,4 +28,4 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True, help="output folder (images/ or shards/, manifest.parquet, "
                                                      "quarantine.parquet)")
     parser.add_argument("--metrics", required=True, help="counts per reason (DVC metrics json)")
-    sys.exit(run(main, parser))
+    sys.exit(run(main, parser, load_data_params))

@@ -6,6 +6,7 @@ folder keeps the resumable state: a killed run continues from its last checkpoin
 
 import sys
 
+from pipeline.config import load_params
 from pipeline.stage_runner import run, stage_parser
 
 
@@ -20,4 +21,4 @@ if __name__ == "__main__":
 
     parser = stage_parser(__doc__)
     add_arguments(parser)
-    sys.exit(run(main, parser))
+    sys.exit(run(main, parser, load_params))

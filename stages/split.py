@@ -5,6 +5,7 @@ from pathlib import Path
 
 from pipeline.data import manifest
 from pipeline.data.split import per_class_counts, split
+from pipeline.data_config import load_data_params
 from pipeline.io import atomic_path, write_json
 from pipeline.stage_runner import run, stage_parser
 
@@ -27,4 +28,4 @@ if __name__ == "__main__":
     parser.add_argument("--metrics", required=True, help="counts per split (DVC metrics json)")
     parser.add_argument("--per-class", help="optional CSV: images per class and split (class_id, class_name, "
                                             "train, val, test, total)")
-    sys.exit(run(main, parser))
+    sys.exit(run(main, parser, load_data_params))

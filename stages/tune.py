@@ -7,6 +7,7 @@ With RAY_ADDRESS set in the environment the sweep runs on that Ray cluster (READ
 import sys
 from pathlib import Path
 
+from pipeline.config import load_params
 from pipeline.stage_runner import run, stage_parser
 
 
@@ -20,4 +21,4 @@ if __name__ == "__main__":
     parser = stage_parser(__doc__, reads_split=True)
     parser.add_argument("--best", required=True, help="best values of the searched train keys (yaml)")
     parser.add_argument("--metrics", required=True, help="DVC metrics json of the sweep")
-    sys.exit(run(main, parser))
+    sys.exit(run(main, parser, load_params))

@@ -42,6 +42,7 @@ def shrink(params: dict) -> dict:
     enough for ILA's two down-sampling steps: hybrids take the CNN's stride-4 stage, the distilled ViT's patch
     embedding is resampled to patch 4 by timm. Relative weight files point into this repository."""
     params["base"]["device"] = "cpu"
+    params["base"]["seeds"] = [42, 43]  # two: the mean/std/per-seed path runs, at twice a single run's cost
     params["train"].update(TINY_TRAIN)
     for overrides in params.get("variants", {}).values():
         if overrides.get("backbone_cnn") or overrides.get("method") in ("vit", "glsim", "ila"):

@@ -62,7 +62,7 @@ def project(tmp_path_factory) -> dict:
     (root / "metrics").mkdir()
     (root / "metrics/split.json").write_text(json.dumps(counts))
     inputs = ReportInputs(split_file, cleaned, root / "models", root / "metrics", root / "plots")
-    paths = inputs.variant("cnn")
+    paths = inputs.variant("cnn", params.base.seeds[0])
     p = params.with_variant("cnn")
     train(p, split_file, cleaned, TrainOutputs(paths.model_dir, paths.train_metrics, paths.history), root)
     evaluate(p, split_file, cleaned, paths.model_dir, EvalOutputs(paths.eval_metrics, paths.predictions,

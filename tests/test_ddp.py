@@ -70,7 +70,7 @@ def _cmd(root: Path, out: str, processes: int) -> list[str]:
     return launch + [str(REPO / "stages/train.py"), "--params", str(root / "params.yaml"),
                      "--split", str(root / "data/split/manifest.parquet"), "--images", str(root / "data/raw"),
                      "--out", str(root / out / "models"), "--metrics", str(root / out / "train.json"),
-                     "--history", str(root / out / "history.csv")]
+                     "--seed-metrics", str(root / out / "seeds"), "--history", str(root / out / "history")]
 
 
 def _env() -> dict:
@@ -81,9 +81,9 @@ def _env() -> dict:
 
 def _results(root: Path, out: str) -> tuple[dict, list[dict], dict]:
     metrics = json.loads((root / out / "train.json").read_text())
-    with open(root / out / "history.csv") as f:
+    with open(root / out / "history/seed42.csv") as f:
         history = [{k: float(v) for k, v in row.items() if k != "epoch_seconds"} for row in csv.DictReader(f)]
-    weights = torch.load(root / out / "models/model.pt", map_location="cpu", weights_only=True)["model"]
+    weights = torch.load(root / out / "models/seed42/model.pt", map_location="cpu", weights_only=True)["model"]
     return metrics, history, weights
 
 

@@ -84,6 +84,7 @@ def _project(root: Path) -> Path:
     params_file = write_tiny_params(root, data)
     raw = yaml.safe_load(params_file.read_text())
     raw["variants"] = {"cnn": {}}
+    raw["base"]["seeds"] = [42]
     raw["tune"].update({"space": {"lr": ["grid", 1e-3, 3e-3]}, "num_samples": 1, "epochs": 1, "max_failures": 0,
                         "scheduler": "fifo"})
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -123,12 +124,13 @@ def test_every_stage_logs_to_a_tracking_server_and_nothing_to_the_project(tmp_pa
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 
     _stage(root, env, "train.py", "--variant", "cnn", "--out", "models/cnn", "--metrics", "metrics/train/cnn.json",
-           "--history", "plots/history/cnn.csv", "--tuned", "best_params.yaml")
+           "--seed-metrics", "metrics/train/cnn", "--history", "plots/history/cnn", "--tuned", "best_params.yaml")
     _stage(root, env, "evaluate.py", "--model", "models/cnn", "--metrics", "metrics/evaluate/cnn.json",
-           "--predictions", "plots/predictions/cnn.csv", "--per-class", "plots/per_class/cnn.csv",
-           "--confused-pairs", "plots/confused_pairs/cnn.csv", "--samples", "plots/samples/cnn.npz")
+           "--seed-metrics", "metrics/evaluate/cnn", "--predictions", "plots/predictions/cnn",
+           "--per-class", "plots/per_class/cnn", "--confused-pairs", "plots/confused_pairs/cnn",
+           "--samples", "plots/samples/cnn")
     _stage(root, env, "report.py", "--models", "models", "--metrics-dir", "metrics", "--plots", "plots",
-           "--out", "reports")
+           "--out", "reports", "--environment", "metrics/environment.json")
     _stage(root, env, "tune.py", "--best", "best_params.yaml", "--metrics", "metrics/tune.json")
 
     client = MlflowClient(url)
@@ -136,13 +138,13 @@ def test_every_stage_logs_to_a_tracking_server_and_nothing_to_the_project(tmp_pa
     assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:")  # served by the server
 
     # train + evaluate: one run with per-epoch and test metrics and their artifacts
-    runs = client.search_runs([exp.experiment_id], f"tags.model_md5 = '{md5_file(root / 'models/cnn/model.pt')}'")
+    runs = client.search_runs([exp.experiment_id], f"tags.model_md5 = '{md5_file(root / 'models/cnn/seed42/model.pt')}'")
     assert len(runs) == 1  # found as evaluate and report find it: by the checkpoint's md5
     run_id = runs[0].info.run_id
     run = client.get_run(run_id)
     assert run.info.experiment_id == exp.experiment_id and run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [1, 2]
-    test = json.loads((root / "metrics/evaluate/cnn.json").read_text())
+    test = json.loads((root / "metrics/evaluate/cnn/seed42.json").read_text())
     assert run.data.metrics["test_top1"] == pytest.approx(test["test_top1"])
     assert {"config.yaml", "model.pt", "train_history.csv", "train_metrics.json", "test_metrics.json",
             "per_class.csv", "confused_pairs.csv"} <= _files(client, run_id)

@@ -13,12 +13,14 @@ from PIL import Image
 from pipeline.report import figures
 from pipeline.report.build import claims, headline, results_table, settings_table, to_html
 from pipeline.report.results import VariantResult
+from pipeline.seeds import summarize
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_result(name: str, seed: int, method: str = "cnn", trainable: int = 1000, gflops: float = 0.1,
-                counts: np.ndarray | None = None, top1: float | None = None) -> VariantResult:
+                counts: np.ndarray | None = None, top1: float | list[float] | None = None) -> VariantResult:
+    """top1: one figure, or one per seed (42, 43, ...): then the test metrics are a seeds summary."""
     rng = np.random.default_rng(seed)
     counts = np.geomspace(1, 500, 60).astype(int) if counts is None else counts
     acc = np.clip(np.log(counts) / np.log(500) + rng.normal(0, 0.1, len(counts)), 0, 1)
@@ -31,12 +33,19 @@ def fake_result(name: str, seed: int, method: str = "cnn", trainable: int = 1000
     return VariantResult(
         name=name, train_cfg=cfg, model_file=Path(f"models/{name}/model.pt"),
         train={"params_total": 10 * trainable, "params_trainable": trainable, "best_epoch": 3, "best_val_top1": 0.35},
-        test={"test_top1": float(acc.mean()) if top1 is None else top1, "test_top5": 0.9, "test_macro_acc": float(acc.mean()), "gflops": gflops},
+        test=_test_metrics(float(acc.mean()) if top1 is None else top1, float(acc.mean()), gflops),
         history=history, per_class=per_class,
         predictions=pl.DataFrame({"image_id": ["1"], "actual": ["c0"], "predicted": ["c0"], "confidence": [0.9]}),
         confused_pairs=pl.DataFrame(schema={"actual": pl.String, "predicted": pl.String, "count": pl.Int64,
                                             "actual_test_images": pl.Int64, "rate": pl.Float64}),
         samples={"image_id": np.array([], dtype=str)})
+
+
+def _test_metrics(top1: float | list[float], macro: float, gflops: float) -> dict:
+    if not isinstance(top1, list):
+        return {"test_top1": top1, "test_top5": 0.9, "test_macro_acc": macro, "gflops": gflops}
+    return summarize({42 + i: {"test_top1": t, "test_top5": 0.9, "test_macro_acc": macro, "gflops": gflops}
+                      for i, t in enumerate(top1)})
 
 
 @pytest.fixture()
@@ -84,7 +93,7 @@ def test_tables_and_html(results):
     settings = settings_table(results)
     assert settings.splitlines()[0].startswith("| variant | method |")  # only the keys that differ (method here)
     assert "lr" not in settings.splitlines()[0]
-    assert headline(results) == ("Best top-1: **ila** (49.8 %); fewest GFLOPs: **cnn** (0.140); fewest trainable "
+    assert headline(results) == ("Best mean top-1: **ila** (49.8 %); fewest GFLOPs: **cnn** (0.140); fewest trainable "
                                  "parameters: **ila** (0.056 M).")
     html = to_html("# T\n\n" + table, "T")
     assert html.count("<tr>") == 4 and "<title>T</title>" in html
@@ -123,13 +132,18 @@ def test_results_table_sets_the_papers_top1_beside_ours_for_a_dataset_they_repor
 
 
 def test_claims_compare_glsim_and_ila_with_the_vit_on_the_same_weights():
-    vit = fake_result("vit", 0, "vit", trainable=5_000_000, gflops=0.4, top1=0.30)
-    glsim = fake_result("glsim", 1, "glsim", trainable=5_400_000, gflops=0.8, top1=0.28)
-    ila = fake_result("ila", 2, "ila", trainable=50_000, gflops=0.3, top1=0.27)
+    """Verdicts come from the paired per-seed differences: a 2-point loss on every seed does not hold, ILA within
+    5 points on every seed holds, and a gain whose seeds disagree is undecided."""
+    vit = fake_result("vit", 0, "vit", trainable=5_000_000, gflops=0.4, top1=[0.30, 0.34, 0.32])
+    glsim = fake_result("glsim", 1, "glsim", trainable=5_400_000, gflops=0.8, top1=[0.28, 0.32, 0.30])
+    ila = fake_result("ila", 2, "ila", trainable=50_000, gflops=0.3, top1=[0.29, 0.33, 0.30])
     ila.train["params_total"] = 50_000_000  # a frozen backbone: 0.1 % trainable
     text = "\n".join(claims([fake_result("cnn", 3), vit, glsim, ila]))
-    assert "**glsim** vs **vit**: top-1 28.0 % vs 30.0 % (-2.0 points) at 2.00x the GFLOPs" in text
-    assert "GLSim paper's claim (better than its ViT, at about 2x the FLOPs) **does not hold**" in text
-    assert "**ila** vs **vit**: top-1 27.0 % vs 30.0 % (-3.0 points) at 0.75x the GFLOPs, 0.10 % of the" in text
-    assert "ILA paper's claim" in text and text.count("**holds**") == 1  # ILA: within 5 points, 0.1 % trainable
+    assert ("**glsim** vs **vit**: top-1 30.0 ± 2.0 % vs 32.0 ± 2.0 %; difference -2.0 points over 3 seeds "
+            "(-2.0, -2.0, -2.0; 95 % interval [-2.0, -2.0]); 2.00x the GFLOPs") in text
+    assert "GLSim paper's claim (better than its ViT, at about 2x the FLOPs): **does not hold**" in text
+    assert "**ila** vs **vit**" in text and "0.75x the GFLOPs, 0.10 % of the parameters trainable" in text
+    assert "trainable and fewer FLOPs): **holds**." in text  # ILA: within 5 points on every seed, 0.1 % trainable
+    noisy = fake_result("glsim", 1, "glsim", trainable=5_400_000, gflops=0.8, top1=[0.40, 0.30, 0.36])
+    assert "**undecided at this noise**" in "\n".join(claims([vit, noisy]))
     assert claims([fake_result("cnn", 3), glsim]) == []  # no ViT to compare with: no claim line

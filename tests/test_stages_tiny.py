@@ -19,9 +19,10 @@ from pipeline.data.clean import clean
 from pipeline.data.split import split
 from pipeline.models import load_checkpoint
 from pipeline.report import ReportInputs, build_report, log_to_mlflow
-from pipeline.training.engine import TrainOutputs, train
 from pipeline.report.results import VariantPaths
+from pipeline.training.engine import TrainOutputs, train
 from pipeline.training.evaluate import EvalOutputs, evaluate
+from pipeline.training.seed_runs import EvalSeedOutputs, TrainSeedOutputs, evaluate_seeds, train_seeds
 from tests.conftest import train_run, write_tiny_params
 
 N_CLASSES = 12
@@ -41,17 +42,18 @@ def project(tmp_path_factory, tiny_emoji) -> dict:
         (root / "metrics").mkdir(exist_ok=True)
         (root / "metrics" / f"{name}.json").write_text(json.dumps(counts))
     # Every variant of the repo's params.yaml (cnn, vit, glsim, ila), at the tiny size, laid out as dvc.yaml does.
+    # One seed here (the seed loop and its summary are tested in test_e2e_dvc with two).
+    params = params.model_copy(update={"base": params.base.model_copy(update={"seeds": (42,)})})
     inputs = ReportInputs(split_file, cleaned, root / "models", root / "metrics", root / "plots")
     summaries, evals = {}, {}
     for name in params.variants:
-        p, paths = params.with_variant(name), inputs.variant(name)
-        summaries[name] = train(p, split_file, cleaned, TrainOutputs(paths.model_dir, paths.train_metrics,
-                                                                     paths.history), root)
-        evals[name] = evaluate(p, split_file, cleaned, paths.model_dir,
-                               EvalOutputs(paths.eval_metrics, paths.predictions, paths.per_class,
-                                           paths.confused_pairs, paths.samples), root)
+        p = params.with_variant(name)
+        summaries[name] = train_seeds(p, split_file, cleaned, TrainSeedOutputs.in_layout(
+            name, root / "models", root / "metrics", root / "plots"), root, name)
+        evals[name] = evaluate_seeds(p, split_file, cleaned, root / "models" / name,
+                                     EvalSeedOutputs.in_layout(name, root / "metrics", root / "plots"), root)
     report, results = build_report(params, inputs, root / "reports")
-    cnn = inputs.variant("cnn")
+    cnn = inputs.variant("cnn", 42)
     return dict(root=root, params=params, train=summaries["cnn"], eval=evals["cnn"], report=report,
                 split_file=split_file, cleaned=cleaned, cnn=cnn, summaries=summaries, evals=evals, results=results)
 
@@ -118,6 +120,12 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(project):
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2]
     assert "test_top1" in run.data.metrics and run.data.metrics["test_img_per_s"] > 0
     assert run.data.metrics["train_seconds"] > 0 and "epoch_seconds" in run.data.metrics
+    # Seeds issue: each seed's run sits under one parent run of its variant, which carries the mean over seeds
+    assert run.data.tags["seed"] == "42" and run.data.tags["variant"] == "cnn"
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["variant"] == "cnn" and "seed_group" in parent.data.tags
+    assert parent.data.metrics["test_top1"] == pytest.approx(project["eval"]["test_top1"])
+    assert parent.data.metrics["n_seeds"] == 1 and parent.info.status == "FINISHED"
     names = {a.path for a in client.list_artifacts(run_id)}
     assert {"model.pt", "config.yaml", "train_history.csv"} <= names
     # artifacts live beside the database, inside the project
@@ -128,7 +136,7 @@ def test_variants_train_what_they_override(project):
     """glsim/ila take the train section and change only their keys; their checkpoints say so."""
     for name, method in (("glsim", "glsim"), ("ila", "ila")):
         paths = VariantPaths.of(name, project["root"] / "models", project["root"] / "metrics",
-                                project["root"] / "plots")
+                                project["root"] / "plots", 42)
         _, ckpt = load_checkpoint(paths.model_dir / "model.pt")
         assert ckpt["model_spec"]["method"] == method and ckpt["model_spec"]["img_size"] == 32
         assert ckpt["model_spec"]["options"]["patch_size"] == 4  # the distilled ViT, its patch embedding resampled
@@ -141,13 +149,13 @@ def test_variants_train_what_they_override(project):
 
 def test_glsim_samples_hold_its_selection(project):
     root = project["root"]
-    with np.load(root / "plots/samples/glsim.npz", allow_pickle=False) as s:
+    with np.load(root / "plots/samples/glsim/seed42.npz", allow_pickle=False) as s:
         n = len(s["image_id"])
         assert n == 6 and s["image"].shape == (n, 32, 32, 3) and s["crop"].shape == (n, 32, 32, 3)
         assert s["similarity"].shape == (n, 8, 8) and s["selected"].shape == (n, 8)  # stride-4 hybrid, top-8
         x0, y0, x1, y1 = s["box"].T
         assert ((0 <= x0) & (x0 < x1) & (x1 <= 32) & (0 <= y0) & (y0 < y1) & (y1 <= 32)).all()
-    with np.load(root / "plots/samples/cnn.npz", allow_pickle=False) as s:
+    with np.load(root / "plots/samples/cnn/seed42.npz", allow_pickle=False) as s:
         assert "similarity" not in s.files and len(s["predicted"]) == 6
 
 
@@ -184,7 +192,7 @@ def test_report_names_the_missing_output_of_a_variant(project, tmp_path):
     more = params.model_copy(update={"variants": {**params.variants, "vit-b": {}}})
     inputs = ReportInputs(project["split_file"], project["cleaned"], project["root"] / "models",
                           project["root"] / "metrics", project["root"] / "plots")
-    with pytest.raises(FileNotFoundError, match=r"variant 'vit-b' has no .*models/vit-b/config.yaml.*evaluate@vit-b"):
+    with pytest.raises(FileNotFoundError, match=r"variant 'vit-b' has no .*models/vit-b/seed42/config.yaml.*evaluate@vit-b"):
         build_report(more, inputs, tmp_path / "reports")
 
 
@@ -195,13 +203,13 @@ def test_report_run_in_mlflow_links_the_runs_it_compares(project):
     run = client.get_run(run_id)
     assert run.info.run_name == "report" and run.data.tags["stage"] == "report"
     # Issue 15: in the train runs' experiment, artifacts beside them in the project's store (not ./mlruns).
-    train_cnn = train_run(root / "mlflow/mlflow.db", root / "models/cnn/model.pt")
+    train_cnn = train_run(root / "mlflow/mlflow.db", root / "models/cnn/seed42/model.pt")
     assert run.info.experiment_id == train_cnn.info.experiment_id
     assert client.get_experiment(run.info.experiment_id).name == project["params"].base.experiment
     assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(root / "mlflow")
     runtime = client.download_artifacts(run_id, "report/runtime.md", str(root / "dl"))
     for name in ("cnn", "vit", "glsim", "ila"):
-        tr = train_run(root / "mlflow/mlflow.db", root / "models" / name / "model.pt")
+        tr = train_run(root / "mlflow/mlflow.db", root / "models" / name / "seed42/model.pt")
         assert run.data.tags[f"run.{name}"] == tr.info.run_id
         assert tr.info.run_id in Path(runtime).read_text()
         assert run.data.metrics[f"{name}.test_top1"] == pytest.approx(project["evals"][name]["test_top1"])
@@ -229,7 +237,7 @@ def test_report_on_a_registry_dataset_sets_the_papers_top1_beside_ours(project, 
             dest = tmp_path / path.relative_to(project["root"])
             dest.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if path.is_dir() else shutil.copyfile)(path, dest)
-    p, paths = params.with_variant("paper"), inputs.variant("paper")
+    p, paths = params.with_variant("paper"), inputs.variant("paper", 42)
     train(p, project["split_file"], project["cleaned"], TrainOutputs(paths.model_dir, paths.train_metrics,
                                                                      paths.history), tmp_path)
     ours = evaluate(p, project["split_file"], project["cleaned"], paths.model_dir,

@@ -294,12 +294,14 @@ def test_train_stage_uses_best_params_when_tune_apply_is_on(tmp_path, monkeypatc
     params_file = _project(tmp_path, {"apply": True})
     raw = yaml.safe_load(params_file.read_text())
     raw["train"]["epochs"] = 1
+    raw["base"]["seeds"] = [42]
     raw["variants"] = {"cnn": {}, "own-lr": {"lr": 0.0007}}
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     (tmp_path / "best_params.yaml").write_text("train:\n  lr: 0.0042\n  label_smoothing: 0.0\n")
     argv = ["--params", str(params_file), "--split", str(tmp_path / "data/split/manifest.parquet"),
             "--images", str(tmp_path / "data/raw"), "--out", str(tmp_path / "models"),
-            "--metrics", str(tmp_path / "train.json"), "--history", str(tmp_path / "history.csv"),
+            "--metrics", str(tmp_path / "train.json"), "--seed-metrics", str(tmp_path / "seeds"),
+            "--history", str(tmp_path / "history"),
             "--tuned", str(tmp_path / "best_params.yaml")]
 
     def stage(args: list[str]) -> int:
@@ -309,23 +311,23 @@ def test_train_stage_uses_best_params_when_tune_apply_is_on(tmp_path, monkeypatc
         return info.value.code
 
     assert stage(argv) == 0
-    config = yaml.safe_load((tmp_path / "models/config.yaml").read_text())
+    config = yaml.safe_load((tmp_path / "models/seed42/config.yaml").read_text())
     assert config["train"]["lr"] == 0.0042 and config["train"]["label_smoothing"] == 0.0
     client, _ = _mlflow(tmp_path)
-    run = train_run(tmp_path / "mlflow/mlflow.db", tmp_path / "models/model.pt")
+    run = train_run(tmp_path / "mlflow/mlflow.db", tmp_path / "models/seed42/model.pt")
     assert client.get_run(run.info.run_id).data.params["train.lr"] == "0.0042"
 
     # A variant inherits the tuned train section, but a key it sets itself keeps its own value.
     own = [*argv[:7], str(tmp_path / "models-own"), *argv[8:], "--variant", "own-lr"]
     assert stage(own) == 0
-    config = yaml.safe_load((tmp_path / "models-own/config.yaml").read_text())
+    config = yaml.safe_load((tmp_path / "models-own/seed42/config.yaml").read_text())
     assert config["train"]["lr"] == 0.0007 and config["train"]["label_smoothing"] == 0.0
     assert "variants" not in config
 
     # A tuned value is validated like params.yaml: the key is named, nothing is trained.
     capsys.readouterr()
     (tmp_path / "best_params.yaml").write_text("train:\n  lr: -1\n")
-    (tmp_path / "models/config.yaml").unlink()
+    (tmp_path / "models/seed42/config.yaml").unlink()
     assert stage(argv) == 2
     assert "- train.lr: Input should be greater than 0" in capsys.readouterr().err
-    assert not (tmp_path / "models/config.yaml").exists()
+    assert not (tmp_path / "models/seed42/config.yaml").exists()

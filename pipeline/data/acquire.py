@@ -14,7 +14,7 @@ from typing import Callable
 import polars as pl
 from PIL import Image
 
-from pipeline.config import AcquireParams, EmbeddedSource, FolderSource
+from pipeline.data_config import AcquireParams, EmbeddedSource, FolderSource
 from pipeline import outdir
 from pipeline.data import manifest, sourcefiles
 from pipeline.io import md5_file, write_parquet

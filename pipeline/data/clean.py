@@ -47,7 +47,7 @@ import polars as pl
 from PIL import Image, ImageFile, ImageOps
 
 from pipeline import outdir
-from pipeline.config import CleanParams
+from pipeline.data_config import CleanParams
 from pipeline.data import images, manifest
 from pipeline.data.dedup import near_duplicate_groups, phash64
 from pipeline.io import write_parquet

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.config import DafreSource
+from pipeline.data_config import DafreSource
 from pipeline.data import labelcsv, registry
 
 SOURCE = "dafre"

@@ -22,7 +22,7 @@ from pathlib import Path
 import polars as pl
 from PIL import Image
 
-from pipeline.config import CsvSource
+from pipeline.data_config import CsvSource
 from pipeline.data import manifest, registry
 from pipeline.data.images import ImageWriter, safe_relpath
 from pipeline.data.sourcefiles import OutsideRoot, resolve_inside

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from pipeline.config import SplitParams
+from pipeline.data_config import SplitParams
 from pipeline.data import manifest
 
 DUP_GROUP = "dup_group"

@@ -7,6 +7,7 @@ path or URI at fault and says why, and it fails before any prediction is printed
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from pipeline.config import BaseParams, CleanParams
@@ -73,10 +74,24 @@ def resolve_checkpoint(spec: str, base: BaseParams, root: Path, download_dir: Pa
         raise PredictError(f"--model {spec}: unsupported URI; give a checkpoint path or {RUNS_SCHEME}<run_id>/"
                            f"<artifact path> (the train stage logs {RUNS_SCHEME}<run_id>/model.pt)")
     path = Path(spec)
+    if path.is_dir():
+        return _model_in_folder(path, base)
     if not path.is_file():
-        what = "is a folder, not a checkpoint file" if path.is_dir() else "checkpoint file does not exist"
-        raise PredictError(f"--model {spec}: {what}")
+        raise PredictError(f"--model {spec}: checkpoint file does not exist")
     return path
+
+
+def _model_in_folder(folder: Path, base: BaseParams) -> Path:
+    """A train output folder: its model.pt, or for a variant's folder (one seed<N>/ per seed) the model of the first
+    of base.seeds that is there (said on stderr: the other seeds are the same model trained again)."""
+    if (folder / "model.pt").is_file():
+        return folder / "model.pt"
+    seeds = [folder / f"seed{s}" / "model.pt" for s in base.seeds]
+    found = [p for p in seeds if p.is_file()] or sorted(folder.glob("seed*/model.pt"))
+    if not found:
+        raise PredictError(f"--model {folder}: a folder with neither model.pt nor seed<N>/model.pt in it")
+    print(f"predict: {folder} holds one model per seed; using {found[0]}", file=sys.stderr)
+    return found[0]
 
 
 def _download(uri: str, base: BaseParams, root: Path, dest: Path) -> Path:

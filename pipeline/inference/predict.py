@@ -8,8 +8,9 @@ prediction the evaluate stage gave it:
   model     the checkpoint's evaluation transform (eval_transform of its img_size and data config), softmax.
 Settings come from --params (default: params.yaml when present, else the built-in defaults).
 
---model takes a checkpoint path (default models/cnn/model.pt, from train@cnn) or runs:/<run_id>/<artifact
-path>, downloaded from the project's MLflow store (the train stage logs runs:/<run_id>/model.pt). --explain DIR writes, for GLSim
+--model takes a checkpoint path, a train output folder (default models/cnn: its first seed's model.pt) or
+runs:/<run_id>/<artifact path>, downloaded from the project's MLflow store (the train stage logs
+runs:/<run_id>/model.pt). --explain DIR writes, for GLSim
 checkpoints only, the similarity heatmap + box figure and the crop per image (pipeline/inference/explain.py).
 Inputs are checked before the model runs: a missing path, a folder without images or a file that is not an image
 stops the command with exit code 2 and a message naming it, before anything is printed or written.
@@ -26,7 +27,7 @@ from typing import Iterator
 
 # torch, timm, PIL and mlflow are imported inside the handler: building the CLI parser must stay light.
 
-DEFAULT_MODEL = "models/cnn/model.pt"  # the train@cnn output of the default params.yaml
+DEFAULT_MODEL = "models/cnn"  # the train@cnn output of the default params.yaml (its first seed's model)
 
 
 def add_predict_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

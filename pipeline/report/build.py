@@ -19,18 +19,19 @@ from pipeline.data.registry import source_dataset
 from pipeline.io import write_text
 from pipeline.report import figures, papers
 from pipeline.report.results import VariantPaths, VariantResult, load_variant
+from pipeline.seeds import CONFIDENCE, Paired, paired, verdict
 
 
 @dataclass(frozen=True)
 class ReportInputs:
     split_manifest: Path
     image_root: Path  # the clean stage's output (quarantine.parquet is read from it too)
-    models: Path  # models/<variant>/
+    models: Path  # models/<variant>/seed<N>/
     metrics: Path  # metrics/{clean,split}.json, metrics/{train,evaluate}/<variant>.json
-    plots: Path  # plots/<kind>/<variant>.csv|npz
+    plots: Path  # plots/<kind>/<variant>/seed<N>.csv|npz
 
-    def variant(self, name: str) -> VariantPaths:
-        return VariantPaths.of(name, self.models, self.metrics, self.plots)
+    def variant(self, name: str, seed: int) -> VariantPaths:
+        return VariantPaths.of(name, self.models, self.metrics, self.plots, seed)
 
 
 def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path, list[VariantResult]]:
@@ -39,7 +40,7 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
     figs.mkdir(parents=True, exist_ok=True)
     for stale in figs.glob("*.png"):  # figures of variants that no longer exist must not linger
         stale.unlink()
-    results = [load_variant(name, inp.variant(name)) for name in params.variants]
+    results = [load_variant(name, inp.variant(name, params.base.seeds[0])) for name in params.variants]
     df = manifest.read(inp.split_manifest)
     group_col = params.split.group_column if params.split.group_column in df.columns else "group"
     quarantine_file = inp.image_root / "quarantine.parquet"
@@ -63,7 +64,9 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
         "",
         f"Dataset source: **{params.acquire.source}**; split strategy: **{params.split.strategy}**"
         + _split_detail(params) + f"; {len(results)} variants (params.yaml `variants`), each trained on the train "
-        "split, its epoch chosen on val, and measured once on test.",
+        f"split once per seed ({', '.join(map(str, params.base.seeds))}: `base.seeds`), its epoch chosen on val, "
+        "and measured on test. Accuracies are the mean ± sample standard deviation over the seeds; the figures "
+        f"show seed {params.base.seeds[0]}.",
         "",
         "## Results (test split)",
         "",
@@ -119,7 +122,7 @@ def headline(results: list[VariantResult]) -> str:
     """One sentence: which variant is best on accuracy, on cost and on trainable parameters. The table's rule: a
     variant without a figure is left out of that comparison, never an error."""
     parts = []
-    for label, pick, value, fmt in (("Best top-1", max, lambda r: r.test.get("test_top1"), _pct),
+    for label, pick, value, fmt in (("Best mean top-1", max, lambda r: r.test.get("test_top1"), _pct),
                                     ("fewest GFLOPs", min, lambda r: r.test.get("gflops"), _num(3)),
                                     ("fewest trainable parameters", min, lambda r: r.train.get("params_trainable"),
                                      lambda v: f"{v / 1e6:.3f} M")):
@@ -132,13 +135,14 @@ def headline(results: list[VariantResult]) -> str:
 
 # The papers' claims, as this report checks them against a plain ViT variant on the same model and weights: GLSim
 # beats its ViT (at about 2x the FLOPs); ILA keeps the ViT's accuracy (here: within 5 points) with under 2 % of the
-# parameters trainable and fewer FLOPs.
+# parameters trainable and fewer FLOPs. Accuracy parts are judged on the paired per-seed differences
+# (pipeline/seeds.py): holds / does not hold only when the whole 95 % interval of the mean difference is on one side.
 ILA_MAX_DROP, ILA_MAX_TRAINABLE = 0.05, 0.02
 
 
 def claims(results: list[VariantResult]) -> list[str]:
     """One line per GLSim/ILA variant that has a `vit` variant on the same model and weights to compare with: the
-    papers' claim, the figures here, and whether it holds on this data. Nothing when no such pair exists."""
+    papers' claim, the paired figures here and the verdict. Nothing when no such pair exists."""
     def key(r: VariantResult) -> tuple:
         return r.train_cfg.get("model"), r.train_cfg.get("weights"), r.train_cfg.get("backbone_cnn")
 
@@ -146,26 +150,44 @@ def claims(results: list[VariantResult]) -> list[str]:
     for r in results:
         method = r.train_cfg.get("method")
         base = next((b for b in results if b.train_cfg.get("method") == "vit" and key(b) == key(r)), None)
-        figures_known = all(isinstance(x.test.get(m), (int, float)) for x in (r, base or r)
-                            for m in ("test_top1", "gflops"))
-        if method not in ("glsim", "ila") or base is None or not figures_known:
+        diff = paired(r.test, base.test) if base is not None and method in ("glsim", "ila") else None
+        if diff is None or not all(isinstance(x.test.get("gflops"), (int, float)) for x in (r, base)):
             continue
-        diff = r.test["test_top1"] - base.test["test_top1"]
         cost = r.test["gflops"] / base.test["gflops"]
-        said = (f"**{r.name}** vs **{base.name}**: top-1 {_pct(r.test['test_top1'])} vs "
-                f"{_pct(base.test['test_top1'])} ({100 * diff:+.1f} points) at {cost:.2f}x the GFLOPs")
+        said = (f"**{r.name}** vs **{base.name}**: top-1 {_mean_std(r.test, 'test_top1')} vs "
+                f"{_mean_std(base.test, 'test_top1')}; {_paired_text(diff)}; {cost:.2f}x the GFLOPs")
         if method == "glsim":
-            verdict = "holds" if diff > 0 else "does not hold"
-            lines.append(f"- {said}. The GLSim paper's claim (better than its ViT, at about 2x the FLOPs) "
-                         f"**{verdict}** on this data.")
-        else:
-            share = r.train.get("params_trainable", 0) / max(r.train.get("params_total", 1), 1)
-            holds = diff >= -ILA_MAX_DROP and share < ILA_MAX_TRAINABLE and cost < 1
-            lines.append(f"- {said}, {100 * share:.2f} % of the parameters trainable. The ILA paper's claim (the "
-                         f"ViT's accuracy, within {100 * ILA_MAX_DROP:.0f} points here, with under "
-                         f"{100 * ILA_MAX_TRAINABLE:.0f} % trainable and fewer FLOPs) "
-                         f"**{'holds' if holds else 'does not hold'}** on this data.")
-    return ["The papers' claims against the plain ViT:", "", *lines, ""] if lines else []
+            lines.append(f"- {said}. The GLSim paper's claim (better than its ViT, at about 2x the FLOPs): "
+                         f"**{verdict(diff)}**.")
+            continue
+        share = r.train.get("params_trainable", 0) / max(r.train.get("params_total", 1), 1)
+        said += f", {100 * share:.2f} % of the parameters trainable"
+        accuracy = verdict(diff, -ILA_MAX_DROP)
+        outcome = accuracy if share < ILA_MAX_TRAINABLE and cost < 1 else "does not hold"
+        lines.append(f"- {said}. The ILA paper's claim (the ViT's accuracy, within {100 * ILA_MAX_DROP:.0f} points "
+                     f"here, with under {100 * ILA_MAX_TRAINABLE:.0f} % trainable and fewer FLOPs): **{outcome}**"
+                     + ("" if outcome == accuracy else f" (accuracy alone: {accuracy})") + ".")
+    rule = (f"Rule: the per-seed differences (same seed, same data order) give a mean and a {100 * CONFIDENCE:.0f} % "
+            "Student-t interval; a claim **holds** when the whole interval clears its threshold, **does not hold** "
+            "when the whole interval misses it, and is **undecided at this noise** otherwise.")
+    return ["The papers' claims against the plain ViT:", "", *lines, "", rule, ""] if lines else []
+
+
+def _paired_text(d: Paired) -> str:
+    per_seed = ", ".join(f"{100 * x:+.1f}" for x in d.diffs)
+    interval = (f"{100 * CONFIDENCE:.0f} % interval [{100 * d.low:+.1f}, {100 * d.high:+.1f}]" if d.n > 1
+                else "one seed: no interval")
+    return f"difference {100 * d.mean:+.1f} points over {d.n} seeds ({per_seed}; {interval})"
+
+
+def _mean_std(metrics: dict, key: str) -> str:
+    """`61.2 ± 2.3 %`: mean and sample std over seeds (std left out for a single seed or an older file)."""
+    value, std = metrics.get(key), metrics.get(f"{key}_std")
+    if not isinstance(value, (int, float)):
+        return "-"
+    if not isinstance(std, (int, float)) or metrics.get("n_seeds", 1) < 2:
+        return _pct(value)
+    return f"{100 * value:.1f} ± {100 * std:.1f} %"
 
 
 def results_table(results: list[VariantResult], k: int, dataset: str | None = None) -> str:
@@ -183,8 +205,8 @@ def results_table(results: list[VariantResult], k: int, dataset: str | None = No
                    f"{100 * (t['test_top1'] - paper.top1):+.1f}"])
         rows.append([f"**{r.name}**", c["ila_variant"] if c["method"] == "ila" else c["method"],
                      f"`{r.backbone}`", describe_weights(c["model"], c.get("weights", "none"), c.get("backbone_cnn")),
-                     c["img_size"], _pct(t.get("test_top1")), *theirs, _pct(t.get(f"test_top{k}")),
-                     _pct(t.get("test_macro_acc")), _pct(t.get("test_tail_acc")),
+                     c["img_size"], _mean_std(t, "test_top1"), *theirs, _mean_std(t, f"test_top{k}"),
+                     _mean_std(t, "test_macro_acc"), _pct(t.get("test_tail_acc")),
                      _millions(r.train.get("params_total"), 2), _millions(r.train.get("params_trainable"), 3),
                      _num(3)(t.get("gflops")), _num(3)(t.get("gmacs"))])
     return md_table(["variant", "method", "backbone", "weights", "image size", "top-1",

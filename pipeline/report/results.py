@@ -13,34 +13,38 @@ import numpy as np
 import polars as pl
 import yaml
 
+from pipeline.seeds import seed_dir
+
 
 @dataclass(frozen=True)
 class VariantPaths:
-    model_dir: Path  # train: model.pt, config.yaml (the resolved params it trained with)
-    train_metrics: Path
+    model_dir: Path  # train: model.pt, config.yaml (the resolved params it trained with), of the shown seed
+    train_metrics: Path  # over all seeds (pipeline/seeds.py summarize)
     history: Path
-    eval_metrics: Path
+    eval_metrics: Path  # over all seeds: test_top1 is the mean, test_top1_seeds the per-seed values
     predictions: Path
     per_class: Path
     confused_pairs: Path
     samples: Path
 
     @classmethod
-    def of(cls, name: str, models: Path, metrics: Path, plots: Path) -> VariantPaths:
-        """dvc.yaml's layout: models/<v>/, metrics/{train,evaluate}/<v>.json, plots/<kind>/<v>.csv|npz."""
-        return cls(models / name, metrics / "train" / f"{name}.json", plots / "history" / f"{name}.csv",
-                   metrics / "evaluate" / f"{name}.json", plots / "predictions" / f"{name}.csv",
-                   plots / "per_class" / f"{name}.csv", plots / "confused_pairs" / f"{name}.csv",
-                   plots / "samples" / f"{name}.npz")
+    def of(cls, name: str, models: Path, metrics: Path, plots: Path, seed: int) -> VariantPaths:
+        """dvc.yaml's layout: metrics/{train,evaluate}/<v>.json over the seeds; models/<v>/seed<N>/ and
+        plots/<kind>/<v>/seed<N>.csv|npz of one seed (the figures show one run, the tables the mean)."""
+        one = seed_dir(Path(), seed).name
+        return cls(models / name / one, metrics / "train" / f"{name}.json", plots / "history" / name / f"{one}.csv",
+                   metrics / "evaluate" / f"{name}.json", plots / "predictions" / name / f"{one}.csv",
+                   plots / "per_class" / name / f"{one}.csv", plots / "confused_pairs" / name / f"{one}.csv",
+                   plots / "samples" / name / f"{one}.npz")
 
 
 @dataclass(frozen=True)
 class VariantResult:
     name: str
     train_cfg: dict  # the train section it really trained with (variant + tuned values folded in)
-    model_file: Path  # models/<v>/model.pt: its md5 finds the MLflow train run (pipeline/tracking.py)
-    train: dict  # metrics/train/<v>.json
-    test: dict  # metrics/evaluate/<v>.json
+    model_file: Path  # models/<v>/seed<N>/model.pt: its md5 finds the MLflow train run (pipeline/tracking.py)
+    train: dict  # metrics/train/<v>.json (over seeds)
+    test: dict  # metrics/evaluate/<v>.json (over seeds: mean, <key>_std, <key>_seeds)
     history: pl.DataFrame
     per_class: pl.DataFrame
     predictions: pl.DataFrame

@@ -22,7 +22,7 @@ from urllib.parse import urlencode, urlsplit
 import urllib3
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from pipeline.config import DanbooruSource
+from pipeline.data_config import DanbooruSource
 
 log = logging.getLogger(__name__)
 

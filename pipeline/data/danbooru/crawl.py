@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import polars as pl
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
-from pipeline.config import DanbooruSource
+from pipeline.data_config import DanbooruSource
 from pipeline.data import manifest
 from pipeline.data.danbooru.client import Client, FetchError, check_transport, load_credentials
 from pipeline.data.danbooru.journal import Journal

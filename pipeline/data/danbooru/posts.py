@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import urllib3
 from PIL import Image
 
-from pipeline.config import DanbooruSource
+from pipeline.data_config import DanbooruSource
 from pipeline.data.danbooru.client import Client
 from pipeline.io import atomic_path
 
