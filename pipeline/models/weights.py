@@ -236,7 +236,9 @@ def _read_state_dict(path: Path, source: str) -> tuple[dict[str, torch.Tensor], 
             with torch.serialization.safe_globals([argparse.Namespace]):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad weights file; the reason is kept
-        raise WeightsError(f"{source}: cannot be read as a weights file ({type(exc).__name__}: {exc})") from None
+        why = " ".join(str(exc).split())  # torch's multi-line advice, on one line
+        raise WeightsError(f"{source}: cannot be read as a weights file with torch.load(weights_only=True) or "
+                           f"safetensors ({type(exc).__name__}: {why})") from None
     saved_config = ckpt.get("config") if isinstance(ckpt, dict) else None
     state = ckpt
     if isinstance(ckpt, dict):
