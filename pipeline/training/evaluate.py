@@ -111,6 +111,9 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     with (mlflow.start_run(run_id=run.info.run_id) if run is not None else
           mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{model_dir.name}",
                            tags={"stage": "evaluate"})):
+        # On the train run the evaluate stage's own provenance is namespaced: the run's plain tags are train's.
+        tracking.tag_provenance(root, f"evaluate@{model_dir.name}", split_manifest,
+                                prefix="evaluate." if run is not None else "")
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()} | {"test_img_per_s": img_per_s})
         tracking.log_artifacts_as({"test_metrics.json": out.metrics, "per_class.csv": out.per_class,
                                    "confused_pairs.csv": out.confused_pairs})
