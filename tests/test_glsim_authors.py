@@ -8,7 +8,9 @@ fast: the same names as their ViT-B/16, with a ViT-Ti width, 32 px images (a 2x2
 from __future__ import annotations
 
 import argparse
+import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,3 +160,54 @@ def test_hf_hub_file_reference_resolves_from_the_local_cache_only(tmp_path, monk
     with pytest.raises(WeightsError, match=r"cub_vit_t16\.pth of NYCU-PCSxNTHU-MIS/GLSim is not in the local "
                                            r"Hugging Face cache.*hf download NYCU-PCSxNTHU-MIS/GLSim cub_vit_t16\.pth"):
         _glsim("hf-hub:NYCU-PCSxNTHU-MIS/GLSim/cub_vit_t16.pth")
+
+
+def _glsim_layout_release(base, rows: dict[str, list[tuple[int, str]]]) -> None:
+    """A tiny DAF:re snapshot in GLSim's layout: the label CSVs beside fullMin256/ (see test_dafre.py)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base.mkdir(parents=True)
+    for split, items in rows.items():
+        (base / f"{split}.csv").write_text("class_id,dir\n" + "".join(f"{c},{d}\n" for c, d in items))
+        for _, d in items:
+            (base / "fullMin256" / d).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(base / "fullMin256" / d)
+    (base / "classid_classname.csv").write_text("class_id,class_name\n0,morrigan_aensland\n1,uchiha_sasuke\n")
+
+
+def test_evaluate_weights_runs_the_authors_checkpoint_on_the_dafre_test_split(tmp_path, monkeypatch):
+    """The README's two commands at tiny size: acquire dafre, then evaluate-weights on the authors' file."""
+    import polars as pl
+
+    from pipeline.cli import main as cli
+    from pipeline.data.transforms import eval_transform
+
+    monkeypatch.chdir(tmp_path)
+    rows = {"train": [(0, "0001/101.jpg"), (1, "0002/102.jpg")], "val": [(1, "0003/103.jpg")],
+            "test": [(0, f"0004/{200 + i}.jpg") for i in range(3)] + [(1, f"0005/{300 + i}.jpg") for i in range(3)]}
+    _glsim_layout_release(tmp_path / "DAFB", rows)
+    source = _glsim()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_(std=0.2)
+    _authors_checkpoint(tmp_path / "dafb_vit_t16.pth", ours_to_authors(source.state_dict()))
+    assert cli(["acquire", "dafre", "--path", "DAFB", "--images", "fullMin256", "--shard-size", "0",
+                "--out", "raw"]) == 0
+    assert cli(["evaluate-weights", "file:dafb_vit_t16.pth", "--split", "raw/manifest.parquet", "--images", "raw",
+                "--out", "authors", "--model", MODEL]) == 0  # size and top-k from the checkpoint's saved config
+    metrics = json.loads((tmp_path / "authors" / "metrics.json").read_text())
+    assert metrics["test_images"] == 6
+    # the same predictions as the source model, through the authors' test transform (300/224: 42 -> 32 px here)
+    df = pl.read_parquet(tmp_path / "raw" / "manifest.parquet").filter(pl.col("split") == "test")
+    transform = eval_transform(IMG, {"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic",
+                                     "eval_resize": int(IMG * 1.34)})
+    from PIL import Image
+
+    x = torch.stack([transform(image=np.asarray(Image.open(tmp_path / "raw" / p).convert("RGB")))["image"]
+                     for p in df["path"]])
+    with torch.no_grad():
+        want = source(x).argmax(1).tolist()
+    names = ["morrigan_aensland", "uchiha_sasuke", "class_2", "class_3", "class_4"]
+    predictions = pl.read_csv(tmp_path / "authors" / "predictions.csv")
+    assert predictions["predicted"].to_list() == [names[i] for i in want]
