@@ -103,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.inference.predict import add_predict_parser  # light: torch is imported when the command runs
 
     add_predict_parser(sub)
+
+    from pipeline.inference.export import add_export_parser  # light: torch is imported when the command runs
+
+    add_export_parser(sub)
+
+    from pipeline.inference.evaluate_weights import add_evaluate_weights_parser  # light, as above
+
+    add_evaluate_weights_parser(sub)
     _add_pretrain_parsers(sub)
 
     from pipeline.gpu_check import add_gpu_check_parser  # light: torch is imported when the command runs

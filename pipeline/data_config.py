@@ -84,6 +84,23 @@ class EmbeddedSource(_Section):
 
 class FolderSource(_Section):
     path: str | None = None  # ImageFolder layout: <path>/<class name>/<image>
+    # Images of one group never straddle splits (split.strategy: group): image (each its own), subfolder (the folder
+    # under the class: <class>/<group>/<image>), pattern:<regex> (its first capture group, or the whole match, in
+    # the path below <path>; images it does not match are their own group)
+    group: str = "image"
+
+    @field_validator("group")
+    @classmethod
+    def _group_rule(cls, v: str) -> str:
+        if v in ("image", "subfolder"):
+            return v
+        if not v.startswith("pattern:"):
+            raise ValueError(f"{v!r}: expected image, subfolder or pattern:<regex>")
+        try:
+            re.compile(v.removeprefix("pattern:"))
+        except re.error as exc:
+            raise ValueError(f"{v!r}: not a valid regular expression ({exc})") from None
+        return v
 
 
 class CsvSource(_Section):
@@ -205,7 +222,9 @@ class SplitParams(_Section):
     ratios: SplitRatios = SplitRatios()  # used by per_class and by group with group_assign: ratio
     shuffle: bool = False  # per_class: seeded shuffle inside each class first (DAF:re: manifest order)
     group_column: str = "group"  # group: manifest column whose values are held out (artist, post, dup_group, ...)
-    group_assign: Literal["listed", "ratio"] = "listed"  # group: test/val_groups below, or seeded groups by ratios
+    # group: test/val_groups below; ratio: a seeded draw of groups fills the ratios; ratio_per_class: the same in
+    # each class, train first (a class keeps train images), groups joined by near-duplicates drawn as one
+    group_assign: Literal["listed", "ratio", "ratio_per_class"] = "listed"
     test_groups: tuple[str, ...] = ("twemoji",)  # group + listed: these groups form the test set (unseen artist)
     val_groups: tuple[str, ...] = ("emojione",)  # group + listed: these groups form the validation set
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
-from pipeline.config import BaseParams
+from pipeline.data_config import BaseParams
 
 # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI to the environment (so that child processes inherit it). A
 # value we exported ourselves is remembered here, so that it is not mistaken for the user's choice by the next setup()
@@ -127,8 +126,61 @@ def log_artifacts_as(files: dict[str, Path]) -> None:
 
 
 def git_commit(root: Path) -> str:
+    from pipeline.provenance import git_state
+
+    return git_state(root)["git_commit"]
+
+
+def stage_name(kind: str, tags: dict[str, str] | None = None) -> str:
+    """The dvc.yaml stage a run belongs to: `train@<variant>` for a variant's train run, `tune` for sweep trials."""
+    tags = tags or {}
+    if tags.get("stage") == "tune":
+        return "tune"
+    return f"{kind}@{tags['variant']}" if tags.get("variant") else kind
+
+
+def provenance(root: Path, stage: str | None = None, data_file: Path | None = None, prefix: str = "") -> dict:
+    """Tags for a run: dvc.lock dependency hashes of `stage`, the data version (md5 of `data_file`), CPU/GPU,
+    torch/timm/CUDA versions, git commit + dirty flag (pipeline/provenance.py). `prefix` namespaces them when a
+    later stage adds its own to an earlier run (evaluate on the train run)."""
+    from pipeline import provenance as prov
+
+    return {f"{prefix}{k}": v for k, v in prov.collect(root, stage, data_file).items()}
+
+
+def tag_provenance(root: Path, stage: str | None = None, data_file: Path | None = None, prefix: str = "") -> None:
+    """Set provenance() on the active MLflow run."""
+    import mlflow
+
+    mlflow.set_tags(provenance(root, stage, data_file, prefix))
+
+
+def model_origin(base: BaseParams, root: Path, model_file: Path, run_id: str | None = None) -> dict | None:
+    """The train run a checkpoint came from (by run id, or by the checkpoint's md5 tag) as {run_id, run_name,
+    data_version, git_commit, git_dirty, dvc_stage, deps_md5}, or None. Read-only: a missing store stays missing."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.io import md5_file
+
+    db = local_db(base, root)
+    if db is not None and not db.is_file():
+        return None
+    client = MlflowClient(tracking_uri(base, root))
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        if run_id is not None:
+            run = client.get_run(run_id)
+        else:
+            exp = client.get_experiment_by_name(base.experiment)
+            found = [] if exp is None else client.search_runs(
+                [exp.experiment_id], f"tags.{MODEL_MD5_TAG} = '{md5_file(model_file)}' and tags.stage = 'train'",
+                max_results=1, order_by=["attributes.start_time DESC"])
+            run = found[0] if found else None
+    except MlflowException:
+        return None
+    if run is None:
+        return None
+    t = run.data.tags
+    keys = ("data_version", "git_commit", "git_dirty", "dvc_stage", "deps_md5")
+    return {"run_id": run.info.run_id, "run_name": run.info.run_name,
+            **{k: t.get(k) for k in keys}, "data_version": t.get("data_version") or t.get("split_manifest_md5")}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.stage_runner import run, stage_parser
-from pipeline.training.seed_runs import EvalSeedOutputs, evaluate_seeds
+from pipeline.training.evaluate import EvalSeedOutputs, evaluate_seeds
 
 
 def main(args, params, root):

@@ -242,3 +242,35 @@ def test_cli_section_only_given_keys() -> None:
     assert dafre.section_from_cli(parser.parse_args(["--path", "p", "--shard-size", "16"]))["shard_size"] == 16
     with pytest.raises(SystemExit):
         parser.parse_args(["--path", "p", "--shard-size", "-3"])
+
+
+# ------------------------------------------------------------------ snapshots of the dataset as GLSim lays it out
+
+def test_glsim_layout_labels_beside_the_image_folder(tmp_path: Path) -> None:
+    """GLSim's data/daf layout (its configs/datasets/dafb.yaml): train/val/test/train_val/classid_classname CSVs
+    with headers next to fullMin256/. train_val.csv repeats train + val rows and must not be imported."""
+    base = tmp_path / "DAFB"
+    rows = {"train": [(0, "0545/676545.jpg"), (1, "0950/1390950.jpg")], "val": [(1, "0011/11.jpg")],
+            "test": [(0, "0012/12.jpg")]}
+    for split, items in rows.items():
+        (base).mkdir(exist_ok=True)
+        (base / f"{split}.csv").write_text("class_id,dir\n" + "".join(f"{c},{d}\n" for c, d in items))
+        for i, (_, d) in enumerate(items):
+            jpeg(base / "fullMin256" / d, size_of(i))
+    (base / "train_val.csv").write_text("class_id,dir\n" + "".join(f"{c},{d}\n" for c, d in rows["train"] +
+                                                                   rows["val"]))
+    (base / labelcsv.CLASS_NAMES_FILE).write_text("class_id,class_name\n0,morrigan_aensland\n1,uchiha_sasuke\n")
+    df = run_dafre(base, tmp_path / "out", images="fullMin256", shard_size=None)
+    assert df["image_id"].to_list() == ["dafre-676545", "dafre-1390950", "dafre-11", "dafre-12"]
+    assert df["split"].to_list() == ["train", "train", "val", "test"]
+    assert df["class_name"].to_list() == ["morrigan_aensland", "uchiha_sasuke", "uchiha_sasuke", "morrigan_aensland"]
+
+
+def test_a_snapshot_of_the_packed_release_names_the_archives(tmp_path: Path) -> None:
+    base = tmp_path / "snap"
+    base.mkdir()
+    for name in ("dafre_full.tar.gz", "labels.tar.gz"):
+        (base / name).write_bytes(b"\x1f\x8b")
+    with pytest.raises(FileNotFoundError, match=r"holds the release archives \['dafre_full.tar.gz', "
+                                                r"'labels.tar.gz'\], not unpacked: run .*tar xzf dafre_full.tar.gz"):
+        run_dafre(base, tmp_path / "out", images="fullMin256")

@@ -21,8 +21,8 @@ from pipeline.models import load_checkpoint
 from pipeline.report import ReportInputs, build_report, log_to_mlflow
 from pipeline.report.results import VariantPaths
 from pipeline.training.engine import TrainOutputs, train
-from pipeline.training.evaluate import EvalOutputs, evaluate
-from pipeline.training.seed_runs import EvalSeedOutputs, TrainSeedOutputs, evaluate_seeds, train_seeds
+from pipeline.training.evaluate import EvalOutputs, EvalSeedOutputs, evaluate, evaluate_seeds
+from pipeline.training.seed_runs import TrainSeedOutputs, train_seeds
 from tests.conftest import train_run, write_tiny_params
 
 N_CLASSES = 12

@@ -6,6 +6,7 @@ Images are copied under `out/images/`, so the stage output is self-contained (DV
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -63,8 +64,26 @@ def from_embedded(cfg: EmbeddedSource, root: Path, out: Path) -> pl.DataFrame:
     return _rows_from_files(files, out, "embedded")
 
 
+def folder_group(rel: str, rule: str) -> str:
+    """The `group` of an image at <class>/.../<image> (rel, below the folder root) under acquire.folder.group.
+
+    subfolder: `<class>/<first folder below the class>` (an image directly in its class folder is its own group);
+    pattern:<regex>: the first capture group of re.search on rel (the whole match without groups), unmatched images
+    are their own group; image: rel itself."""
+    parts = rel.split("/")
+    if rule == "subfolder":
+        return "/".join(parts[:2]) if len(parts) > 2 else rel
+    if rule.startswith("pattern:"):
+        m = re.search(rule.removeprefix("pattern:"), rel)
+        if m is None:
+            return rel
+        return m.group(1) if m.re.groups else m.group(0)
+    return rel
+
+
 def from_folder(cfg: FolderSource, root: Path, out: Path) -> pl.DataFrame:
-    """ImageFolder layout: <path>/<class name>/<image>. Each image is its own group.
+    """ImageFolder layout: <path>/<class name>/<image>, or <class>/<group>/<image> with acquire.folder.group (the
+    `group` column, which split.strategy: group holds out whole; see folder_group).
 
     Folder links, links out of the root and hidden entries are skipped (pipeline/data/sourcefiles.py) and listed in
     out/skipped.parquet; files directly under <path> belong to no class and are ignored."""
@@ -74,7 +93,7 @@ def from_folder(cfg: FolderSource, root: Path, out: Path) -> pl.DataFrame:
     for f in listing.files:
         rel = f.relative_to(base).as_posix()
         if "/" in rel:
-            files.append((f, f"images/{rel}", rel, rel.split("/", 1)[0], rel))
+            files.append((f, f"images/{rel}", rel, rel.split("/", 1)[0], folder_group(rel, cfg.group)))
     write_parquet(out / SKIPPED, pl.DataFrame(listing.skipped, schema={"path": pl.String, "reason": pl.String},
                                               orient="row"))
     if listing.skipped:
@@ -99,10 +118,12 @@ def section_from_cli_embedded(args) -> dict:
 
 def add_cli_arguments_folder(p) -> None:
     p.add_argument("--path", required=True, help="<class>/<image> root")
+    p.add_argument("--group", help="image (default) | subfolder (<class>/<group>/<image>) | pattern:<regex>: "
+                                   "which images form one group that never straddles splits")
 
 
 def section_from_cli_folder(args) -> dict:
-    return {"path": args.path}
+    return {"path": args.path} | ({"group": args.group} if args.group else {})
 
 
 def _source(name: str) -> Callable[..., pl.DataFrame]:

@@ -5,6 +5,7 @@ Release layout (reference-methods.md, D.2):
     <path>/faces/<4-digit bucket>/<danbooru id>.jpg     (or fullMin256/, the "DAF:re Full" / DAFB images)
     <path>/labels/train.csv, val.csv, test.csv          `class_id,dir`, no header (GLSim's copies have one)
     <path>/labels/classid_classname.csv                 `id,name`, no header
+    (or the same CSVs directly in <path>, GLSim's data/daf layout; see release_paths)
 
 The label rows become manifest rows in release order (train, val, test; file order within): the DAF:re split is a
 head/tail cut of each class in that order, so `split.strategy: per_class` reproduces it only if the order is kept.
@@ -25,9 +26,23 @@ SOURCE = "dafre"
 _POST_ID = r"(?:^|/)(\d+)\.[A-Za-z0-9]+$"  # `0291/1796291.jpg` -> 1796291: Danbooru post ids name the files
 
 
+ARCHIVES = ("dafre_faces.tar.gz", "dafre_full.tar.gz", "labels.tar.gz")  # the release's files, before unpacking
+
+
 def release_paths(base: Path, images: str) -> tuple[Path, Path, Path]:
-    """(image folder, labels folder, class-name file) of a release; the folders and class names must exist."""
+    """(image folder, labels folder, class-name file) of a release; the folders and class names must exist.
+
+    Labels are read from `labels/` (the release tarball) or, when there is none, from the CSVs beside the image
+    folder: the layout GLSim's dataset config reads (`data/daf/{train,val,test,classid_classname}.csv` next to
+    `fullMin256/`; its extra train_val.csv is ignored). A folder that still holds the release archives is named as
+    such, with the command that unpacks them."""
     image_root, labels_dir = base / images, base / "labels"
+    packed = [a for a in ARCHIVES if (base / a).is_file()]
+    if packed and not image_root.is_dir():
+        raise FileNotFoundError(f"acquire.dafre.path: {base} holds the release archives {packed}, not unpacked: run "
+                                f"`cd {base} && " + " && ".join(f"tar xzf {a}" for a in packed) + "` first")
+    if not labels_dir.is_dir() and any((base / f"{s}.csv").is_file() for s in labelcsv.SPLIT_FILES):
+        labels_dir = base  # GLSim's layout: the label CSVs beside the image folder
     for folder, what in ((image_root, f"image folder ({images}/)"), (labels_dir, "label folder")):
         if not folder.is_dir():
             raise FileNotFoundError(f"acquire.dafre.path: DAF:re {what} {folder} does not exist")

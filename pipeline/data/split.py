@@ -4,7 +4,9 @@ Strategies (split.strategy):
 - per_class: DAF:re's rule. For each class, in manifest order (or after a seeded shuffle), the first
   int(train * n) rows are train, up to int((train + val) * n) val, the rest test.
 - group: whole groups of `split.group_column` (artists, posts, near-duplicate groups) are held out: the listed
-  test/val groups (leave one artist out), or, with group_assign: ratio, a seeded draw of groups filling the ratios.
+  test/val groups (leave one artist out), or, with group_assign: ratio, a seeded draw of groups filling the ratios,
+  or with ratio_per_class the same draw inside each class (the folder source's <class>/<group>/<image> groups;
+  groups that near-duplicates join are drawn as one, so nothing has to move afterwards).
 - official: the source's own `split` column (DAF:re release, CUB, ...), which `clean` passes through.
 
 Near-duplicate groups (`dup_group`, written by clean) never straddle splits, whatever the strategy: after the
@@ -74,6 +76,8 @@ def by_group(df: pl.DataFrame, cfg: SplitParams, seed: int = 0) -> pl.DataFrame:
     g = _group_column(df, cfg)
     if cfg.group_assign == "ratio":
         return _groups_by_ratio(df, cfg, seed)
+    if cfg.group_assign == "ratio_per_class":
+        return _groups_by_class_ratio(df, cfg, seed)
     present = set(df.select(g.unique())[cfg.group_column].to_list())
     unknown = sorted((set(cfg.test_groups) | set(cfg.val_groups)) - present)
     if unknown:
@@ -101,6 +105,43 @@ def _groups_by_ratio(df: pl.DataFrame, cfg: SplitParams, seed: int) -> pl.DataFr
     return (df.with_columns(pl.col(col).cast(pl.String).alias("_g"))
             .join(assign, on="_g", how="left", maintain_order="left", nulls_equal=True)
             .with_columns(pl.col("_split").alias("split")).drop("_g", "_split"))
+
+
+def merged_units(df: pl.DataFrame, column: str) -> pl.Series:
+    """One id per set of rows linked by sharing `column` or a near-duplicate group (`dup_group`, when present): the
+    connected components, found by propagating the smallest row index over both keys until nothing changes."""
+    keys = [c for c in (column, DUP_GROUP) if c in df.columns]
+    units = df.select(*(pl.col(k).cast(pl.String) for k in keys)).with_row_index("_u")
+    while True:
+        before = units["_u"]
+        for key in keys:
+            units = units.with_columns(pl.col("_u").min().over(key))
+        if units["_u"].equals(before):
+            return units["_u"]
+
+
+def _groups_by_class_ratio(df: pl.DataFrame, cfg: SplitParams, seed: int) -> pl.DataFrame:
+    """In each class, its groups in a seeded random order fill train, then val, up to their shares; the rest is
+    test. Train comes first, so a class with a single group only trains. Groups that near-duplicates join are one
+    draw, so neither the group nor the near-duplicate group straddles splits. A group spanning classes is an error."""
+    r = cfg.ratios
+    frame = df.with_columns(merged_units(df, cfg.group_column).alias("_u"))
+    spans = (frame.group_by("_u").agg(pl.col("class_name").n_unique().alias("k"), pl.col(cfg.group_column).first())
+             .filter(pl.col("k") > 1))
+    if spans.height:
+        raise SplitError(f"split.group_assign 'ratio_per_class': {spans.height} groups of {cfg.group_column!r} hold "
+                         f"images of several classes (e.g. {spans[cfg.group_column].head(3).to_list()}, counting "
+                         "groups joined by near-duplicates); use group_assign: ratio")
+    sizes = frame.group_by("class_name", "_u").len().sort("class_name", "_u")
+    order = np.random.default_rng(seed).permutation(sizes.height)
+    sizes = (sizes[order].sort("class_name", maintain_order=True)
+             .with_columns((pl.col("len").cum_sum() - pl.col("len")).over("class_name").alias("_before"),
+                           pl.col("len").sum().over("class_name").alias("_n")))
+    assign = sizes.select("_u", pl.when(pl.col("_before") < r.train * pl.col("_n")).then(pl.lit("train"))
+                          .when(pl.col("_before") < round(r.train + r.val, 12) * pl.col("_n")).then(pl.lit("val"))
+                          .otherwise(pl.lit("test")).alias("_split"))
+    return (frame.join(assign, on="_u", how="left", maintain_order="left")
+            .with_columns(pl.col("_split").alias("split")).drop("_u", "_split"))
 
 
 STRATEGIES = {"per_class": lambda df, cfg, seed: per_class(df, cfg, seed),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -81,7 +82,9 @@ def main(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         torch.set_num_threads(params.base.threads)
     with tempfile.TemporaryDirectory(prefix="predict-model-") as tmp:  # a downloaded runs:/ checkpoint
-        model, ckpt = load_model(resolve_checkpoint(args.model, params.base, root, Path(tmp)), args.model, device)
+        path = resolve_checkpoint(args.model, params.base, root, Path(tmp))
+        model, ckpt = load_model(path, args.model, device)
+        print(origin_line(args.model, path, params.base, root), file=sys.stderr, flush=True)
     method = ckpt["model_spec"]["method"]
     if args.explain is not None and method != "glsim":
         raise PredictError(f"--explain {args.explain}: needs a GLSim checkpoint (train.method: glsim); "
@@ -94,6 +97,22 @@ def main(args: argparse.Namespace) -> int:
         for result in predictor.predict(batch, k, names):
             print(json.dumps(result) if args.json else format_table(result), flush=True)
     return 0
+
+
+def origin_line(spec: str, path: Path, base, root: Path) -> str:
+    """Which MLflow train run and data version the checkpoint came from (stderr: stdout stays the predictions)."""
+    from pipeline import tracking
+
+    run_id = spec.removeprefix("runs:/").split("/", 1)[0] if spec.startswith("runs:/") else None
+    origin = tracking.model_origin(base, root, path, run_id)
+    if origin is None:
+        return (f"model: {spec}: no MLflow train run in {tracking.local_db(base, root) or 'MLFLOW_TRACKING_URI'} wrote this "
+                "checkpoint "
+                "(trained elsewhere or the store was reset): run and data version unknown")
+    dirty = " (uncommitted changes)" if origin["git_dirty"] == "true" else ""
+    return (f"model: {spec} from MLflow run {origin['run_id']} ({origin['run_name']}), data version "
+            f"{origin['data_version'] or 'unknown'} (split manifest md5), code deps {origin['deps_md5'] or 'unknown'}, "
+            f"git {origin['git_commit'] or 'unknown'}{dirty}")
 
 
 def _load_params(path: str | None):

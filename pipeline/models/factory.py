@@ -21,7 +21,7 @@ from torch import nn
 from pipeline.io import atomic_path
 from pipeline.models.blocks import block_type, constant_drop_path, output_dropout_only
 from pipeline.models.weights import (WeightsError, efficientnet_lite0_package_state_dict, load_backbone_weights,
-                                     load_pretrained)
+                                     load_pretrained, load_whole, read_weights, weights_layout)
 
 METHODS = ("cnn", "linear", "vit", "glsim", "ila")
 CHECKPOINT_FORMAT = "anime-fgvc-checkpoint/1"
@@ -87,9 +87,11 @@ def build_model(method: str, model_name: str, num_classes: int, weights: str = "
         kwargs["proj_drop_rate"] = proj_drop_rate
     if layer_norm_eps is not None:
         kwargs["norm_layer"] = partial(LayerNorm, eps=layer_norm_eps)
+    preloaded = _read_once(weights, root) if not backbone_cnn else None
+    whole = preloaded is not None and _loads_whole(method, preloaded[0])
     try:
         model = (_hybrid_vit(model_name, backbone_cnn, weights, root, patch_size, **kwargs) if backbone_cnn
-                 else _create(model_name, weights, root, **kwargs))
+                 else _create(model_name, "none" if whole else weights, root, preloaded, **kwargs))
     except TypeError as exc:
         if "drop_path_rate" not in str(exc):
             raise
@@ -109,6 +111,9 @@ def build_model(method: str, model_name: str, num_classes: int, weights: str = "
         model = ILAViT(model, ila_variant, init=init)
     elif method == "linear":
         freeze_backbone(model)
+    if whole:  # the encoder, the aggregator / adapters and (class count permitting) the head of a whole model
+        load_whole(model, preloaded)
+        _check_authors_settings(model, preloaded[1])
     # What load_checkpoint needs to rebuild the same architecture (the weights come from the checkpoint itself).
     options: dict[str, Any] = {"patch_size": patch_size, "backbone_cnn": backbone_cnn,
                                "layer_norm_eps": layer_norm_eps}
@@ -147,12 +152,43 @@ def _is_vit(model_name: str) -> bool:
     return module.rsplit(".", 1)[-1] in ("vision_transformer", "deit", "vision_transformer_hybrid")
 
 
-def _create(model_name: str, weights: str, root: Path | None, **kwargs: Any) -> nn.Module:
+def _read_once(weights: str, root: Path | None) -> tuple[dict, dict | None, str] | None:
+    """The state dict of a file:/local-dir:/hf-hub: spec, read once (a Google .npz goes through timm's reader)."""
+    if not weights.startswith(("file:", "local-dir:", "hf-hub:")):
+        return None
+    if weights.startswith("file:") and weights.endswith(".npz"):
+        return None
+    return read_weights(weights, root)
+
+
+def _loads_whole(method: str, state: dict) -> bool:
+    """A whole-model state dict of this method's wrapper: GLSim's aggregator and head come with it (the authors'
+    checkpoints, exported GLSim folders); an exported ILA folder brings its adapters. Other methods take the encoder."""
+    layout = weights_layout(state)
+    return (method == "glsim" and layout == "glsim") or (method == "ila" and layout == "wrapped")
+
+
+def _check_authors_settings(model: nn.Module, config: dict | None) -> None:
+    """The authors' GLSim checkpoints record top-k and image size: a model built otherwise computes something else
+    than the paper's model (allowed for fine-tuning, so a warning on stderr)."""
+    import sys
+
+    saved = (config or {}).get("authors_glsim") or {}
+    ours = {"dynamic_top": ("train.glsim_top_k", getattr(model, "top_k", None)),
+            "image_size": ("train.img_size", getattr(model, "img_hw", (None,))[0])}
+    for key, (param, value) in ours.items():
+        if key in saved and value is not None and saved[key] != value:
+            print(f"warning: the authors' GLSim checkpoint was trained with {key}={saved[key]}; {param} is {value}",
+                  file=sys.stderr)
+
+
+def _create(model_name: str, weights: str, root: Path | None, preloaded: tuple | None = None,
+            **kwargs: Any) -> nn.Module:
     if weights == "hub":
         return timm.create_model(model_name, pretrained=True, **kwargs)
     if weights.startswith(("file:", "local-dir:", "hf-hub:")):
         model = timm.create_model(model_name, pretrained=False, **kwargs)
-        load_pretrained(model, weights, root, partial=bool(kwargs.get("features_only")))
+        load_pretrained(model, weights, root, partial=bool(kwargs.get("features_only")), weights=preloaded)
         return model
     if weights not in ("none", "package:efficientnet_lite0"):
         raise WeightsError(f"train.weights: unknown weights spec {weights!r}")

@@ -266,6 +266,7 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
                              "stage": "train", "method": cfg.method, "model": cfg.model,
                              "recipe": cfg.recipe or "none", "processes": str(d.world),
                              "weights": describe_weights(cfg.model, cfg.weights, cfg.backbone_cnn), **(tags or {})})
+            tracking.tag_provenance(root, tracking.stage_name("train", tags), split_manifest)
             mlflow.log_params({"params_total": n_params, "params_trainable": n_trainable,
                                "num_classes": len(classes)})
         for epoch in range(start_epoch, cfg.epochs + 1):

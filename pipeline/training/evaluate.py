@@ -25,6 +25,8 @@ from pipeline.data.transforms import eval_transform
 from pipeline.inference.explain import write_samples
 from pipeline.io import atomic_path, write_json
 from pipeline.models import load_checkpoint
+from pipeline.seeds import seed_dir, seed_params
+from pipeline.seeds import summarize as summarize_seeds
 from pipeline.training.engine import make_loader, predict, resolve_device, seed_everything, use_channels_last
 from pipeline.training.metrics import GROUPS, confused_pairs, frequency_groups, group_accuracy, summarize
 
@@ -111,6 +113,9 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     with (mlflow.start_run(run_id=run.info.run_id) if run is not None else
           mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{model_dir.name}",
                            tags={"stage": "evaluate"})):
+        # On the train run the evaluate stage's own provenance is namespaced: the run's plain tags are train's.
+        tracking.tag_provenance(root, f"evaluate@{model_dir.name}", split_manifest,
+                                prefix="evaluate." if run is not None else "")
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()} | {"test_img_per_s": img_per_s})
         tracking.log_artifacts_as({"test_metrics.json": out.metrics, "per_class.csv": out.per_class,
                                    "confused_pairs.csv": out.confused_pairs})
@@ -150,3 +155,47 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
+
+
+@dataclass(frozen=True)
+class EvalSeedOutputs:
+    metrics_file: Path  # the summary over seeds
+    seed_metrics_dir: Path  # seed<N>.json
+    predictions_dir: Path  # seed<N>.csv each
+    per_class_dir: Path
+    confused_pairs_dir: Path
+    samples_dir: Path  # seed<N>.npz
+
+    @classmethod
+    def in_layout(cls, name: str, metrics: Path, plots: Path) -> EvalSeedOutputs:
+        """dvc.yaml's evaluate@<name> outputs under the two roots."""
+        return cls(metrics / "evaluate" / f"{name}.json", metrics / "evaluate" / name,
+                   *(plots / kind / name for kind in ("predictions", "per_class", "confused_pairs", "samples")))
+
+    def of(self, seed: int) -> EvalOutputs:
+        return EvalOutputs(*(seed_dir(folder, seed).with_suffix(ext) for folder, ext in (
+            (self.seed_metrics_dir, ".json"), (self.predictions_dir, ".csv"), (self.per_class_dir, ".csv"),
+            (self.confused_pairs_dir, ".csv"), (self.samples_dir, ".npz"))))
+
+
+def evaluate_seeds(params: Params, split: Path, images: Path, model_dir: Path, out: EvalSeedOutputs,
+                   root: Path) -> dict:
+    """Evaluate each seed's model (model_dir/seed<N>/) on the test split; the summary also goes to the parent run."""
+    from pipeline import tracking
+
+    per_seed = {}
+    for seed in params.base.seeds:
+        one = seed_dir(model_dir, seed)
+        if not (one / "model.pt").is_file():
+            raise FileNotFoundError(f"{one / 'model.pt'}: no model for seed {seed} of base.seeds (run train with "
+                                    "the same base.seeds first)")
+        per_seed[seed] = evaluate(seed_params(params, seed), split, images, one, out.of(seed), root)
+    summary = summarize_seeds(per_seed)
+    write_json(out.metrics_file, summary)
+    first = seed_dir(model_dir, params.base.seeds[0]) / "model.pt"
+    group = tracking.parent_of(tracking.train_run_of(first, tracking.setup(params.base, root)))
+    if group is not None:
+        tracking.log_seed_summary(group, summary)
+    print(f"evaluate: test top-1 {summary['test_top1']:.4f} ± {summary['test_top1_std']:.4f} over "
+          f"{summary['n_seeds']} seeds ({', '.join(f'{v:.4f}' for v in summary['test_top1_seeds'])})")
+    return summary

@@ -29,7 +29,7 @@ def parent_run(client: MlflowClient, experiment_id: str, name: str, params: Para
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=name, tags={
-        "stage": "tune", "tune_role": "parent", "tune_sweep": name, "git_commit": tracking.git_commit(root)})
+        "stage": "tune", "tune_role": "parent", "tune_sweep": name, **tracking.provenance(root, "tune")})
     flat = [Param(k, str(v)) for k, v in flatten(params).items() if k.startswith(("base.", "train.", "tune."))]
     for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=flat[i:i + 100])
