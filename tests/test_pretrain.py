@@ -23,7 +23,7 @@ from pipeline.pretrain.pool import OPENCLIPART_DIR, PoolError, build_pool, exclu
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"steps": 4, "batch_size": 4, "img_size": 32, "patch_size": 8, "min_grid": 4, "pool_px": 40,
-        "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1, "sources": ["openclipart"]}
+        "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1, "sources": ["openclipart"], "name": "tiny"}
 
 
 def _clipart(root: Path, n: int = 6) -> Path:
@@ -55,19 +55,19 @@ def test_pretrain_command_exports_card_provenance_and_loadable_weights(tmp_path)
     rc = cli.main(["pretrain", "--params", str(_params(tmp_path)), "--out", str(out), "--work", str(tmp_path / "w"),
                    "--sources", str(sources), "--threads", "1"])
     assert rc == 0
-    weights = out / "vit_tiny_distilled.safetensors"
+    weights = out / "tiny.safetensors"
     state = load_file(weights)
     assert {t.dtype for t in state.values()} == {torch.float16}
     assert state["head.weight"].shape == (1000, 192)  # a complete ImageNet classifier, as timm expects
-    card = (out / "vit_tiny_distilled.md").read_text()
+    card = (out / "tiny.md").read_text()
     assert re.search(r"sha256: `([0-9a-f]{64})`", card).group(1) == sha256_file(weights)
-    summary = json.loads((out / "vit_tiny_distilled.json").read_text())
+    summary = json.loads((out / "tiny.json").read_text())
     assert summary["steps"] == 4 and summary["grid"] == [4, 4]
-    provenance = pl.read_csv(out / "vit_tiny_distilled.provenance.csv")
+    provenance = pl.read_csv(out / "tiny.provenance.csv")
     assert provenance.to_dicts()[0]["images"] == 6  # the symlink is the same drawing: counted once
-    curve = pl.read_csv(out / "vit_tiny_distilled.loss.csv")
+    curve = pl.read_csv(out / "tiny.loss.csv")
     assert curve["step"].to_list() == [1, 2, 3, 4] and curve["loss"].is_finite().all()
-    assert (out / "vit_tiny_distilled.loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "tiny.loss.png").read_bytes()[:4] == b"\x89PNG"
 
     from pipeline.models.factory import build_model
 
@@ -234,9 +234,9 @@ def test_pool_pack_travels_and_trains_like_the_sources(tmp_path):
     out = tmp_path / "out"
     assert cli.main(["pretrain", "--params", str(params), "--work", str(tmp_path / "w2"), "--pool", str(pack),
                      "--out", str(out), "--device", "cpu", "--threads", "1", "--export-each-checkpoint"]) == 0
-    summary = json.loads((out / "vit_tiny_distilled.json").read_text())
+    summary = json.loads((out / "tiny.json").read_text())
     assert summary["images"] == 6 and summary["pool_file"] == "pool.npz" and summary["device"] == "cpu"
-    assert "Pool read from the pack `pool.npz`" in (out / "vit_tiny_distilled.md").read_text()
+    assert "Pool read from the pack `pool.npz`" in (out / "tiny.md").read_text()
     with pytest.raises(PoolError, match="no pool pack"):
         unpack_pool(tmp_path / "w" / "pool.npz")
 
