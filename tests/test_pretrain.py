@@ -17,12 +17,13 @@ from safetensors.torch import load_file
 from pipeline import cli
 from pipeline.config import PretrainParams
 from pipeline.pretrain import distill as distill_mod
-from pipeline.pretrain.distill import DistillPaths, StepBatches, augmentation, distill, sha256_file
+from pipeline.pretrain.augment import BatchAugment
+from pipeline.pretrain.distill import DistillPaths, distill, sha256_file
 from pipeline.pretrain.pool import OPENCLIPART_DIR, PoolError, build_pool, excluded_codepoints
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"steps": 4, "batch_size": 4, "img_size": 32, "patch_size": 8, "min_grid": 4, "pool_px": 40,
-        "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1, "sources": ["openclipart"]}
+        "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1, "sources": ["openclipart"], "name": "tiny"}
 
 
 def _clipart(root: Path, n: int = 6) -> Path:
@@ -54,19 +55,19 @@ def test_pretrain_command_exports_card_provenance_and_loadable_weights(tmp_path)
     rc = cli.main(["pretrain", "--params", str(_params(tmp_path)), "--out", str(out), "--work", str(tmp_path / "w"),
                    "--sources", str(sources), "--threads", "1"])
     assert rc == 0
-    weights = out / "vit_tiny_distilled.safetensors"
+    weights = out / "tiny.safetensors"
     state = load_file(weights)
     assert {t.dtype for t in state.values()} == {torch.float16}
     assert state["head.weight"].shape == (1000, 192)  # a complete ImageNet classifier, as timm expects
-    card = (out / "vit_tiny_distilled.md").read_text()
+    card = (out / "tiny.md").read_text()
     assert re.search(r"sha256: `([0-9a-f]{64})`", card).group(1) == sha256_file(weights)
-    summary = json.loads((out / "vit_tiny_distilled.json").read_text())
+    summary = json.loads((out / "tiny.json").read_text())
     assert summary["steps"] == 4 and summary["grid"] == [4, 4]
-    provenance = pl.read_csv(out / "vit_tiny_distilled.provenance.csv")
+    provenance = pl.read_csv(out / "tiny.provenance.csv")
     assert provenance.to_dicts()[0]["images"] == 6  # the symlink is the same drawing: counted once
-    curve = pl.read_csv(out / "vit_tiny_distilled.loss.csv")
+    curve = pl.read_csv(out / "tiny.loss.csv")
     assert curve["step"].to_list() == [1, 2, 3, 4] and curve["loss"].is_finite().all()
-    assert (out / "vit_tiny_distilled.loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "tiny.loss.png").read_bytes()[:4] == b"\x89PNG"
 
     from pipeline.models.factory import build_model
 
@@ -82,19 +83,19 @@ def test_killed_distillation_resumes_to_the_uninterrupted_weights(tmp_path, monk
     straight = distill(cfg, images, DistillPaths(tmp_path / "a", tmp_path / "a.safetensors"), seed=3,
                        device=torch.device("cpu"))
 
-    real_call = StepBatches.__call__
+    real_call = BatchAugment.__call__
 
     def killed_at_3(self, step):
         if step == 3:
             raise KeyboardInterrupt
         return real_call(self, step)
 
-    monkeypatch.setattr(StepBatches, "__call__", killed_at_3)
+    monkeypatch.setattr(BatchAugment, "__call__", killed_at_3)
     paths = DistillPaths(tmp_path / "b", tmp_path / "b.safetensors")
     with pytest.raises(KeyboardInterrupt):
         distill(cfg, images, paths, seed=3, device=torch.device("cpu"))
     assert torch.load(paths.work_dir / "last.pt", weights_only=True)["step"] == 2  # the last checkpoint
-    monkeypatch.setattr(StepBatches, "__call__", real_call)
+    monkeypatch.setattr(BatchAugment, "__call__", real_call)
     resumed = distill(cfg, images, paths, seed=3, device=torch.device("cpu"))
     assert [r["step"] for r in resumed["history"]] == [1, 2, 3, 4]
     for (k, a), b in zip(straight["student"].state_dict().items(), resumed["student"].state_dict().values()):
@@ -105,14 +106,29 @@ def test_killed_distillation_resumes_to_the_uninterrupted_weights(tmp_path, monk
 
 
 def test_batches_depend_only_on_seed_and_step():
-    images = np.random.default_rng(2).integers(0, 255, (7, 40, 40, 3), dtype=np.uint8)
-    cfg = PretrainParams(**{**TINY, "sources": ("openclipart",)})
-    a = StepBatches(images, 4, 5, augmentation(cfg, 5), mixup=0.5)
-    b = StepBatches(images, 4, 5, augmentation(cfg, 5), mixup=0.5)
+    pool = torch.from_numpy(np.random.default_rng(2).integers(0, 255, (7, 40, 40, 3), dtype=np.uint8))
+    a = BatchAugment(pool, 4, 32, 5, scale_min=0.25, mixup=0.5)
+    b = BatchAugment(pool, 4, 32, 5, scale_min=0.25, mixup=0.5)
     assert torch.equal(a(3), b(3)) and not torch.equal(a(3), a(4))
+    assert a(3).shape == (4, 3, 32, 32) and a(3).min() >= -1 and a(3).max() <= 1  # normalised as the teacher wants
     # Two epochs of 7 images: every image once per epoch.
-    seen = [i for step in range(7) for i in a.indices(step)]
+    seen = [i for step in range(7) for i in a.indices(step).tolist()]
     assert sorted(seen[:7]) == list(range(7)) and sorted(seen[7:14]) == list(range(7))
+
+
+def test_views_pad_with_white_and_vary_per_image(monkeypatch):
+    from pipeline.pretrain import augment
+
+    for colour_op in ("P_JITTER", "P_GREY", "P_SHUFFLE", "P_BLUR", "P_INVERT"):
+        monkeypatch.setattr(augment, colour_op, 0.0)
+    white = torch.full((16, 40, 40, 3), 255, dtype=torch.uint8)
+    views = BatchAugment(white, 16, 32, 0, scale_min=0.25, mixup=0.0)(0)
+    # Rotated/sheared crops reach outside the drawing: that area is the pool's white, not black.
+    assert torch.allclose(views, torch.ones_like(views), atol=1e-5)
+    monkeypatch.undo()
+    pool = torch.from_numpy(np.random.default_rng(3).integers(0, 255, (1, 40, 40, 3), dtype=np.uint8))
+    views = BatchAugment(pool.expand(16, -1, -1, -1).contiguous(), 16, 32, 0, scale_min=0.25, mixup=0.0)(0)
+    assert len({tuple(v[:50].tolist()) for v in views.flatten(1)}) == 16  # each image of a batch: its own view
 
 
 def test_pool_refuses_missing_sources_and_knows_the_embedded_classes(tmp_path):
@@ -201,3 +217,38 @@ def test_a_larger_budget_continues_the_state_and_the_card_says_so(tmp_path):
     summary = export(result, cfg, rows, paths, seed=0, device="cpu")
     assert summary["steps"] == 4
     assert "Step budget changed while resuming: 2 steps from step 0; 4 steps from step 2" in paths.card.read_text()
+
+
+def test_pool_pack_travels_and_trains_like_the_sources(tmp_path):
+    """--pack writes the fitted pool into one file; --pool trains from it on a machine without the sources."""
+    sources = _clipart(tmp_path / "src")
+    params = _params(tmp_path)
+    pack = tmp_path / "pack" / "pool.npz"
+    assert cli.main(["pretrain", "--params", str(params), "--work", str(tmp_path / "w"), "--sources", str(sources),
+                     "--pack", str(pack)]) == 0
+    from pipeline.pretrain.pool import load_pool, unpack_pool
+
+    built, carried = load_pool(tmp_path / "w" / "pool.npz"), unpack_pool(pack)
+    assert np.array_equal(built.images, carried.images)  # lossless by default
+    assert carried.groups == built.groups and carried.files == built.files
+    out = tmp_path / "out"
+    assert cli.main(["pretrain", "--params", str(params), "--work", str(tmp_path / "w2"), "--pool", str(pack),
+                     "--out", str(out), "--device", "cpu", "--threads", "1", "--export-each-checkpoint"]) == 0
+    summary = json.loads((out / "tiny.json").read_text())
+    assert summary["images"] == 6 and summary["pool_file"] == "pool.npz" and summary["device"] == "cpu"
+    assert "Pool read from the pack `pool.npz`" in (out / "tiny.md").read_text()
+    with pytest.raises(PoolError, match="no pool pack"):
+        unpack_pool(tmp_path / "w" / "pool.npz")
+
+
+def test_wall_clock_budget_is_sized_from_the_measured_speed(tmp_path):
+    torch.set_num_threads(1)
+    cfg = PretrainParams(**{**TINY, "sources": ("openclipart",), "steps": 10_000, "warmup_steps": 50,
+                            "checkpoint_every": 10_000})
+    images = np.random.default_rng(5).integers(0, 255, (6, 40, 40, 3), dtype=np.uint8)
+    result = distill(cfg, images, DistillPaths(tmp_path / "w", tmp_path / "v.safetensors"), seed=0,
+                     device=torch.device("cpu"), max_seconds=4.0)
+    # Sized inside the warm-up, so the schedule so far fits any budget: one budget, far below the 10,000 asked.
+    assert len(result["budgets"]) == 1 and result["budgets"][0][0] == 0
+    assert 25 < result["steps"] == result["budgets"][0][1] < 10_000
+    assert result["history"][-1]["step"] == result["steps"]

@@ -24,11 +24,9 @@ import hashlib
 import io
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import albumentations as A
-import cv2
 import numpy as np
 import timm
 import torch
@@ -37,13 +35,14 @@ from torch import nn
 
 from pipeline.io import atomic_path, write_json, write_text
 from pipeline.models.weights import WeightsError, efficientnet_lite0_package_state_dict
+from pipeline.pretrain.augment import MEAN_STD, BatchAugment
 from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
 TEACHERS = ("tf_efficientnet_lite0",)  # architectures with offline (package) ImageNet weights
-TEACHER_MEAN_STD = (0.5, 0.5)  # the package weights' normalisation; the ViT cards of timm use the same
-CHECKPOINT_FORMAT = "anime-fgvc-pretrain/1"
+TEACHER_MEAN_STD = MEAN_STD  # the package weights' normalisation; the ViT cards of timm use the same
+CHECKPOINT_FORMAT = "anime-fgvc-pretrain/2"  # /2: batched device augmentation (augment.py)
 HISTORY_COLUMNS = ("step", "loss", "tokens", "deep", "cls", "logits", "lr", "seconds")
 
 
@@ -166,59 +165,6 @@ def distill_losses(student: nn.Module, heads: Heads, teacher_out, x: torch.Tenso
 
 
 # --------------------------------------------------------------------------- #
-# Data: deterministic per-step batches
-# --------------------------------------------------------------------------- #
-
-
-def augmentation(cfg, seed: int) -> A.Compose:
-    """Heavy augmentation: both networks see the same view, so any view is a valid lesson."""
-    size = cfg.img_size
-    return A.Compose([
-        A.RandomResizedCrop(size=(size, size), scale=(cfg.scale_min, 1.0), ratio=(0.75, 1.333),
-                            interpolation=cv2.INTER_LINEAR),
-        A.HorizontalFlip(p=0.5),
-        A.Affine(rotate=(-20, 20), shear=(-10, 10), fill=255, p=0.3),
-        A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8),
-        A.ToGray(p=0.1),
-        A.ChannelShuffle(p=0.1),
-        A.GaussianBlur(blur_limit=(3, 5), p=0.1),
-        A.InvertImg(p=0.05),
-        A.Normalize(mean=(TEACHER_MEAN_STD[0],) * 3, std=(TEACHER_MEAN_STD[1],) * 3),
-        A.ToTensorV2(),
-    ], seed=seed)
-
-
-class StepBatches:
-    """Batch `step` is a pure function of (seed, step): epochs are seeded permutations of the pool."""
-
-    def __init__(self, images: np.ndarray, batch_size: int, seed: int, transform: A.Compose, mixup: float):
-        self.images, self.batch_size, self.seed, self.transform, self.mixup = images, batch_size, seed, transform, mixup
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(len(self.images), generator=g))
-        return self._perm[1]
-
-    def indices(self, step: int) -> list[int]:
-        n = len(self.images)
-        out = []
-        for j in range(step * self.batch_size, (step + 1) * self.batch_size):
-            out.append(int(self._order(j // n)[j % n]))
-        return out
-
-    def __call__(self, step: int) -> torch.Tensor:
-        self.transform.set_random_seed(self.seed * 7_919 + step)
-        x = torch.stack([self.transform(image=self.images[i])["image"] for i in self.indices(step)])
-        g = torch.Generator().manual_seed(self.seed * 104_729 + step)
-        if self.mixup and float(torch.rand((), generator=g)) < self.mixup:
-            lam = float(torch.rand((), generator=g))
-            x = lam * x + (1 - lam) * x.flip(0)
-        return x
-
-
-# --------------------------------------------------------------------------- #
 # The run
 # --------------------------------------------------------------------------- #
 
@@ -236,16 +182,22 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def distill(cfg, images: np.ndarray, paths: DistillPaths, *, seed: int, device: torch.device,
-            steps: int | None = None, resume: bool = True) -> dict:
-    """Train (or resume) the student for `steps` (default cfg.steps) optimiser steps; returns the run summary.
+@dataclass
+class _Run:
+    """The networks, optimiser and bookkeeping of one distillation (fresh or resumed)."""
 
-    The state (student, heads, optimiser, loss history, seconds spent) is written atomically every
-    cfg.checkpoint_every steps and at the end; a later call with the same settings continues from it.
-    """
-    from timm.scheduler import CosineLRScheduler
+    student: nn.Module
+    heads: Heads
+    teacher: Teacher
+    optimizer: torch.optim.Optimizer
+    params: list
+    start: int = 0
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+    budgets: list = field(default_factory=list)
 
-    steps = steps or cfg.steps
+
+def _build(cfg, device: torch.device, seed: int) -> _Run:
     torch.manual_seed(seed)  # the student's and heads' initialisation (a resumed run overwrites it)
     student = build_student(cfg.student, cfg.img_size, cfg.patch_size)
     patch = student.patch_embed.patch_size[0]
@@ -255,70 +207,155 @@ def distill(cfg, images: np.ndarray, paths: DistillPaths, *, seed: int, device: 
                          f"below pretrain.min_grid {cfg.min_grid}")
     teacher = Teacher(cfg.teacher, patch)
     heads = Heads(student.embed_dim, teacher.channels, teacher.head_channels)
-    student.to(device), heads.to(device), teacher.to(device)
+    student.to(device), heads.to(device)
+    teacher.to(device, memory_format=torch.channels_last)  # cuDNN's fast layout for the depthwise convs
     params = list(student.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = CosineLRScheduler(optimizer, t_initial=steps, lr_min=cfg.min_lr, warmup_t=cfg.warmup_steps,
-                                  warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
+    # fused: one kernel for the whole update on CUDA (the default foreach path on the CPU)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    return _Run(student, heads, teacher, optimizer, params)
+
+
+def _resume(run: _Run, state_file: Path, fingerprint: dict, steps: int) -> None:
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
+        raise ValueError(f"{state_file}: a distillation state of other settings; delete it or restore them "
+                         f"(have {state.get('fingerprint')}, want {fingerprint})")
+    run.student.load_state_dict(state["student"])
+    run.heads.load_state_dict(state["heads"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.start, run.history, run.seconds = int(state["step"]), list(state["history"]), float(state["seconds"])
+    # A resumed run may get another step budget: the cosine schedule changes from there on, and the card says so.
+    run.budgets = [list(b) for b in state.get("budgets", [[0, steps]])]
+    if run.budgets[-1][1] != steps and run.start < steps:  # (an export of the state as it is changes nothing)
+        run.budgets.append([run.start, steps])
+    log.info("pretrain: resumed at step %d of %d", run.start, steps)
+
+
+def _scheduler(optimizer, cfg, steps: int):
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(optimizer, t_initial=steps, lr_min=cfg.min_lr, warmup_t=cfg.warmup_steps,
+                             warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
+
+
+class _Clock:
+    """Sizes the step budget from the measured speed when a wall-clock budget (max_seconds) is given."""
+
+    SKIP, MEASURE = 5, 20  # steps left out (warm-up of kernels, allocator), then steps timed
+
+    def __init__(self, start: int, max_seconds: float | None):
+        self.start, self.max_seconds, self.t0 = start, max_seconds, time.perf_counter()
+        self.mark: float | None = None
+
+    def budget(self, step: int, device: torch.device) -> int | None:
+        """The new total step count once measured (at one step only), else None."""
+        if self.max_seconds is None or step not in (self.start + self.SKIP, self.start + self.SKIP + self.MEASURE):
+            return None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        if self.mark is None:
+            self.mark = now
+            return None
+        rate = self.MEASURE / (now - self.mark)
+        left = self.max_seconds - (now - self.t0)
+        log.info("pretrain: %.2f steps/s measured; %.0f s left of --max-seconds", rate, left)
+        return step + max(1, int(rate * left))
+
+
+def distill(cfg, images: np.ndarray, paths: DistillPaths, *, seed: int, device: torch.device,
+            steps: int | None = None, resume: bool = True, max_seconds: float | None = None,
+            on_checkpoint=None) -> dict:
+    """Train (or resume) the student for `steps` (default cfg.steps) optimiser steps; returns the run summary.
+
+    The state (student, heads, optimiser, loss history, seconds spent) is written atomically every
+    cfg.checkpoint_every steps and at the end; a later call with the same settings continues from it, and
+    `on_checkpoint(result)` (if given) is called after each write, e.g. to export interim weights. With
+    `max_seconds`, the budget is resized after the first steps so that training ends within that many seconds.
+    """
+    steps = steps or cfg.steps
+    run = _build(cfg, device, seed)
+    run.budgets = [[0, steps]]
     fingerprint = _fingerprint(cfg, len(images))
     state_file = paths.work_dir / "last.pt"
-    start, history, seconds, budgets = 0, [], 0.0, [[0, steps]]
     if resume and state_file.is_file():
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
-            raise ValueError(f"{state_file}: a distillation state of other settings; delete it or restore them "
-                             f"(have {state.get('fingerprint')}, want {fingerprint})")
-        student.load_state_dict(state["student"])
-        heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history, seconds = int(state["step"]), list(state["history"]), float(state["seconds"])
-        # A resumed run may get another step budget: the cosine schedule changes from there on, and the card says so.
-        budgets = [list(b) for b in state.get("budgets", [[0, steps]])]
-        if budgets[-1][1] != steps and start < steps:  # (an export of the state as it is changes nothing)
-            budgets.append([start, steps])
-        log.info("pretrain: resumed at step %d of %d", start, steps)
-    batches = StepBatches(images, cfg.batch_size, seed, augmentation(cfg, seed), cfg.mixup)
+        _resume(run, state_file, fingerprint, steps)
+    pool = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    batches = BatchAugment(pool, cfg.batch_size, cfg.img_size, seed, cfg.scale_min, cfg.mixup)
+    scheduler = _scheduler(run.optimizer, cfg, steps)
+    clock = _Clock(run.start, max_seconds)
     weights = {"tokens": cfg.w_tokens, "deep": cfg.w_deep, "cls": cfg.w_cls, "logits": cfg.w_logits}
-    student.train(), heads.train()
-    window: dict[str, list[float]] = {}
-    t0 = time.perf_counter()
-    bar = progress(range(start, steps), desc="pretrain", unit="step", initial=start, total=steps)
-    for step in bar:
+    run.student.train(), run.heads.train()
+    window: dict[str, torch.Tensor] = {}
+    count, t0, step = 0, time.perf_counter(), run.start
+    bar = progress(total=steps, desc="pretrain", unit="step", initial=run.start)
+    while step < steps:
+        new = clock.budget(step, device)
+        if new is not None:
+            steps = _resize(run, scheduler, bar, step, new, cfg)
         scheduler.step_update(step)
-        x = batches(step).to(device)
-        with _autocast(device, cfg.precision):
-            parts = distill_losses(student, heads, teacher(x), x, cfg.temperature)
-        loss = sum(weights[k] * v for k, v in parts.items())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretrain: loss is {float(loss)} at step {step} (lower pretrain.lr?)")
-        for k, v in {"loss": loss, **parts}.items():
-            window.setdefault(k, []).append(float(v.detach()))
-        done = step + 1
-        if done % cfg.log_every == 0 or done == steps:
-            row = {"step": done, **{k: float(np.mean(v)) for k, v in window.items()},
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": seconds + time.perf_counter() - t0}
-            history.append(row)
-            window = {}
+        loss, parts = _train_step(run, batches(step), weights, cfg, device)
+        for k, v in {"loss": loss, **parts}.items():  # summed on the device: no sync per step
+            window[k] = window.get(k, 0) + v.detach().float()
+        count, step = count + 1, step + 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == steps:
+            row = _log_row(window, count, step, run.optimizer, run.seconds + time.perf_counter() - t0)
+            run.history.append(row)
+            window, count = {}, 0
             bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
-        if done % cfg.checkpoint_every == 0 or done == steps:
-            _save_state(state_file, student, heads, optimizer, done, history,
-                        seconds + time.perf_counter() - t0, fingerprint, budgets)
-            write_curve(paths.curve_csv, history)
-    seconds += time.perf_counter() - t0
-    return {"steps": steps, "seconds": seconds, "history": history, "student": student.eval(),
-            "grid": [h, w], "patch_size": patch, "teacher_stage_channels": teacher.channels, "budgets": budgets}
+        if step % cfg.checkpoint_every == 0 or step == steps:
+            elapsed = run.seconds + time.perf_counter() - t0
+            _save_state(state_file, run, step, elapsed, fingerprint)
+            write_curve(paths.curve_csv, run.history)
+            if on_checkpoint is not None:
+                on_checkpoint(_result(run, step, elapsed))
+    bar.close()
+    return _result(run, steps, run.seconds + time.perf_counter() - t0)
 
 
-def _save_state(path: Path, student, heads, optimizer, step: int, history: list, seconds: float,
-                fingerprint: dict, budgets: list) -> None:
+def _resize(run: _Run, scheduler, bar, step: int, new: int, cfg) -> int:
+    """Adopt a measured budget: within the warm-up the schedule so far is the same for any budget."""
+    if step <= cfg.warmup_steps:
+        run.budgets[-1][1] = new
+    else:
+        run.budgets.append([step, new])
+    scheduler.t_initial = new
+    bar.total = new
+    return new
+
+
+def _train_step(run: _Run, x: torch.Tensor, weights: dict, cfg, device: torch.device):
+    with _autocast(device, cfg.precision):
+        parts = distill_losses(run.student, run.heads,
+                               run.teacher(x.contiguous(memory_format=torch.channels_last)), x, cfg.temperature)
+    loss = sum(weights[k] * v for k, v in parts.items())
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+    run.optimizer.step()
+    return loss, parts
+
+
+def _log_row(window: dict, count: int, step: int, optimizer, seconds: float) -> dict:
+    means = {k: float(v) / count for k, v in window.items()}  # the one sync of a logging interval
+    if not np.isfinite(means["loss"]):
+        raise FloatingPointError(f"pretrain: loss is {means['loss']} before step {step} (lower pretrain.lr?)")
+    return {"step": step, **means, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+
+
+def _result(run: _Run, steps: int, seconds: float) -> dict:
+    return {"steps": steps, "seconds": seconds, "history": list(run.history), "student": run.student,
+            "grid": list(grid_of(run.student)), "patch_size": run.student.patch_embed.patch_size[0],
+            "teacher_stage_channels": run.teacher.channels, "budgets": [list(b) for b in run.budgets]}
+
+
+def _save_state(path: Path, run: _Run, step: int, seconds: float, fingerprint: dict) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "step": step, "student": student.state_dict(),
-                    "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
-                    "seconds": seconds, "fingerprint": fingerprint, "budgets": budgets}, tmp)
+        torch.save({"format": CHECKPOINT_FORMAT, "step": step, "student": run.student.state_dict(),
+                    "heads": run.heads.state_dict(), "optimizer": run.optimizer.state_dict(),
+                    "history": run.history, "seconds": seconds, "fingerprint": fingerprint,
+                    "budgets": run.budgets}, tmp)
 
 
 def write_curve(path: Path, history: list[dict]) -> None:
@@ -361,8 +398,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def export(result: dict, cfg, pool_rows: list[dict], paths: DistillPaths, *, seed: int, device: str) -> dict:
-    """fp16 safetensors + loss curve + provenance + model card (with the weights' sha256) + a json summary."""
+def export(result: dict, cfg, pool_rows: list[dict], paths: DistillPaths, *, seed: int, device: str,
+           extra: dict | None = None, plot: bool = True) -> dict:
+    """fp16 safetensors + loss curve + provenance + model card (with the weights' sha256) + a json summary.
+
+    extra: more facts for the summary and card (max_seconds, pool_file); plot: also draw the loss curve png.
+    """
     from safetensors.torch import save_file
 
     student = result["student"]
@@ -372,7 +413,8 @@ def export(result: dict, cfg, pool_rows: list[dict], paths: DistillPaths, *, see
                                              "patch_size": str(result["patch_size"])})
     digest = sha256_file(paths.weights)
     write_curve(paths.curve_csv, result["history"])
-    plot_curve(paths.curve_png, result["history"])
+    if plot:
+        plot_curve(paths.curve_png, result["history"])
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=("group", "source", "licence", "images"), lineterminator="\n")
     writer.writeheader()
@@ -383,8 +425,9 @@ def export(result: dict, cfg, pool_rows: list[dict], paths: DistillPaths, *, see
                "patch_size": result["patch_size"], "grid": result["grid"], "teacher": cfg.teacher,
                "steps": result["steps"], "budgets": result["budgets"], "batch_size": cfg.batch_size,
                "seconds": round(result["seconds"], 1),
+               "views_per_s": round(result["steps"] * cfg.batch_size / max(result["seconds"], 1e-9), 1),
                "device": device, "seed": seed, "images": sum(r["images"] for r in pool_rows),
-               "params": sum(p.numel() for p in student.parameters()),
+               "params": sum(p.numel() for p in student.parameters()), **(extra or {}),
                "final_loss": {k: round(last[k], 4) for k in ("loss", "tokens", "deep", "cls", "logits") if k in last}}
     write_json(paths.summary, summary)
     write_text(paths.card, model_card(summary, cfg, pool_rows, paths))
@@ -398,6 +441,11 @@ def model_card(summary: dict, cfg, pool_rows: list[dict], paths: DistillPaths) -
     budget_note = "" if len(budgets) == 1 else (
         "\n- Step budget changed while resuming: " + "; ".join(f"{n} steps from step {s}" for s, n in budgets)
         + " (the cosine schedule follows the budget of the moment: see the lr column of the loss csv).")
+    if summary.get("max_seconds"):
+        budget_note += (f"\n- Step budget sized by `--max-seconds {summary['max_seconds']:g}`: the speed of the first "
+                        f"steps, measured, set the total.")
+    if summary.get("pool_file"):
+        budget_note += f"\n- Pool read from the pack `{summary['pool_file']}` (`--pool`, written by `--pack`)."
     return f"""# {paths.weights.stem}
 
 A timm `{summary['student']}` (img_size {summary['img_size']}, patch {summary['patch_size']}, a \

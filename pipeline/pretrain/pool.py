@@ -153,3 +153,40 @@ def save_pool(path: Path, pool: Pool) -> None:
 def load_pool(path: Path) -> Pool:
     with np.load(path, allow_pickle=False) as z:
         return Pool(z["images"], [str(g) for g in z["groups"]], [str(f) for f in z["files"]])
+
+
+def pack_pool(path: Path, pool: Pool, quality: int) -> int:
+    """The pool as one small file to carry to another machine: every image WebP-encoded (lossy at `quality`,
+    or lossless at 100) and concatenated, with offsets, groups and files; returns its size in bytes."""
+    from pipeline.io import write_bytes
+
+    blobs = []
+    for img in progress(pool.images, desc="pack", unit="img"):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="WEBP", quality=quality, lossless=quality >= 100, method=4)
+        blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+    out = io.BytesIO()
+    np.savez_compressed(out, webp=np.concatenate(blobs), offsets=offsets, side=np.int64(pool.images.shape[1]),
+             groups=np.array(pool.groups), files=np.array(pool.files))
+    write_bytes(path, out.getvalue())
+    return len(out.getvalue())
+
+
+def unpack_pool(path: Path) -> Pool:
+    """Decode a pack_pool file back into a Pool (the images as encoded: lossy WebP is not bit-exact)."""
+    if not path.is_file():
+        raise PoolError(f"--pool: {path} does not exist (write it with `python -m pipeline pretrain --pack FILE`)")
+    with np.load(path, allow_pickle=False) as z:
+        if "webp" not in z.files:
+            raise PoolError(f"--pool: {path} is no pool pack (want webp, offsets, side, groups, files)")
+        data, offsets, side = z["webp"], z["offsets"], int(z["side"])
+        groups, files = [str(g) for g in z["groups"]], [str(f) for f in z["files"]]
+    images = np.empty((len(offsets) - 1, side, side, 3), np.uint8)
+    for i in range(len(images)):
+        with Image.open(io.BytesIO(data[offsets[i]:offsets[i + 1]].tobytes())) as im:
+            images[i] = np.asarray(im.convert("RGB"))
+    unknown = sorted(set(groups) - set(LICENCES))
+    if unknown:
+        raise PoolError(f"--pool: {path} has groups without a recorded licence: {unknown}")
+    return Pool(images, groups, files)
