@@ -17,7 +17,7 @@ from torch import nn
 from pipeline.config import ParamsError, TrainParams, load_params
 from pipeline.data.transforms import eval_resize, eval_transform, train_transform
 from pipeline.models import build_model
-from pipeline.training.engine import _optimization, recipe_overrides, train_step
+from pipeline.training.engine import make_optimizer, recipe_overrides, train_step
 from tests.conftest import write_tiny_params
 
 VIT = {"method": "vit", "model": "vit_tiny_patch16_224", "weights": "none", "img_size": 32, "patch_size": 8}
@@ -162,7 +162,7 @@ def test_glsim_optimizer_and_per_step_schedule():
     cosine to 1e-5 (timm's default warmup_prefix=False: the cosine spans the whole run, warm-up overlays its start)."""
     cfg = TrainParams.model_validate({**VIT, "recipe": "glsim", "epochs": 4})
     updates, total = 1000, 4000
-    opt, sched = _optimization(nn.Linear(4, 3), cfg, updates)
+    opt, sched = make_optimizer(nn.Linear(4, 3), cfg, updates)
     group = opt.param_groups[0]
     assert isinstance(opt, torch.optim.SGD)
     assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 0.0)
