@@ -510,10 +510,8 @@ def run(skip_compile: bool = False, force_cpu: bool = False, peak: float | None 
         except Exception as exc:  # noqa: BLE001 - one broken part must not hide the others' figures
             summary[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         print(f"gpu-check: {key} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-        if json_out is not None:  # a time limit may stop the check later: what is measured stays
-            from pipeline.io import write_json
-
-            write_json(json_out, summary | {"seconds": round(time.perf_counter() - t_all, 1), "partial": True})
+        # a time limit may stop the check later: what is measured stays
+        _write_summary(json_out, summary | {"seconds": round(time.perf_counter() - t_all, 1), "partial": True})
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp_name:
         tmp = Path(tmp_name)
@@ -542,11 +540,15 @@ def run(skip_compile: bool = False, force_cpu: bool = False, peak: float | None 
                 part("evaluate", lambda: pair.setdefault("x", check_evaluate_predict(ctx, tmp))[0])
                 summary["predict"] = pair["x"][1] if "x" in pair else {"error": "evaluate failed"}
     summary["seconds"] = round(time.perf_counter() - t_all, 1)
-    if json_out is not None:
+    _write_summary(json_out, summary)
+    return summary
+
+
+def _write_summary(path: Path | None, summary: dict) -> None:
+    if path is not None:
         from pipeline.io import write_json
 
-        write_json(json_out, summary)
-    return summary
+        write_json(path, summary)
 
 
 def add_gpu_check_parser(sub) -> None:

@@ -27,6 +27,14 @@ from pipeline.data.batch_augment import BatchAugment
 STREAM_AUGMENT, STREAM_ORDER, STREAM_TORCH, STREAM_DEVICE = 0, 1, 2, 3  # independent random streams of one seed
 
 
+def _as_tensor(x: np.ndarray) -> torch.Tensor:
+    """A tensor over the array's memory where torch can use it (a crop window: the batch's stack copies it anyway);
+    a copy only for read-only or reversed arrays."""
+    if not x.flags.writeable or any(s < 0 for s in x.strides):
+        x = np.array(x)
+    return torch.from_numpy(x)
+
+
 def sample_seed(seed: int, epoch: int, index: int = 0, stream: int = STREAM_AUGMENT) -> int:
     """A well-mixed 32-bit seed for one (run seed, stream, epoch, image); NumPy's SeedSequence does the mixing."""
     return int(np.random.SeedSequence([seed, stream, epoch, index]).generate_state(1)[0])
@@ -91,8 +99,8 @@ class ManifestDataset(Dataset):
         if epoch is not None and hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(sample_seed(self.seed, epoch, i))
         x = self.transform(image=self.load(i))["image"]
-        if isinstance(x, np.ndarray):  # a uint8 HWC crop for the device to normalise (one contiguous copy)
-            x = torch.from_numpy(np.require(x, requirements=["C", "W"]))
+        if isinstance(x, np.ndarray):  # a uint8 HWC crop for the device to normalise
+            x = _as_tensor(x)
         if self.device_params is None:
             return x, self.labels[i]
         rng = np.random.default_rng(sample_seed(self.seed, epoch or 0, i, stream=STREAM_DEVICE))

@@ -89,7 +89,7 @@ class PaperAugment:
         top, left = (int(rng.integers(0, self.big - size + 1)) for _ in range(2))
         img = img[top:top + size, left:left + size]
         if rng.random() < self.hflip:
-            img = img[:, ::-1]
+            img = cv2.flip(img, 1)  # a copy: NumPy copies a reversed 3-channel view 50x slower
         if self.trivial:
             img = trivial_augment.apply(np.ascontiguousarray(img), *trivial_augment.draw(rng))
         return {"image": img}

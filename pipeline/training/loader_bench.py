@@ -1,8 +1,9 @@
 """`python -m pipeline bench loader`: one DataLoader worker's img/s per recipe against a bare decode + resize loop.
 
-What a worker does per batch is timed in this process: `ManifestDataset.__getitem__` for each (index, epoch) key of
-the batch (read from a tar shard, decode, the recipe's CPU augmentation to a uint8 tensor, the device-side ops'
-parameters) and the collation. The reference loop reads and decodes the same images the same way and only resizes
+What a worker does per image is timed in this process: `ManifestDataset.__getitem__` for each (index, epoch) key
+(read from a tar shard, decode, the recipe's CPU augmentation to a uint8 tensor, the device-side ops' parameters).
+The batching (`default_collate`, the same for every pipeline: a bare decode + resize loader pays it too) is timed
+on its own and reported as `collate` img/s. The reference loop reads and decodes the same images the same way and only resizes
 them (cv2, the recipe's interpolation) to the recipe's resize size: the work no pipeline can skip. Rounds alternate
 the reference and the recipes (each one goes first in turn), and each side's median round is reported, so that the
 machine's noise hits all alike; the ratio recipe / reference is what the README quotes. Times are the process's CPU
@@ -31,9 +32,7 @@ def _config(augment: str, img_size: int):
 
 
 def _recipe_pass(augment: str, df, root: Path, img_size: int, batch: int, epoch: int):
-    """A closure: one worker's pass over `df` with the recipe's dataset, batch by batch as a worker collates."""
-    from torch.utils.data import default_collate
-
+    """A closure: one worker's per-image work over `df` with the recipe's dataset (`ManifestDataset.__getitem__`)."""
     from pipeline.data.dataset import ManifestDataset
     from pipeline.data.transforms import batch_augment, train_transform
 
@@ -42,9 +41,28 @@ def _recipe_pass(augment: str, df, root: Path, img_size: int, batch: int, epoch:
                          device_params=batch_augment(cfg, DCFG))
 
     def run() -> int:
-        for start in range(0, len(ds), batch):
-            default_collate([ds[(i, epoch)] for i in range(start, min(start + batch, len(ds)))])
+        for i in range(len(ds)):
+            ds[(i, epoch)]
         return len(ds)
+    return run
+
+
+def _collate_pass(augment: str, df, root: Path, img_size: int, batch: int):
+    """A closure: the batching a worker adds (default_collate of `batch` items), per batch of the recipe's items."""
+    from torch.utils.data import default_collate
+
+    from pipeline.data.dataset import ManifestDataset
+    from pipeline.data.transforms import batch_augment, train_transform
+
+    cfg = _config(augment, img_size)
+    ds = ManifestDataset(df, root, train_transform(cfg, DCFG, seed=0), cache=False, seed=0,
+                         device_params=batch_augment(cfg, DCFG))
+    items = [ds[(i, 1)] for i in range(min(batch, len(ds)))]
+
+    def run() -> int:
+        for _ in range(0, len(df), batch):
+            default_collate(items)
+        return len(df)
     return run
 
 
@@ -83,6 +101,7 @@ def run(images: int = 96, img_size: int = 224, rounds: int = 5, batch: int = 32,
             size = img_size if augment == "rrc" else int(img_size * cfg.resize_ratio)
             sides[augment] = _recipe_pass(augment, df, root, img_size, batch, epoch=1)
             sides.setdefault(f"decode_resize_{size}", _reference_pass(df, root, size))
+        sides["collate"] = _collate_pass(augments[-1], df, root, img_size, batch)
         for fn in sides.values():
             fn()  # warm: shard indexes, imports, the page cache
         times: dict[str, list[float]] = {k: [] for k in sides}
