@@ -95,6 +95,7 @@ class TrainParams(_Section):
     color_jitter: Fraction = 0.4  # probability of brightness/contrast/saturation/hue jitter (artists differ)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 only on CUDA
     num_workers: NonNegInt = 0  # DataLoader workers (0 is fastest for small images on 2 cores)
+    decode_cache: bool = True  # keep decoded images in memory for sets up to 20k images (off: decode every epoch)
     resume: bool = True  # continue a killed run from checkpoint_dir/<run key>/last.pt (same params + data only)
     checkpoint_dir: str = "checkpoints"  # per-epoch resumable state, outside DVC outputs; removed when a run ends
     recipe: Literal["glsim", "ila"] | None = None  # paper preset (RECIPES); keys written in params.yaml win over it

@@ -6,11 +6,15 @@ Parts (each one a key of the summary):
 - `glsim_vs_vit`, `ila_vs_frozen_vit`: GLSim / ViT and ILA / frozen-ViT (linear probe) throughput ratios;
 - `loader`: img/s of the training DataLoader reading JPEGs from tar shards at 224 px with GLSim's medaugs, with one
   and with N worker processes, against what the model consumes (workers needed to keep up);
+- `engine_e2e`: the real `train()` for vit, glsim and ila (ViT-B/16 at 224, bf16, the recipes' augmentation, every
+  core a loader worker, no decode cache, JPEGs in tar shards) over 2+ epochs: steady-epoch img/s, its ratio to the
+  same engine step alone on a resident batch, and the first epoch's time against a steady one;
 - `sweep`: a 4-trial Ray Tune sweep with `gpu: 0.25` per trial (all four on one GPU at once), logged to MLflow;
 - `evaluate`, `predict`: the evaluate stage and `predict` on CUDA, on the best trial's checkpoint.
 Without CUDA every part runs in a reduced form (a tiny ViT at 96 px, few images and steps: about a minute on 2 cores,
 so the test suite runs it), `cpu_reduced` is true and `needs_gpu` lists the parts whose figures mean something only
-on a GPU. The whole check takes at most about 5 minutes on one H100/H200 (`--skip-compile` saves the two compiles).
+on a GPU. The whole check takes at most about 5 minutes on one H100/H200 (`--skip-compile` saves the compiles).
+`--json-out FILE` rewrites FILE after every part, so a check stopped by a time limit still leaves its figures.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ PEAK_BF16_TFLOPS = (("H200", 989.4), ("GH200", 989.4), ("H100 PCIe", 756.5), ("H
                     ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("A10G", 125.0),
                     ("A10", 125.0), ("L4", 121.0), ("RTX 4090", 165.2), ("RTX 6000 Ada", 364.2))
 VIT_B = "vit_base_patch16_224"
+ALL_PARTS = ("train_step", "glsim_vs_vit", "ila_vs_frozen_vit", "loader", "engine_e2e", "sweep", "evaluate")
 H100_VIT_B_IMG_PER_S = 2500  # the issue's ViT-B/16 bf16 training consumption on an H100, for the loader's target
 
 
@@ -52,10 +57,16 @@ class Sizes:
     trial_cpu: float
     trial_gpu: float
     warmup: int  # untimed steps first (compilation, cuDNN/cuBLAS autotuning, allocator)
+    e2e_train: int = 8192  # engine_e2e: train JPEGs (issue 20: at least 8k)
+    e2e_val: int = 1024  # validation JPEGs (validated every epoch, not timed)
+    e2e_epochs: int = 3  # epoch 1 pays the start-up, 2.. are steady
+    e2e_classes: int = 100
+    e2e_workers: int = os.cpu_count() or 1  # all cores as loader workers
 
 
 GPU = Sizes(VIT_B, 224, 128, 10, 3, 3072, min(16, os.cpu_count() or 1), 224, 64, 2.0, 0.25, 3)
-CPU = Sizes("test_vit", 96, 4, 2, 1, 48, 1, 224, 8, 0.5, 0.0, 1)
+CPU = Sizes("test_vit", 96, 4, 2, 1, 48, 1, 224, 8, 0.5, 0.0, 1, e2e_train=24, e2e_val=8, e2e_epochs=2,
+            e2e_classes=4, e2e_workers=1)
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -67,28 +78,17 @@ def peak_tflops(device_name: str) -> float | None:
 
 # ------------------------------------------------------------------------------------------------ training step
 
-def _time(step, n: int, device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
 def _step_fn(method: str, sizes: Sizes, device, channels_last: bool = False, compile_: bool = False,
-             train: bool = True, num_classes: int = 200):
-    """A closure running one engine train_step (or one forward) of `method` on a fixed synthetic batch."""
+             train: bool = True, num_classes: int = 200, fused: bool = False, sdpa: str | None = None):
+    """A closure running one engine train_step (or one forward) of `method` on a fixed synthetic batch; `fused`: the
+    fused optimiser kernel (CUDA), `sdpa`: force one attention backend (FLASH_ATTENTION, CUDNN_ATTENTION, ...)."""
     import torch
     from timm.optim import create_optimizer_v2
     from torch import nn
 
     from pipeline.models import build_model
-    from pipeline.training.engine import autocast, train_step
+    from pipeline.runtime import autocast
+    from pipeline.training.engine import train_step
 
     torch.manual_seed(0)
     model = build_model(method, sizes.model, num_classes, "none", sizes.img_size).to(device)
@@ -106,18 +106,34 @@ def _step_fn(method: str, sizes: Sizes, device, channels_last: bool = False, com
                 net(x)
         return forward, model, x
     model.train()
-    opt = create_optimizer_v2(model, opt="sgd", lr=0.01, weight_decay=0.0, foreach=True)  # the papers' optimiser
+    kernel = {"fused": True} if fused else {"foreach": True}
+    opt = create_optimizer_v2(model, opt="sgd", lr=0.01, weight_decay=0.0, **kernel)  # the papers' optimiser
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    backend = _sdpa_context(sdpa)
 
     def step():
-        train_step(net, x, y, opt, loss_fn, device, precision, grad_clip=1.0)
+        with backend():
+            train_step(net, x, y, opt, loss_fn, device, precision, grad_clip=1.0)
     return step, model, x
 
 
-def _img_per_s(step, sizes: Sizes, device) -> float:
-    _time(step, sizes.warmup, device)
-    times = [_time(step, sizes.steps, device) for _ in range(sizes.rounds)]
-    return sizes.steps * sizes.batch_size / statistics.median(times)
+def _sdpa_context(name: str | None):
+    """A factory of the context that forces torch's SDPA backend `name` (None: torch's own choice)."""
+    import contextlib
+
+    if name is None:
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return lambda: sdpa_kernel(getattr(SDPBackend, name))
+
+
+def _img_per_s(step, sizes: Sizes, device, batch_size: int | None = None) -> float:
+    from pipeline.runtime import time_calls
+
+    time_calls(step, sizes.warmup, device)
+    times = [time_calls(step, sizes.steps, device) for _ in range(sizes.rounds)]
+    return sizes.steps * (batch_size or sizes.batch_size) / statistics.median(times)
 
 
 def train_flops_per_image(model, x) -> int:
@@ -138,26 +154,40 @@ def check_train_step(sizes: Sizes, device, peak: float | None, compile_: bool) -
     step, model, x = _step_fn("vit", sizes, device)
     flops = train_flops_per_image(model, x)
     out["train_gflops_per_image"] = round(flops / 1e9, 2)
-    configs = {"eager": (False, False), "channels_last": (True, False)}
-    if compile_:
-        configs |= {"compile": (False, True), "compile_channels_last": (True, True)}
     runs = {}
-    for name, (cl, comp) in configs.items():
+    for name, kw in _step_configs(device, compile_).items():
         t0 = time.perf_counter()
-        step, model, x = _step_fn("vit", sizes, device, channels_last=cl, compile_=comp)
-        ips = _img_per_s(step, sizes, device)
+        step, model, x = _step_fn("vit", sizes, device, **kw)
+        try:
+            ips = _img_per_s(step, sizes, device)
+        except RuntimeError as exc:  # a forced attention backend this GPU or shape lacks
+            runs[name] = {"unavailable": str(exc)[:200]}
+            continue
         runs[name] = {"img_per_s": round(ips, 1), "seconds": round(time.perf_counter() - t0, 1),
                       "mfu": round(ips * flops / (peak * 1e12), 4) if peak else None}
         del step, model, x
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if not compile_:
-        runs["compile"] = runs["compile_channels_last"] = {"skipped": "--skip-compile" if device.type == "cuda"
-                                                           else "CPU form: compiling takes ~1 min on 2 cores"}
+        runs["compile"] = {"skipped": "--skip-compile" if device.type == "cuda"
+                           else "CPU form: compiling takes ~1 min on 2 cores"}
     out["runs"] = runs
     best = max((k for k in runs if "img_per_s" in runs[k]), key=lambda k: runs[k]["img_per_s"])
     out |= {"best": best, "best_img_per_s": runs[best]["img_per_s"], "best_mfu": runs[best]["mfu"]}
     return out
+
+
+def _step_configs(device, compile_: bool) -> dict[str, dict]:
+    """The train-step variants measured: memory format, the fused optimiser and the attention backends (CUDA), and
+    torch.compile (default mode) with the fused optimiser."""
+    configs: dict[str, dict] = {"eager": {}, "channels_last": {"channels_last": True}}
+    if device.type == "cuda":
+        configs |= {"eager_fused": {"fused": True}}
+        configs |= {f"sdpa_{b.split('_')[0].lower()}": {"fused": True, "sdpa": b}
+                    for b in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")}
+    if compile_:
+        configs["compile"] = {"compile_": True, "fused": device.type == "cuda"}
+    return configs
 
 
 def check_ratio(a: str, b: str, sizes: Sizes, device) -> dict:
@@ -180,31 +210,6 @@ def check_ratio(a: str, b: str, sizes: Sizes, device) -> dict:
 
 # ------------------------------------------------------------------------------------------------------- loader
 
-def write_jpeg_shards(out: Path, n: int, classes: int = 16, short_side: int = 256, seed: int = 0,
-                      shard_size: int = 1024):
-    """`n` JPEGs of `short_side` x 1.25*short_side with photo-like content (smooth colour fields + grain), in tar
-    shards as the big acquire sources write them; returns the manifest (path, class_id)."""
-    import io
-
-    import numpy as np
-    import polars as pl
-    from PIL import Image
-
-    from pipeline.data.images import ImageWriter
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    with ImageWriter(out, shard_size=shard_size) as writer:
-        for i in range(n):
-            low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-            img = Image.fromarray(low).resize((int(short_side * 1.25), short_side), Image.BICUBIC)
-            arr = np.asarray(img, dtype=np.int16) + rng.normal(0, 12, (short_side, int(short_side * 1.25), 3))
-            buf = io.BytesIO()
-            Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-            rows.append({"path": writer.write(f"{i:07d}.jpg", buf.getvalue()), "class_id": i % classes})
-    return pl.DataFrame(rows)
-
-
 def time_loader(df, image_root: Path, img_size: int, workers: int, batch_size: int = 64, max_batches: int | None = None,
                 seed: int = 0) -> dict:
     """img/s of the engine's training DataLoader (ManifestDataset + GLSim medaugs, EpochSampler, no decode cache)
@@ -213,12 +218,13 @@ def time_loader(df, image_root: Path, img_size: int, workers: int, batch_size: i
 
     from pipeline.config import TrainParams
     from pipeline.data.dataset import ManifestDataset
-    from pipeline.data.transforms import train_transform
+    from pipeline.data.transforms import batch_augment, train_transform
     from pipeline.training.engine import make_loader
 
     cfg = TrainParams(recipe="glsim", method="vit", model=VIT_B, img_size=img_size)  # medaugs, resize 1.34
     dcfg = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
-    ds = ManifestDataset(df, image_root, train_transform(cfg, dcfg, seed), cache=False, seed=seed)
+    ds = ManifestDataset(df, image_root, train_transform(cfg, dcfg, seed), cache=False, seed=seed,
+                         device_params=batch_augment(cfg, dcfg))
     loader = make_loader(ds, batch_size, True, seed, workers, torch.device("cpu"))
     loader.sampler.set_epoch(1)
     it = iter(loader)
@@ -226,7 +232,7 @@ def time_loader(df, image_root: Path, img_size: int, workers: int, batch_size: i
     next(it)  # worker start-up and the first batch are not throughput
     first = time.perf_counter() - t_start
     n, t0 = 0, time.perf_counter()
-    for i, (x, _) in enumerate(it):
+    for i, (x, *_) in enumerate(it):
         n += len(x)
         if max_batches is not None and i + 1 >= max_batches:
             break
@@ -238,15 +244,18 @@ def time_loader(df, image_root: Path, img_size: int, workers: int, batch_size: i
 
 
 def check_loader(sizes: Sizes, tmp: Path, model_img_per_s: float | None) -> dict:
+    from pipeline.data.synthetic import write_jpeg_shards
+
     t0 = time.perf_counter()
-    df = write_jpeg_shards(tmp / "shards", sizes.loader_images)
+    df = write_jpeg_shards(tmp / "shards", sizes.loader_images, processes=os.cpu_count() or 1)
     made = time.perf_counter() - t0
     one = time_loader(df, tmp / "shards", sizes.loader_img_size, 1, sizes.loader_batch,
                       max_batches=6 if sizes is GPU else None)
     many = (time_loader(df, tmp / "shards", sizes.loader_img_size, sizes.loader_workers, sizes.loader_batch)
             if sizes.loader_workers > 1 else one)
     per_worker = one["img_per_s"]
-    out = {"img_size": sizes.loader_img_size, "augment": "med (GLSim medaugs)", "format": "JPEG 256x320 in tar shards",
+    out = {"img_size": sizes.loader_img_size, "augment": "med (GLSim medaugs; CPU half: uint8)",
+           "format": "JPEG 256x320 in tar shards",
            "images": sizes.loader_images, "write_seconds": round(made, 1), "one_worker": one,
            "n_workers": many, "cpu_count": os.cpu_count(),
            "workers_for_2500_img_per_s": math.ceil(H100_VIT_B_IMG_PER_S / per_worker) if per_worker else None}
@@ -254,6 +263,117 @@ def check_loader(sizes: Sizes, tmp: Path, model_img_per_s: float | None) -> dict
         out |= {"model_img_per_s": model_img_per_s,
                 "workers_for_model": math.ceil(model_img_per_s / per_worker) if per_worker else None,
                 "keeps_up": many["img_per_s"] >= model_img_per_s}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ engine end to end
+
+E2E_RECIPES = {"vit": "glsim", "glsim": "glsim", "ila": "ila"}  # method -> recipe (vit: the paper's ViT baseline)
+
+
+def _e2e_project(sizes: Sizes, tmp: Path, device: str):
+    """A split manifest over synthetic JPEGs in tar shards (train + val) and the Params of one e2e run."""
+    import polars as pl
+
+    from pipeline.data import manifest
+    from pipeline.data.synthetic import write_jpeg_shards
+
+    n = sizes.e2e_train + sizes.e2e_val
+    df = write_jpeg_shards(tmp / "e2e", n, classes=sizes.e2e_classes, processes=os.cpu_count() or 1)
+    ids = [f"{i:07d}" for i in range(n)]
+    df = df.with_columns(pl.Series("image_id", ids), pl.format("c{}", pl.col("class_id")).alias("class_name"),
+                         pl.lit("synthetic").alias("source"), pl.Series("group", ids), pl.Series("md5", ids),
+                         pl.lit(320, pl.Int64).alias("width"), pl.lit(256, pl.Int64).alias("height"),
+                         pl.Series("split", ["train"] * sizes.e2e_train + ["val"] * sizes.e2e_val))
+    manifest.write(df, tmp / "e2e_split")
+    return tmp / "e2e_split" / manifest.MANIFEST, tmp / "e2e"
+
+
+def _e2e_params(method: str, sizes: Sizes, device: str, compile_: bool = False):
+    from pipeline.config import Params
+
+    emoji = Path(__file__).resolve().parents[1] / "datasets" / "emoji"
+    return Params.model_validate({
+        "base": {"device": device, "threads": os.cpu_count() if device == "cuda" else 1, "mlflow_dir": "mlflow",
+                 "experiment": "e2e"},
+        "acquire": {"source": "embedded", "embedded": {"path": str(emoji)}},
+        "train": {"recipe": E2E_RECIPES[method], "method": method, "model": sizes.model, "weights": "none",
+                  "backbone_cnn": None, "img_size": sizes.img_size,
+                  "batch_size": sizes.batch_size, "epochs": sizes.e2e_epochs,
+                  "precision": "bf16", "num_workers": sizes.e2e_workers, "decode_cache": False, "resume": False,
+                  "compile": compile_, "warmup_steps": 10},
+        "variants": {"x": {}}})
+
+
+def engine_step_alone(params, num_classes: int, device) -> float:
+    """img/s of the engine's own step (model, optimiser, loss, precision, memory format as train() builds them)
+    on one resident batch: what the GPU can do when the input pipeline costs nothing."""
+    import torch
+    from torch import nn
+
+    from pipeline.data.registry import source_dataset
+    from pipeline.models import build_model, model_options
+    from pipeline.runtime import time_calls
+    from pipeline.training.engine import make_optimizer, train_step, use_channels_last
+
+    cfg = params.train
+    model = build_model(cfg.method, cfg.model, num_classes, cfg.weights, cfg.img_size,
+                        **model_options(cfg, source_dataset(params.acquire))).to(device)
+    fmt = torch.channels_last if use_channels_last(cfg.method, cfg.backbone_cnn) else torch.contiguous_format
+    model = model.to(memory_format=fmt).train(not getattr(model, "frozen_backbone", False))
+    optimizer, scheduler = make_optimizer(model, cfg, 1000, device)
+    net = torch.compile(model) if cfg.compile else model
+    x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def step():
+        train_step(net, x, y, optimizer, loss_fn, device, cfg.precision, cfg.grad_clip)
+    time_calls(step, 3, device)
+    steps = 10 if device.type == "cuda" else 2
+    seconds = sorted(time_calls(step, steps, device) for _ in range(3))[1]
+    return steps * cfg.batch_size / seconds
+
+
+def _e2e_one(method: str, sizes: Sizes, tmp: Path, split: Path, images: Path, device, compile_: bool) -> dict:
+    import torch
+
+    from pipeline.training.engine import TrainOutputs, train
+
+    params = _e2e_params(method, sizes, device.type, compile_)
+    root = tmp / f"run-{method}{'-compile' if compile_ else ''}"
+    out = TrainOutputs(root / "model", root / "metrics.json", root / "history.csv")
+    epochs: list[dict] = []
+    t0 = time.perf_counter()
+    train(params, split, images, out, root, on_timing=epochs.append, tags={"variant": "x"})
+    wall = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    step_ips = engine_step_alone(params, sizes.e2e_classes, device)
+    steady = epochs[1:]
+    steady_ips = sum(e["images"] for e in steady) / sum(e["train_seconds"] for e in steady)
+    steady_s = statistics.mean(e["train_seconds"] for e in steady)
+    return {"recipe": params.train.recipe, "augment": params.train.augment, "batch_size": params.train.batch_size,
+            "compile": compile_, "epoch_seconds": [round(e["train_seconds"], 2) for e in epochs],
+            "steady_img_per_s": round(steady_ips, 1), "step_alone_img_per_s": round(step_ips, 1),
+            "engine_over_step": round(steady_ips / step_ips, 3),
+            "first_epoch_over_steady": round(epochs[0]["train_seconds"] / steady_s, 3),
+            "wall_seconds": round(wall, 1)}
+
+
+def check_engine_e2e(sizes: Sizes, tmp: Path, device, methods=("vit", "glsim", "ila"),
+                     compile_methods: tuple[str, ...] = ()) -> dict:
+    """train() end to end per method (plus compiled runs for `compile_methods`), each against its step alone."""
+    t0 = time.perf_counter()
+    split, images = _e2e_project(sizes, tmp, device.type)
+    out: dict = {"model": sizes.model, "img_size": sizes.img_size, "precision": "bf16",
+                 "train_images": sizes.e2e_train, "val_images": sizes.e2e_val, "epochs": sizes.e2e_epochs,
+                 "workers": sizes.e2e_workers, "decode_cache": False, "format": "JPEG 256x320 in tar shards",
+                 "write_seconds": round(time.perf_counter() - t0, 1)}
+    for method in methods:
+        out[method] = _e2e_one(method, sizes, tmp, split, images, device, False)
+    for method in compile_methods:
+        out[f"{method}_compile"] = _e2e_one(method, sizes, tmp, split, images, device, True)
     return out
 
 
@@ -334,7 +454,7 @@ def check_evaluate_predict(ctx: dict, tmp: Path) -> tuple[dict, dict]:
     from pipeline.data import manifest
     from pipeline.inference.predict import Predictor
     from pipeline.models import load_checkpoint
-    from pipeline.training.engine import resolve_device
+    from pipeline.runtime import resolve_device
     from pipeline.training.evaluate import EvalOutputs, evaluate, forward_throughput
 
     params = ctx["params"]
@@ -364,7 +484,7 @@ def check_evaluate_predict(ctx: dict, tmp: Path) -> tuple[dict, dict]:
 # ---------------------------------------------------------------------------------------------------- the check
 
 def run(skip_compile: bool = False, force_cpu: bool = False, peak: float | None = None,
-        parts: tuple[str, ...] | None = None) -> dict:
+        parts: tuple[str, ...] | None = None, json_out: Path | None = None) -> dict:
     import torch
 
     t_all = time.perf_counter()
@@ -380,8 +500,8 @@ def run(skip_compile: bool = False, force_cpu: bool = False, peak: float | None 
         torch.backends.cudnn.allow_tf32 = True
     summary: dict = {"device": str(device), "gpu": name, "cpu_reduced": not cuda, "torch": torch.__version__,
                      "needs_gpu": [] if cuda else ["train_step", "glsim_vs_vit", "ila_vs_frozen_vit",
-                                                   "loader.keeps_up", "sweep", "evaluate", "predict"]}
-    wanted = set(parts or ("train_step", "glsim_vs_vit", "ila_vs_frozen_vit", "loader", "sweep", "evaluate"))
+                                                   "loader.keeps_up", "engine_e2e", "sweep", "evaluate", "predict"]}
+    wanted = set(parts or ALL_PARTS)
 
     def part(key: str, fn):
         t0 = time.perf_counter()
@@ -390,9 +510,14 @@ def run(skip_compile: bool = False, force_cpu: bool = False, peak: float | None 
         except Exception as exc:  # noqa: BLE001 - one broken part must not hide the others' figures
             summary[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         print(f"gpu-check: {key} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        # a time limit may stop the check later: what is measured stays
+        _write_summary(json_out, summary | {"seconds": round(time.perf_counter() - t_all, 1), "partial": True})
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp_name:
         tmp = Path(tmp_name)
+        if "engine_e2e" in wanted:  # first: the figures issue 20 is about, before any compile can run long
+            compiled = ("vit",) if cuda and not skip_compile and "engine_e2e_compile" in wanted else ()
+            part("engine_e2e", lambda: check_engine_e2e(sizes, tmp, device, compile_methods=compiled))
         if "train_step" in wanted:
             part("train_step", lambda: check_train_step(sizes, device, peak, cuda and not skip_compile))
         if "glsim_vs_vit" in wanted:
@@ -415,7 +540,15 @@ def run(skip_compile: bool = False, force_cpu: bool = False, peak: float | None 
                 part("evaluate", lambda: pair.setdefault("x", check_evaluate_predict(ctx, tmp))[0])
                 summary["predict"] = pair["x"][1] if "x" in pair else {"error": "evaluate failed"}
     summary["seconds"] = round(time.perf_counter() - t_all, 1)
+    _write_summary(json_out, summary)
     return summary
+
+
+def _write_summary(path: Path | None, summary: dict) -> None:
+    if path is not None:
+        from pipeline.io import write_json
+
+        write_json(path, summary)
 
 
 def add_gpu_check_parser(sub) -> None:
@@ -425,8 +558,9 @@ def add_gpu_check_parser(sub) -> None:
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile runs (~1-2 min)")
     p.add_argument("--cpu", action="store_true", help="the reduced CPU form even where CUDA is available")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (default: from its name)")
-    p.add_argument("--parts", help="comma-separated subset: train_step,glsim_vs_vit,ila_vs_frozen_vit,loader,"
-                                   "sweep,evaluate (evaluate includes predict and needs the sweep)")
+    p.add_argument("--parts", help="comma-separated subset: " + ",".join(ALL_PARTS) + " (evaluate includes "
+                                   "predict and needs the sweep; engine_e2e_compile adds a compiled vit to engine_e2e)")
+    p.add_argument("--json-out", type=Path, help="also write the summary to this file, after every part")
     p.set_defaults(fn=_main)
 
 
@@ -438,7 +572,7 @@ def _main(args: argparse.Namespace) -> int:
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
-        summary = run(args.skip_compile, args.cpu, args.peak_tflops, parts)
+        summary = run(args.skip_compile, args.cpu, args.peak_tflops, parts, args.json_out)
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)

@@ -29,7 +29,8 @@ def test_gpu_check_cpu_form_reports_every_part(tmp_path):
     s = json.loads(lines[0])
 
     assert s["device"] == "cpu" and s["cpu_reduced"] is True and s["gpu"] is None
-    assert {"train_step", "glsim_vs_vit", "ila_vs_frozen_vit", "sweep", "evaluate", "predict"} <= set(s["needs_gpu"])
+    assert {"train_step", "glsim_vs_vit", "ila_vs_frozen_vit", "engine_e2e", "sweep", "evaluate",
+            "predict"} <= set(s["needs_gpu"])
     assert not [k for k, v in s.items() if isinstance(v, dict) and "error" in v], s
 
     step = s["train_step"]
@@ -47,6 +48,14 @@ def test_gpu_check_cpu_form_reports_every_part(tmp_path):
     assert loader["img_size"] == 224 and loader["one_worker"]["images"] >= 40
     assert loader["one_worker"]["img_per_s"] > 0
     assert loader["workers_for_2500_img_per_s"] == -(-2500 // loader["one_worker"]["img_per_s"])
+
+    e2e = s["engine_e2e"]  # the real train() per method, with the recipes' augmentation, against its step alone
+    assert e2e["decode_cache"] is False and e2e["train_images"] > 0 and e2e["epochs"] >= 2
+    for method, augment in (("vit", "med"), ("glsim", "med"), ("ila", "weak")):
+        run = e2e[method]
+        assert run["augment"] == augment and len(run["epoch_seconds"]) == e2e["epochs"]
+        assert run["steady_img_per_s"] > 0 and run["step_alone_img_per_s"] > 0
+        assert run["engine_over_step"] > 0 and run["first_epoch_over_steady"] > 0
 
     sweep = s["sweep"]
     assert sweep["trials"] == sweep["completed"] == 4 and sweep["mlflow_trial_runs_finished"] == 4

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.config import TrainParams
-from pipeline.training.engine import _optimization
+from pipeline.training.engine import make_optimizer
 
 
 @pytest.mark.parametrize("warmup", [{"warmup_epochs": 1}, {"warmup_steps": 7}], ids=["epochs", "steps"])
@@ -18,7 +18,7 @@ def test_lr_follows_warmup_then_cosine_per_step(warmup):
     cfg = TrainParams(epochs=4, lr=0.01, min_lr=1e-4, optimizer="adamw", **warmup)
     per_epoch = 10
     model = torch.nn.Linear(3, 2)
-    optimizer, scheduler = _optimization(model, cfg, per_epoch)
+    optimizer, scheduler = make_optimizer(model, cfg, per_epoch)
     total, w = cfg.epochs * per_epoch, (cfg.warmup_steps or cfg.warmup_epochs * per_epoch)
     seen = []
     for step in range(1, total + 1):  # as the engine: one step_update per optimiser step, nothing per epoch

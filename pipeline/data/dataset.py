@@ -2,6 +2,9 @@
 
 Images are read through pipeline.data.images, so plain files and tar shards (DAF:re scale) both work.
 
+With `device_params` (a BatchAugment whose device-side ops need per-image parameters, random erasing) an item is
+(image, class id, parameters): the parameters are drawn here, in the worker, from the image's own generator.
+
 Why `EpochSampler`: the order and the augmentation of epoch e are pure functions of (seed, e, index). The sampler
 yields (index, epoch) keys; the dataset seeds the albumentations pipeline from them per sample. So a run resumed at
 an epoch boundary replays exactly what the killed run would have done, whatever the number of DataLoader workers
@@ -18,9 +21,18 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.data import images
+from pipeline.data.batch_augment import BatchAugment
 
 
-STREAM_AUGMENT, STREAM_ORDER, STREAM_TORCH = 0, 1, 2  # independent random streams derived from one seed
+STREAM_AUGMENT, STREAM_ORDER, STREAM_TORCH, STREAM_DEVICE = 0, 1, 2, 3  # independent random streams of one seed
+
+
+def _as_tensor(x: np.ndarray) -> torch.Tensor:
+    """A tensor over the array's memory where torch can use it (a crop window: the batch's stack copies it anyway);
+    a copy only for read-only or reversed arrays."""
+    if not x.flags.writeable or any(s < 0 for s in x.strides):
+        x = np.array(x)
+    return torch.from_numpy(x)
 
 
 def sample_seed(seed: int, epoch: int, index: int = 0, stream: int = STREAM_AUGMENT) -> int:
@@ -60,8 +72,10 @@ class EpochSampler(Sampler):
 
 
 class ManifestDataset(Dataset):
-    def __init__(self, df: pl.DataFrame, image_root: str | Path, transform, cache: bool = False, seed: int = 0):
+    def __init__(self, df: pl.DataFrame, image_root: str | Path, transform, cache: bool = False, seed: int = 0,
+                 device_params: BatchAugment | None = None):
         self.root = Path(image_root)
+        self.device_params = device_params if device_params is not None and device_params.needs_params else None
         self.paths = df["path"].to_list()
         self.labels = df["class_id"].to_list()
         self.transform, self.seed = transform, seed
@@ -75,13 +89,19 @@ class ManifestDataset(Dataset):
         if self._cache is not None and i in self._cache:
             return self._cache[i]
         with images.open_image(self.root, self.paths[i]) as im:
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # RGB JPEGs: no converted copy
         if self._cache is not None:
             self._cache[i] = arr
         return arr
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple:
         i, epoch = key if isinstance(key, tuple) else (key, None)
         if epoch is not None and hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(sample_seed(self.seed, epoch, i))
-        return self.transform(image=self.load(i))["image"], self.labels[i]
+        x = self.transform(image=self.load(i))["image"]
+        if isinstance(x, np.ndarray):  # a uint8 HWC crop for the device to normalise
+            x = _as_tensor(x)
+        if self.device_params is None:
+            return x, self.labels[i]
+        rng = np.random.default_rng(sample_seed(self.seed, epoch or 0, i, stream=STREAM_DEVICE))
+        return x, self.labels[i], torch.from_numpy(self.device_params.draw(rng, x.shape[0], x.shape[1]))

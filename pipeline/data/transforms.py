@@ -1,10 +1,15 @@
 """Albumentations pipelines whose mean/std/interpolation come from the model's timm data config.
 
+The CPU does only what must run there: decode and the geometric crop/resize (plus the per-image photometric ops of
+a recipe), and hands over uint8 HWC arrays, as decoders give them (the dataset makes them tensors; a channel
+transpose on the CPU costs more than the whole crop, on the device it is free). Normalisation and random erasing run on the device, batched
+(`pipeline/data/batch_augment.py`, applied by `pipeline/data/prefetch.py`), which also sends 4x fewer bytes.
+
 `train.augment` picks the training pipeline:
 - rrc: RandomResizedCrop + optional flip + colour jitter (the emoji default: artists differ in colour and line).
 - weak: GLSim/ILA "weakaugs": resize to a square of int(img_size * resize_ratio), random crop, horizontal flip.
-- med: GLSim "medaugs": weak + TrivialAugmentWide (torchvision's own, as the GLSim code uses it) + random erasing
-  (p 0.3, after normalisation).
+- med: GLSim "medaugs": weak + TrivialAugmentWide (torchvision's op set and 31 bins, see below) + random erasing
+  (p 0.3, after normalisation, on the device).
 Evaluation mirrors it: weak/med resize to the same square and centre-crop (GLSim's test transform); rrc resizes the
 short side to img_size and centre-crops. The eval resize is stored in the checkpoint's data config, so the evaluate
 stage applies the one the model was trained with.
@@ -20,8 +25,10 @@ import numpy as np
 from torch import nn
 
 from pipeline.config import TrainParams
+from pipeline.data import trivial_augment
+from pipeline.data.batch_augment import BatchAugment
 
-ERASE_PROB = 0.3  # medaugs: torchvision RandomErasing(p=0.3, scale=(0.02, 0.4), ratio=(0.3, 3.3))
+ERASE_PROB = 0.3  # medaugs: torchvision RandomErasing(p=0.3, scale=(0.02, 0.4), ratio=(0.3, 3.3)), value 0
 
 
 def data_config(model: nn.Module) -> dict:
@@ -47,79 +54,97 @@ def _interp(dcfg: dict) -> int:
     return _INTERP.get(dcfg["interpolation"], cv2.INTER_LINEAR)
 
 
-def train_transform(cfg: TrainParams, dcfg: dict, seed: int) -> A.Compose:
-    """Seeded: albumentations 2 draws from its own generator, not from numpy/torch global state."""
+def train_transform(cfg: TrainParams, dcfg: dict, seed: int) -> A.Compose | PaperAugment:
+    """The CPU half of the training augmentation: uint8 HWC in, uint8 HWC out (see `batch_augment` for the device
+    half). Seeded: it draws from its own generator (`set_random_seed`), never from numpy/torch global state."""
     size, interp = cfg.img_size, _interp(dcfg)
-    normalize = [A.Normalize(mean=dcfg["mean"], std=dcfg["std"])]
     if cfg.augment == "rrc":
         ops = [A.RandomResizedCrop(size=(size, size), scale=(cfg.scale_min, 1.0), interpolation=interp),
                A.HorizontalFlip(p=cfg.hflip),
-               A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=cfg.color_jitter),
-               *normalize]
-    else:
-        big = int(size * cfg.resize_ratio)
-        ops = [A.Resize(big, big, interpolation=interp), A.RandomCrop(size, size), A.HorizontalFlip(p=cfg.hflip)]
-        if cfg.augment == "med":
-            ops += [TrivialAugmentWide(), *normalize,
-                    A.Erasing(scale=(0.02, 0.4), ratio=(0.3, 3.3), fill=0, p=ERASE_PROB)]
-        else:
-            ops += normalize
-    return A.Compose([*ops, A.ToTensorV2()], seed=seed)
+               A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=cfg.color_jitter)]
+        return A.Compose(ops, seed=seed)
+    return PaperAugment(size, int(size * cfg.resize_ratio), interp, cfg.hflip, cfg.augment == "med", seed)
+
+
+class PaperAugment:
+    """GLSim's weakaugs (resize to a `big` square, random `size` crop, horizontal flip) and, with `trivial`, its
+    medaugs' TrivialAugmentWide, on uint8 HWC arrays.
+
+    The same ops as albumentations' Resize, RandomCrop and HorizontalFlip (cv2 resize, a uniformly placed crop, a
+    mirrored view), called directly with one NumPy Generator per image: an albumentations Compose spends more time
+    reseeding its transforms per image (0.5 ms) than the crop and flip take. Interface as a seeded Compose:
+    `set_random_seed(seed)`, then `t(image=arr)["image"]`.
+    """
+
+    def __init__(self, size: int, big: int, interpolation: int, hflip: float, trivial: bool, seed: int = 0):
+        self.size, self.big, self.interpolation, self.hflip, self.trivial = size, big, interpolation, hflip, trivial
+        self.set_random_seed(seed)
+
+    def set_random_seed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, *, image: np.ndarray) -> dict[str, np.ndarray]:
+        rng, size = self.rng, self.size
+        img = cv2.resize(image, (self.big, self.big), interpolation=self.interpolation)
+        top, left = (int(rng.integers(0, self.big - size + 1)) for _ in range(2))
+        img = img[top:top + size, left:left + size]
+        if rng.random() < self.hflip:
+            img = cv2.flip(img, 1)  # a copy: NumPy copies a reversed 3-channel view 50x slower
+        if self.trivial:
+            img = trivial_augment.apply(np.ascontiguousarray(img), *trivial_augment.draw(rng))
+        return {"image": img}
+
+
+def batch_augment(cfg: TrainParams, dcfg: dict) -> BatchAugment:
+    """The device half of the training augmentation of `cfg.augment`: normalisation, and random erasing for med."""
+    return BatchAugment(mean=tuple(dcfg["mean"]), std=tuple(dcfg["std"]),
+                        erase_prob=ERASE_PROB if cfg.augment == "med" else 0.0)
+
+
+def eval_batch_augment(dcfg: dict) -> BatchAugment:
+    """Evaluation's device half: normalisation only."""
+    return BatchAugment(mean=tuple(dcfg["mean"]), std=tuple(dcfg["std"]))
 
 
 class TrivialAugmentWide(A.ImageOnlyTransform):
     """torchvision's TrivialAugmentWide (Mueller & Hutter 2021), the op the GLSim code applies, inside albumentations.
 
-    Albumentations has no exact one: its Sharpen only sharpens (torchvision's sharpness factor runs 0.01 .. 1.99, so it
-    also blurs), and a translate given as a fraction of the size grows with the image (torchvision: at most 32 px at
-    any size). This runs torchvision's transform itself on the uint8 RGB image (as a PIL image, as in the GLSim code:
-    before ToTensor and normalisation). Its randomness (one op uniformly out of 14, one of 31 magnitude bins, a random
-    sign) comes from torch's generator, which is seeded here from albumentations' own generator and restored
-    afterwards: seeded pipelines stay reproducible and the global torch stream is left untouched.
+    One op uniformly out of torchvision's 14, one of its 31 magnitude bins, a random sign for signed ops: drawn from
+    albumentations' per-sample generator (`trivial_augment.draw`), so seeded pipelines are reproducible without
+    touching torch's global generator, and applied with torchvision's own functional ops (`trivial_augment.apply`).
+    Runs on the uint8 RGB image before normalisation, as in the GLSim code.
     """
 
-    NUM_BINS = 31  # torchvision's default num_magnitude_bins
+    NUM_BINS = trivial_augment.NUM_BINS
 
     def __init__(self, p: float = 1.0) -> None:
         super().__init__(p=p)
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import TrivialAugmentWide as TorchTrivialAugmentWide
-
-        # torchvision's defaults, as the GLSim code calls it: nearest interpolation, black fill
-        self.op = TorchTrivialAugmentWide(num_magnitude_bins=self.NUM_BINS, interpolation=InterpolationMode.NEAREST)
 
     def space(self) -> dict[str, tuple[float, float, bool]]:
         """op -> (smallest, largest magnitude, signed): the op set and ranges the transform draws from."""
-        out = {}
-        for name, (mags, signed) in self.op._augmentation_space(self.NUM_BINS).items():
-            values = mags.reshape(-1).tolist()
-            out[name] = (float(min(values)), float(max(values)), bool(signed))
-        return out
+        return {name: (float(min(mags)), float(max(mags)), signed)
+                for name, (mags, signed) in trivial_augment.SPACE.items()}
 
     def get_params(self) -> dict[str, Any]:
-        return {"torch_seed": int(self.random_generator.integers(0, 2**63 - 1))}
+        op, magnitude = trivial_augment.draw(self.random_generator)
+        return {"op": op, "magnitude": magnitude}
 
-    def apply(self, img: np.ndarray, torch_seed: int = 0, **params: Any) -> np.ndarray:
-        import torch
-        from PIL import Image
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(torch_seed)
-            return np.asarray(self.op(Image.fromarray(img)))
+    def apply(self, img: np.ndarray, op: str = "Identity", magnitude: float = 0.0, **params: Any) -> np.ndarray:
+        return trivial_augment.apply(img, op, magnitude)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ()
 
 
-def eval_transform(img_size: int, dcfg: dict) -> A.Compose:
+def eval_transform(img_size: int, dcfg: dict, normalize: bool = True) -> A.Compose:
+    """The evaluation transform: a normalised float CHW tensor, or with `normalize=False` the uint8 HWC crop for a
+    device that normalises (eval_batch_augment)."""
     interp = _interp(dcfg)
     if "eval_resize" in dcfg:  # weak/med: GLSim's test transform (square resize, centre crop)
         resize = A.Resize(dcfg["eval_resize"], dcfg["eval_resize"], interpolation=interp)
     else:
         resize = A.SmallestMaxSize(max_size=img_size, interpolation=interp)
-    return A.Compose([
-        resize,
-        A.CenterCrop(height=img_size, width=img_size),
-        A.Normalize(mean=dcfg["mean"], std=dcfg["std"]),
-        A.ToTensorV2(),
-    ])
+    crop = [resize, A.CenterCrop(height=img_size, width=img_size)]
+    if not normalize:
+        return A.Compose(crop)
+    return A.Compose([*crop, A.Normalize(mean=dcfg["mean"], std=dcfg["std"]), A.ToTensorV2()])

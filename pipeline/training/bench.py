@@ -99,8 +99,12 @@ def run(model_name: str, method: str, img_size: int, batch_size: int, num_classe
 
 
 def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="training-step img/s: our engine vs a plain reference loop",
+    p = sub.add_parser("bench", help="training-step img/s: our engine vs a plain reference loop; `bench loader`: "
+                                     "one worker's img/s per recipe vs decode + resize",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", default="step", choices=["step", "loader"],
+                   help="step (default): the training step; loader: the data loader's CPU work per worker")
+    p.add_argument("--images", type=int, default=96, help="loader: synthetic JPEGs per pass")
     p.add_argument("--model", default="tf_efficientnet_lite0", help="timm model name")
     p.add_argument("--method", default="cnn", help="cnn | vit | linear | glsim | ila")
     p.add_argument("--img-size", type=int, default=96)
@@ -116,6 +120,8 @@ def add_bench_parser(sub) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.what == "loader":
+        return _main_loader(args)
     r = run(args.model, args.method, args.img_size, args.batch_size, args.num_classes, args.steps, args.rounds,
             precision=args.precision, device=args.device, threads=args.threads)
     if args.json:
@@ -124,4 +130,20 @@ def _main(args: argparse.Namespace) -> int:
         print(f"{r['method']}/{r['model']} {r['img_size']}px batch {r['batch_size']} {r['precision']} on "
               f"{r['device']} ({r['threads']} threads): ours {r['ours_img_per_s']} img/s, reference "
               f"{r['reference_img_per_s']} img/s, ratio {r['ratio']}", file=sys.stdout)
+    return 0
+
+
+def _main_loader(args: argparse.Namespace) -> int:
+    from pipeline.training import loader_bench
+
+    size = args.img_size if args.img_size != 96 else 224  # the loader's default is the papers' 224
+    r = loader_bench.run(images=args.images, img_size=size, rounds=args.rounds)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"one worker, {r['images']} JPEGs (256x320, tar shards) -> {r['img_size']} px, median of {r['rounds']} "
+          "rounds:")
+    for name, ips in r["img_per_s_per_worker"].items():
+        ratio = r["ratio"].get(name)
+        print(f"  {name:<20} {ips:8.1f} img/s" + (f"   ratio {ratio:.3f} (to its decode + resize)" if ratio else ""))
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,12 +33,15 @@ from torch.utils.data import DataLoader
 from pipeline.config import RECIPES, Params, TrainParams, flatten
 from pipeline.data import manifest
 from pipeline.data.dataset import STREAM_TORCH, EpochSampler, ManifestDataset, sample_seed
+from pipeline.data.prefetch import DeviceLoader
 from pipeline.data.registry import source_dataset
-from pipeline.data.transforms import data_config, eval_resize, eval_transform, train_transform
+from pipeline.data.transforms import (batch_augment, data_config, eval_batch_augment, eval_resize, eval_transform,
+                                      train_transform)
 from pipeline.io import atomic_path, md5_file, write_json, write_text
 from pipeline.models import build_model, describe_weights, model_options, save_checkpoint
 from pipeline.models.profile import count_params
 from pipeline.progress import progress
+from pipeline.runtime import autocast, fused_optimizer_kwargs, resolve_device, seed_everything, synchronize
 from pipeline.training import checkpoint, distributed
 from pipeline.training.distributed import Dist
 from pipeline.training.metrics import summarize
@@ -54,39 +56,35 @@ class TrainOutputs:
     history_file: Path  # DVC plots: one row per epoch
 
 
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"base.device={spec!r} but CUDA is not available on this machine (use auto or cpu)")
-    return torch.device(spec)
-
-
-def seed_everything(seed: int, threads: int, device: torch.device) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if device.type == "cpu":
-        torch.set_num_threads(threads)
-        # Same seed + same machine -> same weights, so a re-run reproduces dvc.lock's hashes.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def make_loader(ds: ManifestDataset, batch_size: int, train: bool, seed: int, workers: int,
                 device: torch.device, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Order and augmentation come from EpochSampler's (index, epoch) keys: call loader.sampler.set_epoch(e).
     `batch_size` is per process; evaluation shards are padded to equal length (see EpochSampler)."""
     sampler = EpochSampler(len(ds), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=not train)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train and len(sampler) > batch_size,
-                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      worker_init_fn=_worker_init if workers > 0 else None)
+
+
+def _worker_init(worker_id: int) -> None:
+    """One OpenCV thread per worker: the workers are the parallelism (N workers x N OpenCV threads thrash)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def device_loaders(cfg: TrainParams, base, tr_df: pl.DataFrame, va_df: pl.DataFrame, image_root: Path, dcfg: dict,
+                   device: torch.device, d: Dist, channels_last: bool, cache: bool) -> tuple[DeviceLoader, ...]:
+    """(train, val) loaders whose workers decode and crop to uint8; normalisation and erasing run on `device`."""
+    per_rank = cfg.batch_size // d.world
+    aug = batch_augment(cfg, dcfg)
+    train_ds = ManifestDataset(tr_df, image_root, train_transform(cfg, dcfg, base.seed), cache, seed=base.seed,
+                               device_params=aug)
+    val_ds = ManifestDataset(va_df, image_root, eval_transform(cfg.img_size, dcfg, normalize=False), cache)
+    train = make_loader(train_ds, per_rank, True, base.seed, cfg.num_workers, device, d.rank, d.world)
+    val = make_loader(val_ds, per_rank, False, base.seed, cfg.num_workers, device, d.rank, d.world)
+    return (DeviceLoader(train, device, aug, channels_last),
+            DeviceLoader(val, device, eval_batch_augment(dcfg)))  # NCHW, as evaluate predicts
 
 
 def use_channels_last(method: str, backbone_cnn: str | None = None) -> bool:
@@ -132,7 +130,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, precisio
         with autocast(device, precision):
             out = model(x.to(device, non_blocking=True))
         logits.append(out.float().cpu().numpy())
-        labels.append(y.numpy())
+        labels.append(y.cpu().numpy())
     if not logits:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     return np.concatenate(logits), np.concatenate(labels)
@@ -164,24 +162,26 @@ def _run_key(params: Params, split_md5: str, variant: str | None = None) -> str:
 
 def train(params: Params, split_manifest: Path, image_root: Path, outputs: TrainOutputs, root: Path, *,
           on_epoch: Callable[[dict], None] | None = None, run_name: str | None = None,
-          tags: dict[str, str] | None = None) -> dict:
+          tags: dict[str, str] | None = None, on_timing: Callable[[dict], None] | None = None) -> dict:
     """Train `params.train` on the train split, select on val; returns the summary that is also written.
 
     Sweeps (pipeline/tuning) call this same function: `on_epoch(row)` receives each epoch's history row after it is
     logged (a Ray Tune trial reports it; raising there stops the run), `run_name` and `tags` name the MLflow run
     (e.g. `mlflow.parentRunId` nests a trial under its sweep). Under torchrun every process calls it; on_epoch runs
-    on rank 0 only.
+    on rank 0 only. `on_timing({"epoch", "train_seconds", "images"})` gets each epoch's training pass (no validation,
+    device-synchronised) on rank 0: `gpu-check` measures the engine with it.
     """
     d, device = distributed.setup(resolve_device(params.base.device))
     try:
-        return _train(params, split_manifest, image_root, outputs, root, d, device, on_epoch, run_name, tags)
+        return _train(params, split_manifest, image_root, outputs, root, d, device, on_epoch, run_name, tags,
+                      on_timing)
     finally:
         distributed.teardown(d)
 
 
 def _train(params: Params, split_manifest: Path, image_root: Path, outputs: TrainOutputs, root: Path, d: Dist,
            device: torch.device, on_epoch: Callable[[dict], None] | None, run_name: str | None,
-           tags: dict[str, str] | None) -> dict:
+           tags: dict[str, str] | None, on_timing: Callable[[dict], None] | None = None) -> dict:
     import mlflow
 
     from pipeline import tracking
@@ -205,14 +205,10 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    cache = df.height <= CACHE_LIMIT
-    per_rank = cfg.batch_size // d.world
-    train_loader = make_loader(ManifestDataset(tr_df, image_root, train_transform(cfg, dcfg, base.seed), cache,
-                                               seed=base.seed),
-                               per_rank, True, base.seed, cfg.num_workers, device, d.rank, d.world)
-    val_loader = make_loader(ManifestDataset(va_df, image_root, eval_transform(cfg.img_size, dcfg), cache),
-                             per_rank, False, base.seed, cfg.num_workers, device, d.rank, d.world)
-    optimizer, scheduler = _optimization(model, cfg, len(train_loader))
+    cache = df.height <= CACHE_LIMIT and cfg.decode_cache
+    train_loader, val_loader = device_loaders(cfg, base, tr_df, va_df, image_root, dcfg, device, d, channels_last,
+                                              cache)
+    optimizer, scheduler = make_optimizer(model, cfg, len(train_loader), device)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     frozen = getattr(model, "frozen_backbone", False)
@@ -250,6 +246,7 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
             print(f"train: resuming after epoch {state['epoch']}/{cfg.epochs} from {ckpt_dir / 'last.pt'}",
                   flush=True)
     distributed.barrier(d)  # every rank has read the state before rank 0 may overwrite it
+    _begin_epoch(train_loader, base.seed, start_epoch, d)  # workers spawn and fill while the rest is set up
     net = distributed.wrap(model, d, device, cfg.sync_bn)
     if cfg.compile:
         net = torch.compile(net)
@@ -270,16 +267,18 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
             mlflow.log_params({"params_total": n_params, "params_trainable": n_trainable,
                                "num_classes": len(classes)})
         for epoch in range(start_epoch, cfg.epochs + 1):
-            # Everything random in this epoch derives from (seed, epoch): resuming here replays it exactly. Ranks
-            # get their own torch stream (stochastic depth, dropout); rank 0's is the single-process one.
-            torch.manual_seed(sample_seed(base.seed, epoch, d.rank, stream=STREAM_TORCH))
-            train_loader.sampler.set_epoch(epoch)
+            if epoch != start_epoch:
+                _begin_epoch(train_loader, base.seed, epoch, d)
             net.train(not frozen)  # a linear probe keeps BatchNorm statistics and dropout of the backbone fixed
             te = time.perf_counter()
             loss_sum, correct, seen, step = _train_epoch(net, train_loader, optimizer, scheduler, loss_fn, device,
                                                          cfg, step, scaler, channels_last, d, epoch)
+            synchronize(device)
+            pass_seconds = time.perf_counter() - te
             loss_sum, correct, seen = distributed.sum_all([loss_sum, correct, seen], d, device)
             images_seen, train_seconds = images_seen + int(seen), train_seconds + time.perf_counter() - te
+            if on_timing is not None and d.main:
+                on_timing({"epoch": epoch, "train_seconds": pass_seconds, "images": int(seen)})
             row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
                    "lr": optimizer.param_groups[0]["lr"]}
             epoch_seconds = time.perf_counter() - te
@@ -330,15 +329,25 @@ def _train(params: Params, split_manifest: Path, image_root: Path, outputs: Trai
     return summary
 
 
-def _optimization(model: nn.Module, cfg: TrainParams, updates_per_epoch: int):
+def _begin_epoch(loader: DeviceLoader, seed: int, epoch: int, d: Dist) -> None:
+    """Seed the epoch and start its data pass. Everything random in an epoch derives from (seed, epoch): resuming
+    there replays it exactly. Ranks get their own torch stream (stochastic depth, dropout); rank 0's is the
+    single-process one. The loader starts after the seed: its iterator draws its workers' base seed from it."""
+    torch.manual_seed(sample_seed(seed, epoch, d.rank, stream=STREAM_TORCH))
+    loader.sampler.set_epoch(epoch)
+    loader.start()
+
+
+def make_optimizer(model: nn.Module, cfg: TrainParams, updates_per_epoch: int,
+                   device: torch.device | None = None):
     """timm's optimizer and per-step cosine schedule (warm-up from 1e-6, as GLSim's trainer)."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
-    # Given the model, timm skips frozen parameters and exempts biases and norms from weight decay; foreach
-    # kernels update all tensors in a few ops (faster on CPU too, where torch does not enable them by default).
-    optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    foreach=True)
+    # Given the model, timm skips frozen parameters and exempts biases and norms from weight decay. The update
+    # kernel: fused on CUDA (one kernel for all tensors), foreach elsewhere (CPU: torch does not enable it itself).
+    kernel = fused_optimizer_kwargs(device or torch.device("cpu"), cfg.optimizer)
+    optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
     # timm counts warm-up in epochs and multiplies by updates_per_epoch for per-step schedules: a step count
     # becomes a fraction of an epoch.
     warmup = cfg.warmup_epochs if cfg.warmup_steps is None else cfg.warmup_steps / updates_per_epoch
@@ -350,7 +359,7 @@ def _optimization(model: nn.Module, cfg: TrainParams, updates_per_epoch: int):
     return optimizer, scheduler
 
 
-def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, loss_fn: nn.Module,
+def _train_epoch(net: nn.Module, loader: DeviceLoader, optimizer, scheduler, loss_fn: nn.Module,
                  device: torch.device, cfg: TrainParams, step: int, scaler, channels_last: bool, d: Dist,
                  epoch: int) -> tuple[float, int, int, int]:
     """One pass over this rank's shard; returns (loss sum, correct, images, global step) of this rank.
@@ -360,10 +369,8 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, loss_
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    fmt = torch.channels_last if channels_last else torch.preserve_format
     bar = progress(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=not d.main)
-    for x, y in bar:
-        x, y = x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
+    for x, y in bar:  # on the device already, normalised and augmented (DeviceLoader)
         loss, logits = train_step(net, x, y, optimizer, loss_fn, device, cfg.precision, cfg.grad_clip, scaler)
         step += 1
         scheduler.step_update(num_updates=step)
