@@ -50,7 +50,7 @@ def class_sizes(n_rows: int, n_classes: int, smallest: int = 20, median: int = 4
 
     mu puts the median class at `median`; sigma is found by bisection so the sizes sum to n_rows. At DAF:re scale
     this gives min 20, median 47, mean 142, max 14.7k, and 1,553 / 871 / 162 / 65 classes with at least 50 / 100 /
-    500 / 1000 images (DAF:re, reference section D.2: 20, ~47, 142, ~10.7k; ~1,450 / 830 / 172 / 67).
+    500 / 1000 images (DAF:re, docs/methods.md#dafre: 20, ~48, 142, ~10.7k; ~1,450 / 830 / 172 / 67).
     """
     z = np.array([NormalDist().inv_cdf(1 - (r - 0.5) / n_classes) for r in range(1, n_classes + 1)])
     mu = np.log(max(median - smallest, 1))

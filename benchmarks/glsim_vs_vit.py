@@ -1,7 +1,7 @@
 """Benchmark: forward throughput of ViT, GLSim and ILA on one backbone, in one run.
 
 GLSim runs the encoder twice (full image + crop), so it should land near half the ViT's images/s; ILA shrinks the
-token grid of the last two encoder groups, so it should be faster than the ViT (reference-methods.md B.3, C.4).
+token grid of the last two encoder groups, so it should be faster than the ViT (docs/methods.md#glsim, #ila).
 Models are built with random weights (speed does not depend on them). Rounds alternate the models so that load from
 other processes on the machine hits all of them alike; the best round of each model is reported.
 

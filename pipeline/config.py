@@ -43,7 +43,7 @@ from pipeline.data_config import (  # noqa: F401  (re-exported: the whole params
 )
 from pipeline.tuning import space as tune_space
 
-# Paper training recipes for `train.recipe` (reference-methods.md A.4, A.5, C.2 and C.6, checked against the authors'
+# Paper training recipes for `train.recipe` (docs/defaults.md#paper-recipes: each value's source in the authors'
 # code). Precision is left to the user (the papers use fp16 AMP, which needs CUDA), and so are method and img_size
 # (224 or 448 in the papers). The model is the papers' original Google ImageNet-21k ViT-B/16 (timm's `orig_in21k`
 # tag; the bare name would resolve to timm's default augreg2_in21k_ft_in1k weights).

@@ -1,4 +1,4 @@
-"""The `dafre` source on a release-shaped folder built from the REAL DAF:re label files (../shared/data/dafre-labels).
+"""The `dafre` source on a release-shaped folder built from the REAL DAF:re label files (tests/fixtures/dafre-labels).
 
 Creating 140k images would be too slow for the suite, so a deterministic subset of the real rows (every 470th,
 about 300) gets real tiny JPEGs and the rest are missing: that checks the real size and format of the labels, the

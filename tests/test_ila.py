@@ -1,4 +1,4 @@
-"""ILA: module structure and parameter counts (reference C.4), token down-sampling, freezing, shapes."""
+"""ILA: module structure and parameter counts (docs/methods.md#ila), token down-sampling, freezing, shapes."""
 
 from __future__ import annotations
 

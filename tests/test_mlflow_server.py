@@ -40,7 +40,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """`mlflow server` in its own session (stack.md: one worker, no job runner: answers in seconds), stopped through
+    """`mlflow server` in its own session (one worker, no job runner: it answers in seconds), stopped through
     its process group so that no gunicorn/uvicorn child outlives the test."""
     home = tmp_path / "server"
     home.mkdir()

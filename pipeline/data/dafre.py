@@ -1,6 +1,6 @@
 """The `dafre` source: an unpacked DAF:re release (Rios et al. 2021), with its official train/val/test split.
 
-Release layout (reference-methods.md, D.2):
+Release layout (docs/methods.md#dafre):
 
     <path>/faces/<4-digit bucket>/<danbooru id>.jpg     (or fullMin256/, the "DAF:re Full" / DAFB images)
     <path>/labels/train.csv, val.csv, test.csv          `class_id,dir`, no header (GLSim's copies have one)

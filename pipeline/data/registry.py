@@ -1,6 +1,6 @@
 """Known datasets and their expected shape, so an import can be checked against what the papers used.
 
-Numbers are those of the GLSim / ILA / DAF:re split CSVs (see ../shared/docs/reference-methods.md, section F):
+Numbers are those of the GLSim / ILA / DAF:re split CSVs (see docs/methods.md#dataset-registry):
 `trainval` is what final training uses, `test` what is evaluated. A wrong folder, a truncated label file or a
 different variant of a dataset usually shows up first as a different class count, which `check` reports.
 """

@@ -1,4 +1,4 @@
-"""GLSim: global-local similarity crop selection on a timm ViT (reference-methods.md, section A).
+"""GLSim: global-local similarity crop selection on a timm ViT (docs/methods.md#glsim).
 
     feats  = encoder(x)                         last layer, after the final norm (A.2; G.1: the vanilla/checkpoint path)
     sim    = cos(CLS, patch_i)                  (B, N), no gradient (A.1 step 3)
@@ -44,7 +44,7 @@ def default_top_k(dataset: str | None = None) -> int:
 
     The ILA repo's GLSim re-implementation (fgir_vit build_args.py) also doubles it from img_size 448 up (16 at 448,
     32 for Dogs at 448); set train.glsim_top_k to follow that one. Which rule the GLSim paper's 448 runs used is not
-    stated (reference-methods.md G.5); this follows the paper's own code.
+    stated (docs/methods.md#glsim); this follows the paper's own code.
     """
     return 2 * TOP_K if dataset in DOUBLE_TOP_K else TOP_K
 

@@ -1,4 +1,4 @@
-"""ILA: down-sampling inter-layer adapters on a frozen timm ViT (reference-methods.md, section C).
+"""ILA: down-sampling inter-layer adapters on a frozen timm ViT (docs/methods.md#ila).
 
 A frozen ViT's 12 blocks form 3 groups of 4; a down-sampling ILA after blocks 3 and 7 shrinks the token grid with an
 unpadded 3x3 depthwise conv (14x14 -> 12x12 -> 10x10 at 224, so the groups see 197, 145 and 101 tokens, C.2).

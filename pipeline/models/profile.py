@@ -80,7 +80,7 @@ def encoder(model: nn.Module) -> nn.Module | None:
 
 
 def encoder_tokens(model: nn.Module, x: torch.Tensor) -> tuple[list[int] | None, int]:
-    """Tokens entering each of the encoder's three groups of blocks (ILA's groups, reference C.1/C.2) during the first
+    """Tokens entering each of the encoder's three groups of blocks (ILA's groups, docs/methods.md#ila) during the first
     encoder pass, and the number of encoder passes per forward (2 for GLSim). (None, 0) for CNNs."""
     import torch
 
