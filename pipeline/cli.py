@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_export_parser(sub)
 
-    from pipeline.inference.evaluate_weights import add_evaluate_weights_parser  # light, as above
+    from pipeline.training.evaluate_weights import add_evaluate_weights_parser  # light, as above
 
     add_evaluate_weights_parser(sub)
     _add_pretrain_parsers(sub)

@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pipeline.training.engine import resolve_device
+    from pipeline.runtime import resolve_device
 
     try:
         device = resolve_device(args.device or params.base.device)
