@@ -10,12 +10,6 @@ for _key, _value in {
     "RAY_USAGE_STATS_ENABLED": "0",
     "DVC_NO_ANALYTICS": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    # The same bits on every x86 CPU: oneDNN (convolutions, matmuls) and MKL pick their kernels, and so the order of
-    # floating-point sums, by CPU model; two AVX-512 machines gave the CNN 66.5 % and 60.1 %. Pinned to their AVX2
-    # code paths both gave 56.65 % to the last bit (README "Same results on another machine"). Read when the
-    # libraries first run, i.e. after this import; set ONEDNN_MAX_CPU_ISA=ALL to let them use AVX-512 again.
-    "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "MKL_CBWR": "AVX2",
 }.items():
     os.environ.setdefault(_key, _value)
 

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.numerics import use_portable_cpu_kernels
+
 
 # ParamsError, ManifestError, SplitError and WeightsError are ValueErrors; missing files, refused connections and a
 # crawl that ran out of retries (danbooru.CrawlError) are OSErrors. Importing nothing heavier here keeps a params
@@ -38,6 +40,7 @@ def run(main: Callable[[argparse.Namespace, Any, Path], object], parser: argpars
     args = parser.parse_args(argv)
     try:
         params = load(args.params)
+        use_portable_cpu_kernels(params.base.portable_cpu)  # before any kernel runs (pipeline/numerics.py)
         main(args, params, Path(args.params).resolve().parent)
     except KNOWN_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
