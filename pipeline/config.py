@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from pipeline import dvcparams
 from pipeline.tuning import space as tune_space
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -572,11 +573,18 @@ def _format_errors(err: ValidationError, source: str, prefix: str = "") -> str:
             msg = "unknown key (misspelt? see the defaults in pipeline/config.py)"
         elif e["type"] != "value_error" and "input" in e and not isinstance(e["input"], dict):
             msg += f" (got {e['input']!r})"
+            if isinstance(e["input"], bool):  # yes/no/on/off/true/false are YAML booleans, never numbers or text
+                msg += "; YAML reads yes/no/on/off/true/false (unquoted) as a boolean: write the value itself"
             if isinstance(e["input"], str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", e["input"]):
                 mantissa, exp = re.split("[eE]", e["input"])
                 msg += f"; YAML reads {e['input']} as text: write {mantissa}.0e{exp}"
         lines.append(f"  - {key}: {msg}")
     return f"invalid parameters in {source}:\n" + "\n".join(lines)
+
+
+def not_a_folder(root: Path, path: str) -> str:
+    """Why `path` (relative to root) is no folder: missing, or a file (`--path /etc/hostname`)."""
+    return f"{path!r} is a file, not a folder" if (root / path).exists() else f"folder {path!r} does not exist"
 
 
 def _check_paths(params: Params, root: Path) -> list[str]:
@@ -589,14 +597,14 @@ def _check_paths(params: Params, root: Path) -> list[str]:
         if acq.folder.path is None:
             errors.append("  - acquire.folder.path: required when acquire.source is 'folder'")
         elif not (root / acq.folder.path).is_dir():
-            errors.append(f"  - acquire.folder.path: folder {acq.folder.path!r} does not exist")
+            errors.append(f"  - acquire.folder.path: {not_a_folder(root, acq.folder.path)}")
     for name in ("csv", "dafre"):
         section = getattr(acq, name)
         if acq.source == name:
             if section.path is None:
                 errors.append(f"  - acquire.{name}.path: required when acquire.source is '{name}'")
             elif not (root / section.path).is_dir():
-                errors.append(f"  - acquire.{name}.path: folder {section.path!r} does not exist")
+                errors.append(f"  - acquire.{name}.path: {not_a_folder(root, section.path)}")
     if params.train.weights.startswith("file:"):
         wfile = params.train.weights.removeprefix("file:")
         if not (root / wfile).is_file():
@@ -608,6 +616,31 @@ def _check_paths(params: Params, root: Path) -> list[str]:
     return errors
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading exponent floats as YAML 1.2 (and so DVC, through ruamel) does: `1e-3` and
+    `1.0e3` are numbers. PyYAML's YAML 1.1 reads them as text: DVC then saw an unchanged 0.001 while the stage refused
+    '1e-3' (a forced `dvc repro -s` lost the stage's outputs to that disagreement)."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_raw(path: str | Path) -> dict:
+    """params.yaml as a plain dict (ParamsError if it is missing, not YAML or not a mapping); not validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file {str(path)!r} does not exist")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_ParamsLoader) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
     """Load and validate params.yaml; relative paths in it are resolved against the file's folder.
 
@@ -615,14 +648,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
     once the schema is valid.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"params file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = read_raw(path)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     try:
@@ -656,3 +682,12 @@ def _flatten_into(out: dict, key: str, value) -> None:
             _flatten_into(out, f"{key}.{k}", v)
     else:
         out[key] = value
+
+
+def check_declared(params_file: str | Path, dvc_yaml: Path) -> None:
+    """ParamsError naming every key that dvc.yaml's stages declare and `params_file` lacks (no dvc.yaml: no check)."""
+    if not Path(dvc_yaml).is_file():
+        return
+    missing = dvcparams.missing_keys(read_raw(params_file), dvc_yaml)
+    if missing:
+        raise ParamsError(f"invalid parameters in {params_file}:\n" + "\n".join(missing))

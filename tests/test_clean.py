@@ -675,3 +675,16 @@ def test_resize_and_jpeg_reencode(tmp_path: Path) -> None:
         assert im.format == "JPEG" and im.size == (150, 100)
     assert rows["a/small.jpg"]["path"] == "images/a/small.jpg"
     assert (tmp_path / "out/images/a/small.jpg").read_bytes() == (src / "a/small.jpg").read_bytes()
+
+
+def test_a_900_megapixel_header_quotes_one_limit() -> None:
+    """Issue 23 case 7: the message quoted clean.max_image_pixels and, from Pillow's text, twice that."""
+    cfg = CleanParams()
+    from pipeline.data.clean import decode
+
+    with pytest.raises(Rejected) as info:
+        decode(png_bomb(30_000, 30_000), cfg)
+    detail = info.value.detail
+    assert info.value.reason == "too_many_pixels"
+    assert "900000000 pixels" in detail and f"clean.max_image_pixels={cfg.max_image_pixels}" in detail
+    assert str(2 * cfg.max_image_pixels) not in detail
