@@ -91,6 +91,49 @@ def test_blocks_that_need_a_network_or_a_gpu(first):
     pytest.skip(SKIP[first])
 
 
+def _set_params() -> list[str]:
+    """Every `-S ...` override of the README's bash blocks, unquoted."""
+    found = []
+    for block in readme_blocks():
+        for m in re.finditer(r"-S\s+('[^']*'|\"[^\"]*\"|\S+)", block.text):
+            found.append(m.group(1).strip("'\""))
+    return found
+
+
+def _has_key(raw: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(raw, dict) or part not in raw:
+            return False
+        raw = raw[part]
+    return True
+
+
+def test_set_param_examples_use_dvcs_syntax_for_the_keys_they_name():
+    """Issue 23 case 1, without running anything: DVC's Hydra syntax changes an existing key with `key=value`, adds
+    a missing one with `+key=value` (which fails on an existing key), and `++key=value` does either."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    overrides = _set_params()
+    assert len(overrides) >= 4
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if key.startswith("++"):
+            continue
+        if key.startswith("+"):
+            assert not _has_key(raw, key[1:]), f"{override}: `+` adds a key, but params.yaml has {key[1:]}"
+        else:
+            assert _has_key(raw, key), f"{override}: params.yaml has no {key}; DVC needs `++{key}=...`"
+
+
+def test_the_add_a_variant_example_adds_a_new_one_with_its_own_weights():
+    """Issue 23 case 2: `+variants.vit={...}` merged into the existing `vit` and kept its weights file."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    added = [o for o in _set_params() if re.match(r"\+variants\.[\w-]+=\{", o)]
+    assert len(added) == 1, added
+    name, body = added[0].removeprefix("+variants.").split("=", 1)
+    assert name not in raw["variants"], f"{name} is an existing variant: the example would merge into it"
+    assert "weights" in yaml.safe_load(body)
+
+
 # ------------------------------------------------------------------------------------------------ the shrunk project
 
 def _env(project: Path) -> dict[str, str]:
@@ -169,6 +212,9 @@ def test_readme_workflow_blocks_run_as_written(project, tmp_path):
     """One shrunk project, every runnable block in README order (an experiment needs the repro before it)."""
     out = run_block(_block("make repro"), project)
     assert "Running stage 'report'" in out and (project / "reports/report.md").is_file()
+    # As in the repository, the committed dvc.lock and metrics are the ones a repro writes: experiments (queued ones
+    # too, which start from the last commit) then re-run only what their params change.
+    git_commit_all(project, "repro")
 
     run_block(_block("python -m pipeline check-params"), project)
     assert "gmacs" in run_block(_block("python -m pipeline profile"), project)
