@@ -4,8 +4,8 @@ A stage that replaces a whole folder (acquire, faces, clean) writes the new cont
 swaps it in only once it is complete, so a failure at any point leaves the previous output untouched. It replaces
 only what the project made itself: a folder it writes carries a marker file listing every entry it wrote; an
 existing folder without the marker is refused unless it is empty, and one whose marker does not list everything in
-it (a user's notes added afterwards) is refused, naming those entries. Folders that hold the project, or overlap a stage's input, are refused too
-(`--out .` in a clone must not be able to delete the clone).
+it (a user's notes added afterwards) is refused, naming those entries. Folders that hold the project, or overlap a
+stage's input, are refused too (`--out .` in a clone must not be able to delete the clone).
 """
 
 from __future__ import annotations
