@@ -220,7 +220,7 @@ def test_readme_workflow_blocks_run_as_written(project, tmp_path):
     git_commit_all(project, "repro")
 
     run_block(_block("python -m pipeline check-params"), project)
-    assert "gmacs" in run_block(_block("python -m pipeline profile"), project)
+    assert "\nmacs " in run_block(_block("python -m pipeline profile"), project)
 
     twemoji = sorted((project / "datasets/emoji/images/twemoji").glob("*.png"))
     (project / "artwork").mkdir()
