@@ -6,12 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import ParamsError, flatten, load_params
+from pipeline.config import ParamsError, check_declared, flatten, load_params, not_a_folder
 from pipeline.stage_runner import KNOWN_ERRORS
 
 
 def _check_params(args: argparse.Namespace) -> int:
     params = load_params(args.params)
+    check_declared(args.params, Path(args.params).resolve().parent / "dvc.yaml")
     print(f"{args.params}: OK ({len(flatten(params))} keys)")
     return 0
 
@@ -26,7 +27,7 @@ def _acquire(args: argparse.Namespace) -> int:
     root = Path.cwd()
     path = getattr(getattr(cfg, args.source), "path", None)
     if path is not None and not (root / path).is_dir():
-        raise ParamsError(f"--path: folder {path!r} does not exist")
+        raise ParamsError(f"--path: {not_a_folder(root, path)}")
     df = acquire(cfg, root, Path(args.out))
     print(f"acquire: {df.height} images, {df['class_name'].n_unique()} classes -> {args.out}/manifest.parquet")
     return 0

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails
 
+from pipeline import dvcparams
 from pipeline.data_config import (  # noqa: F401  (re-exported: the whole params model is importable from here)
     AcquireParams,
     BaseParams,
@@ -38,7 +39,9 @@ from pipeline.data_config import (  # noqa: F401  (re-exported: the whole params
     check_source_paths,
     flatten,
     load_data_params,
+    not_a_folder,
     read_params_file,
+    read_raw,
     validate_section,
 )
 from pipeline.tuning import space as tune_space
@@ -399,3 +402,12 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
     if path_errors:
         raise ParamsError(f"invalid parameters in {path}:\n" + "\n".join(path_errors))
     return params
+
+
+def check_declared(params_file: str | Path, dvc_yaml: Path) -> None:
+    """ParamsError naming every key that dvc.yaml's stages declare and `params_file` lacks (no dvc.yaml: no check)."""
+    if not Path(dvc_yaml).is_file():
+        return
+    missing = dvcparams.missing_keys(read_raw(params_file), dvc_yaml)
+    if missing:
+        raise ParamsError(f"invalid parameters in {params_file}:\n" + "\n".join(missing))

@@ -271,11 +271,18 @@ def _format_errors(err: ValidationError, source: str, prefix: str = "") -> str:
             msg = "unknown key (misspelt? see the defaults in pipeline/config.py)"
         elif e["type"] != "value_error" and "input" in e and not isinstance(e["input"], dict):
             msg += f" (got {e['input']!r})"
+            if isinstance(e["input"], bool):  # yes/no/on/off/true/false are YAML booleans, never numbers or text
+                msg += "; YAML reads yes/no/on/off/true/false (unquoted) as a boolean: write the value itself"
             if isinstance(e["input"], str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", e["input"]):
                 mantissa, exp = re.split("[eE]", e["input"])
                 msg += f"; YAML reads {e['input']} as text: write {mantissa}.0e{exp}"
         lines.append(f"  - {key}: {msg}")
     return f"invalid parameters in {source}:\n" + "\n".join(lines)
+
+
+def not_a_folder(root: Path, path: str) -> str:
+    """Why `path` (relative to root) is no folder: missing, or a file (`--path /etc/hostname`)."""
+    return f"{path!r} is a file, not a folder" if (root / path).exists() else f"folder {path!r} does not exist"
 
 
 def check_source_paths(acq: AcquireParams, root: Path) -> list[str]:
@@ -287,27 +294,45 @@ def check_source_paths(acq: AcquireParams, root: Path) -> list[str]:
         if acq.folder.path is None:
             errors.append("  - acquire.folder.path: required when acquire.source is 'folder'")
         elif not (root / acq.folder.path).is_dir():
-            errors.append(f"  - acquire.folder.path: folder {acq.folder.path!r} does not exist")
+            errors.append(f"  - acquire.folder.path: {not_a_folder(root, acq.folder.path)}")
     for name in ("csv", "dafre"):
         section = getattr(acq, name)
         if acq.source == name:
             if section.path is None:
                 errors.append(f"  - acquire.{name}.path: required when acquire.source is '{name}'")
             elif not (root / section.path).is_dir():
-                errors.append(f"  - acquire.{name}.path: folder {section.path!r} does not exist")
+                errors.append(f"  - acquire.{name}.path: {not_a_folder(root, section.path)}")
     return errors
 
 
-def read_params_file(path: Path, overrides: dict | None = None) -> dict:
-    """params.yaml as a mapping of sections (dotted overrides applied); ParamsError if missing or not YAML."""
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading exponent floats as YAML 1.2 (and so DVC, through ruamel) does: `1e-3` and
+    `1.0e3` are numbers. PyYAML's YAML 1.1 reads them as text: DVC then saw an unchanged 0.001 while the stage refused
+    '1e-3' (a forced `dvc repro -s` lost the stage's outputs to that disagreement)."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_raw(path: str | Path) -> dict:
+    """params.yaml as a plain dict (ParamsError if it is missing, not YAML or not a mapping); not validated."""
+    path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_ParamsLoader) or {}
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def read_params_file(path: Path, overrides: dict | None = None) -> dict:
+    """params.yaml as a mapping of sections, with dotted overrides applied."""
+    raw = read_raw(path)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     return raw

@@ -2,9 +2,10 @@
 
 A stage that replaces a whole folder (acquire, faces, clean) writes the new content into a temporary sibling and
 swaps it in only once it is complete, so a failure at any point leaves the previous output untouched. It replaces
-only what the project made itself: a folder it writes carries a marker file, and an existing folder without the
-marker is refused unless it is empty. Folders that hold the project, or overlap a stage's input, are refused too
-(`--out .` in a clone must not be able to delete the clone).
+only what the project made itself: a folder it writes carries a marker file listing every entry it wrote; an
+existing folder without the marker is refused unless it is empty, and one whose marker does not list everything in
+it (a user's notes added afterwards) is refused, naming those entries. Folders that hold the project, or overlap a
+stage's input, are refused too (`--out .` in a clone must not be able to delete the clone).
 """
 
 from __future__ import annotations
@@ -24,13 +25,38 @@ class OutputFolderError(ValueError):
     """The output folder cannot be (re)written without risking data the project did not create."""
 
 
-def _marker_text(stage: str) -> str:
-    return json.dumps({"written_by": "anime-fgvc", "stage": stage}, sort_keys=True) + "\n"
+def _entries(folder: Path) -> list[str]:
+    """Every file and folder under `folder` (relative, sorted; links not followed), the marker excepted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.name != MARKER)
+
+
+def _marker_text(stage: str, entries: list[str] | None = None) -> str:
+    """The marker's content: the stage, and what it wrote (None for a folder written in place, the crawl's). It
+    depends only on the folder's content, so the output stays reproducible."""
+    return json.dumps({"written_by": "anime-fgvc", "stage": stage, "entries": entries}, sort_keys=True) + "\n"
 
 
 def is_ours(folder: Path) -> bool:
     """True if `folder` carries the marker of an earlier output of this project."""
     return (Path(folder) / MARKER).is_file()
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What lies in a marked `folder` that the project did not write (its manifest of entries does not list it):
+    the topmost such paths, e.g. `mynotes.txt` and `myresults/`, not every file inside `myresults/`. A marker without
+    a list (a crawl's folder, written in place) vouches for everything."""
+    folder = Path(folder)
+    try:
+        listed = json.loads((folder / MARKER).read_text()).get("entries")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if listed is None:
+        return []
+    listed, foreign = set(listed), []
+    for rel in _entries(folder):
+        if rel not in listed and not any(rel.startswith(f + "/") for f in foreign):
+            foreign.append(rel)
+    return [f + "/" if (folder / f).is_dir() and not (folder / f).is_symlink() else f for f in foreign]
 
 
 def _overlaps(a: Path, b: Path) -> bool:
@@ -59,6 +85,12 @@ def check_writable(out: Path, stage: str, *, project: Path | None = None, inputs
         raise OutputFolderError(f"{stage}: output folder {out} is not empty and was not written by this project "
                                 f"(no {MARKER} file in it), so it is left untouched; choose an empty or new folder, "
                                 "or move its files away yourself")
+    foreign = foreign_entries(out) if out.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputFolderError(f"{stage}: output folder {out} holds {len(foreign)} entries the project did not "
+                                f"write ({shown}); a re-run replaces the whole folder, so nothing was changed: move "
+                                "them elsewhere, then run again")
 
 
 def claim(out: Path, stage: str) -> None:
@@ -80,7 +112,7 @@ def replace_folder(out: Path, stage: str, *, project: Path | None = None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
-        (tmp / MARKER).write_text(_marker_text(stage))
+        (tmp / MARKER).write_text(_marker_text(stage, _entries(tmp)))
         os.chmod(tmp, 0o777 & ~_umask())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -59,7 +59,8 @@ MODEL_MD5_TAG = "model_md5"  # on a train run: the md5 of the model.pt it wrote 
 
 
 def train_run_of(model_file: Path, experiment_id: str):
-    """The latest train run (in this experiment) that wrote exactly this checkpoint, or None.
+    """The latest run (in this experiment) that trained exactly this checkpoint, or None: a train stage's run, else a
+    sweep trial's (the same engine, tagged stage `tune`), so a trial's model evaluated later joins its own run.
 
     DVC outputs hold no run ids (they would change every rerun's hashes); the checkpoint's md5 is the link, and it
     holds wherever the model travels (`dvc pull` on another machine, with a shared tracking server)."""
@@ -67,11 +68,14 @@ def train_run_of(model_file: Path, experiment_id: str):
 
     from pipeline.io import md5_file
 
-    runs = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list", max_results=1,
-                              filter_string=f"tags.{MODEL_MD5_TAG} = '{md5_file(model_file)}' "
-                                            "and tags.stage = 'train'",
-                              order_by=["attributes.start_time DESC"])
-    return runs[0] if runs else None
+    md5 = md5_file(model_file)
+    for stage in ("train", "tune"):
+        runs = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list", max_results=1,
+                                  filter_string=f"tags.{MODEL_MD5_TAG} = '{md5}' and tags.stage = '{stage}'",
+                                  order_by=["attributes.start_time DESC"])
+        if runs:
+            return runs[0]
+    return None
 
 
 SEED_GROUP_TAG = "seed_group"  # on the parent run of one variant's seed runs: what it groups (variant + settings)

@@ -34,6 +34,29 @@ def make_tiny_emoji(dest: Path, n_classes: int = 12) -> Path:
     return dest
 
 
+def copy_repo(dest: Path, n_classes: int = 10) -> Path:
+    """A copy of the repository's tracked and untracked-but-not-ignored files, with datasets/emoji shrunk to the
+    first n classes (for an end-to-end run in a temporary folder)."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    for f in files:
+        if f.startswith("datasets/emoji/") or not (REPO / f).is_file():
+            continue
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, dest / f)
+    make_tiny_emoji(dest / "datasets/emoji", n_classes=n_classes)
+    return dest
+
+
+def git_commit_all(project: Path, message: str = "init", init: bool = False) -> None:
+    """`git add -A` and commit (git init -b main first when `init`), as a throwaway identity."""
+    cmds = [["git", "init", "-q", "-b", "main"]] if init else []
+    cmds += [["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm",
+                                    message]]
+    for cmd in cmds:
+        subprocess.run(cmd, cwd=project, check=True, capture_output=True)
+
+
 TINY_TRAIN = {"img_size": 32, "epochs": 2, "batch_size": 16, "warmup_epochs": 0}
 
 

@@ -22,6 +22,7 @@ from pipeline.data import manifest
 from pipeline.data.acquire import acquire
 from pipeline.data.clean import QUARANTINE, QUARANTINE_SCHEMA, Rejected, load_clean, to_rgb
 from pipeline.io import md5_file
+from pipeline.outdir import OutputFolderError
 
 WHITE = (255, 255, 255)
 SIZE = 32  # valid images are 32x32 = 1024 pixels; max_image_pixels below is 2000
@@ -365,11 +366,14 @@ def test_rerun_replaces_output(tmp_path: Path) -> None:
         write(src / "a" / f"a{i}.png", png_bytes(solid_rgb((i, 1, 2))))
     acquire_folder(src, tmp_path / "raw")
     clean(CleanParams(), tmp_path / "raw", tmp_path / "out")
-    stale = write(tmp_path / "out" / "images" / "stale.png", png_bytes(solid_rgb((9, 9, 9))))  # in our own output
     first = (tmp_path / "out" / "manifest.parquet").read_bytes()
     clean(CleanParams(), tmp_path / "raw", tmp_path / "out")
     assert (tmp_path / "out" / "manifest.parquet").read_bytes() == first  # deterministic bytes
-    assert not stale.exists()
+    # A file the project did not write stops the re-run and survives it (issue 23).
+    stale = write(tmp_path / "out" / "images" / "stale.png", png_bytes(solid_rgb((9, 9, 9))))
+    with pytest.raises(OutputFolderError, match=r"1 entries the project did not write \(images/stale.png\)"):
+        clean(CleanParams(), tmp_path / "raw", tmp_path / "out")
+    assert stale.exists() and (tmp_path / "out" / "manifest.parquet").read_bytes() == first
 
 
 def test_missing_file_rejected(tmp_path: Path) -> None:
@@ -675,3 +679,16 @@ def test_resize_and_jpeg_reencode(tmp_path: Path) -> None:
         assert im.format == "JPEG" and im.size == (150, 100)
     assert rows["a/small.jpg"]["path"] == "images/a/small.jpg"
     assert (tmp_path / "out/images/a/small.jpg").read_bytes() == (src / "a/small.jpg").read_bytes()
+
+
+def test_a_900_megapixel_header_quotes_one_limit() -> None:
+    """Issue 23 case 7: the message quoted clean.max_image_pixels and, from Pillow's text, twice that."""
+    cfg = CleanParams()
+    from pipeline.data.clean import decode
+
+    with pytest.raises(Rejected) as info:
+        decode(png_bomb(30_000, 30_000), cfg)
+    detail = info.value.detail
+    assert info.value.reason == "too_many_pixels"
+    assert "900000000 pixels" in detail and f"clean.max_image_pixels={cfg.max_image_pixels}" in detail
+    assert str(2 * cfg.max_image_pixels) not in detail

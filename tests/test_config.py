@@ -70,7 +70,8 @@ BAD = [
     ("bool_as_int", {"train.epochs": True}, "train.epochs", "valid integer (got True)"),
     ("float_as_int", {"train.epochs": 15.0}, "train.epochs", "valid integer"),
     ("string_float", {"train.lr": "0.01"}, "train.lr", "valid number (got '0.01')"),
-    ("yaml_1e3", {"train.lr": "1e-3"}, "train.lr", "YAML reads 1e-3 as text: write 1.0e-3"),
+    # `1e-3` unquoted is a number (as DVC reads it); a quoted one: test_exponent_floats_read_as_numbers_as_dvc_...
+    ("yaml_bool_hint", {"train.epochs": True}, "train.epochs", "YAML reads yes/no/on/off/true/false (unquoted)"),
     ("bool_as_float", {"train.label_smoothing": False}, "train.label_smoothing", "valid number"),
     ("int_as_bool", {"train.resume": 1}, "train.resume", "valid boolean"),
     ("string_bool", {"train.resume": "yes"}, "train.resume", "valid boolean"),
@@ -371,3 +372,78 @@ def test_variant_recipe_replaces_train_values_and_its_own_keys_win(tmp_path):
 def test_unknown_variant_is_named(tmp_path):
     with pytest.raises(ParamsError, match=r"variants.vit-b: no such variant .*have cnn, vit, glsim, ila"):
         load_params(params_with(tmp_path, {})).with_variant("vit-b")
+
+
+# ------------------------------------------------------------------------------------------------- issue 23 (params)
+
+def _with_line(tmp_path: Path, old: str, new: str) -> Path:
+    """The repo's params.yaml as text with one line replaced (YAML scalars exactly as a user types them)."""
+    text = yaml.safe_dump(repo_raw(), sort_keys=False)
+    assert old in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+def test_exponent_floats_read_as_numbers_as_dvc_reads_them(tmp_path: Path) -> None:
+    """Issue 23 case 7: DVC (YAML 1.2) reads `lr: 1e-3` as 0.001 and saw no change, while the stage read the text
+    '1e-3' and refused it: a forced single-stage run lost its outputs to that disagreement. Both read a number now."""
+    params = load_params(_with_line(tmp_path, "  lr: 0.001\n", "  lr: 1e-3\n"))
+    assert params.train.lr == 0.001
+    params = load_params(_with_line(tmp_path, "  min_lr: 1.0e-05\n", "  min_lr: 1.0e5\n"))
+    assert params.train.min_lr == 100000.0
+    quoted = _with_line(tmp_path, "  lr: 0.001\n", "  lr: '1e-3'\n")  # text stays text
+    with pytest.raises(ParamsError, match="YAML reads 1e-3 as text"):
+        load_params(quoted)
+
+
+def test_a_yaml_boolean_for_a_number_names_yamls_booleans(tmp_path: Path) -> None:
+    """Issue 23 case 7: `epochs: yes` said `(got True)` with no hint."""
+    with pytest.raises(ParamsError) as info:
+        load_params(_with_line(tmp_path, "  epochs: 15\n", "  epochs: yes\n"))
+    line = error_line(str(info.value), "train.epochs")
+    assert "(got True)" in line and "YAML reads yes/no/on/off/true/false" in line
+
+
+def _declared_sections() -> list[str]:
+    """Top-level sections of params.yaml that some dvc.yaml stage names in its params (read with plain yaml)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    names = set()
+    for stage in stages.values():
+        for entry in stage.get("do", stage).get("params", []):
+            if isinstance(entry, str):
+                names.add(entry.split(".")[0])
+    return sorted(names)
+
+
+@pytest.mark.parametrize("section", _declared_sections())
+def test_check_params_refuses_a_section_that_a_stage_declares(tmp_path: Path, section: str) -> None:
+    """Issue 23 case 4: with `evaluate:` deleted, check_params passed (defaults), and DVC deleted evaluate's
+    outputs before stopping on the missing params. The stage now fails first, naming the section."""
+    raw = repo_raw()
+    del raw[section]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (tmp_path / "dvc.yaml").write_bytes((REPO / "dvc.yaml").read_bytes())
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "emoji").symlink_to(EMOJI)  # the default path, once the acquire section is gone
+    res = subprocess.run([sys.executable, str(REPO / "stages/check_params.py"), "--out", "ok.txt"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "missing from params.yaml" in error_line(res.stderr, section)
+    assert not (tmp_path / "ok.txt").exists()
+
+
+def test_declared_keys_cover_foreach_and_matrix_bodies(tmp_path: Path) -> None:
+    from pipeline import dvcparams
+
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "plain": {"cmd": "x", "params": ["base.seed", {"params.yaml": ["split"]}, {"other.yaml": ["foo"]}]},
+        "each": {"foreach": "${variants}", "do": {"cmd": "x", "params": ["variants.${key}", "evaluate.top_k"]}},
+        "grid": {"matrix": {"seed": [1, 2]}, "cmd": "x", "params": ["train", "seeds.${item.seed}"]},
+        "all": {"cmd": "x", "params": [{"params.yaml": None}]}}}))
+    declared = dvcparams.declared_keys(tmp_path / "dvc.yaml")
+    assert declared == {"base.seed": ["plain"], "split": ["plain"], "variants": ["each"], "evaluate.top_k": ["each"],
+                        "train": ["grid"], "seeds": ["grid"]}
+    raw = {"base": {"seed": 1}, "split": {}, "variants": {}, "evaluate": {}, "train": {}}
+    assert [m.split(":")[0].strip() for m in dvcparams.missing_keys(raw, tmp_path / "dvc.yaml")] == \
+        ["- evaluate.top_k", "- seeds"]

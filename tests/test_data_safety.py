@@ -182,3 +182,89 @@ def test_clean_applies_exif_orientation_and_records_the_upright_size(tmp_path: P
         assert im.size == (40, 20)
         r, g, b = im.convert("RGB").getpixel((3, 10))
         assert r > 200 and g < 60  # the red band is on the left, as a viewer shows it
+
+
+# --- issue 23: loops, images outside a class, foreign files, messages ------------------------------------------------
+
+def _loops(folder: Path) -> None:
+    """`a.png -> b.png -> a.png` and `self.png -> self.png`: links that never resolve."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a.png").symlink_to("b.png")
+    (folder / "b.png").symlink_to("a.png")
+    (folder / "self.png").symlink_to("self.png")
+
+
+def test_symlink_loops_in_a_folder_source_are_skipped_with_a_reason(tmp_path: Path) -> None:
+    """Issue 23 case 3: a loop crashed acquire with `RuntimeError: Symlink loop` (a traceback, exit 1)."""
+    png(tmp_path / "src" / "cat" / "ok.png")
+    _loops(tmp_path / "src" / "cat")
+    df = acquire(folder(), tmp_path, tmp_path / "raw")
+    assert df["path"].to_list() == ["images/cat/ok.png"]
+    skipped = dict(pl.read_parquet(tmp_path / "raw" / "skipped.parquet").iter_rows())
+    assert {k: v.split(" (")[0] for k, v in skipped.items()} == {
+        "cat/a.png": "symlink loop", "cat/b.png": "symlink loop", "cat/self.png": "symlink loop"}
+
+
+def test_symlink_loops_in_a_csv_source_are_listed_as_missing(tmp_path: Path) -> None:
+    cfg = _csv_source(tmp_path, "0,a.png\n1,b.png\n0,loop/a.png\n1,loop/self.png\n")
+    _loops(tmp_path / "imgs" / "loop")
+    df = acquire(cfg, tmp_path, tmp_path / "raw")
+    assert sorted(df["image_id"].to_list()) == ["a.png", "b.png"]
+    missing = dict(pl.read_parquet(tmp_path / "raw" / "missing.parquet").select("path", "reason").iter_rows())
+    assert {k: v.split(" (")[0] for k, v in missing.items()} == {"loop/a.png": "symlink loop",
+                                                                 "loop/self.png": "symlink loop"}
+
+
+def test_an_image_directly_in_the_root_is_listed_as_skipped(tmp_path: Path) -> None:
+    """Issue 23 case 7: it was ignored silently."""
+    png(tmp_path / "src" / "cat" / "a.png")
+    png(tmp_path / "src" / "stray.png")
+    df = acquire(folder(), tmp_path, tmp_path / "raw")
+    assert df.height == 1
+    skipped = dict(pl.read_parquet(tmp_path / "raw" / "skipped.parquet").iter_rows())
+    assert list(skipped) == ["stray.png"] and "belongs to no <class>/ folder" in skipped["stray.png"]
+
+
+def test_a_rerun_refuses_to_replace_files_the_user_added_to_the_output(tmp_path: Path) -> None:
+    """Issue 23 case 5: acquire into R, add R/mynotes.txt and R/myresults/, acquire again: both were deleted."""
+    png(tmp_path / "src" / "cat" / "a.png")
+    out = tmp_path / "R"
+    acquire(folder(), tmp_path, out)
+    acquire(folder(), tmp_path, out)  # the project's own output alone is replaced without a word
+    (out / "mynotes.txt").write_text("my notes")
+    (out / "myresults").mkdir()
+    (out / "myresults" / "table.csv").write_text("a,b\n")
+    (out / "images" / "cat" / "mine.txt").write_text("inside an output subfolder")
+    before = tree(out)
+    with pytest.raises(OutputFolderError) as info:
+        acquire(folder(), tmp_path, out)
+    message = str(info.value)
+    assert "3 entries the project did not write" in message
+    assert "mynotes.txt" in message and "myresults/" in message and "images/cat/mine.txt" in message
+    assert "myresults/table.csv" not in message  # the folder is named once, not every file in it
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["R", "src"]  # no temporary folder left
+
+
+def test_csv_missing_file_messages_name_no_temporary_folder(tmp_path: Path, capsys) -> None:
+    """Issue 23 case 7: the message named `.out.partial-XXXX/missing.parquet`, gone once the import ended."""
+    cfg = _csv_source(tmp_path, "0,a.png\n1,gone.png\n")
+    acquire(cfg, tmp_path, tmp_path / "raw")
+    err = capsys.readouterr().err
+    assert "1 of 2 images missing" in err and "missing.parquet" in err and ".partial-" not in err
+    (tmp_path / "labels" / "train.csv").write_text("0,gone.png\n1,lost.png\n")
+    with pytest.raises(FileNotFoundError) as info:
+        acquire(cfg, tmp_path, tmp_path / "raw")
+    assert "none of the 2 images" in str(info.value) and ".partial-" not in str(info.value)
+    assert "gone.png (not found)" in str(info.value)
+
+
+def test_cli_path_that_is_a_file_says_so(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Issue 23 case 7: `--path /etc/hostname` said the folder "does not exist"."""
+    from pipeline import cli
+
+    (tmp_path / "hostname").write_text("box\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["acquire", "folder", "--path", str(tmp_path / "hostname"), "--out", "R"]) == 2
+    assert f"--path: '{tmp_path / 'hostname'}' is a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "R").exists()

@@ -10,34 +10,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, make_tiny_emoji, run_cmd, shrink
+from tests.conftest import copy_repo, git_commit_all, run_cmd, shrink
 
 pytestmark = pytest.mark.slow
-
-
-def _copy_repo(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.splitlines()
-    for f in files:
-        if f.startswith("datasets/emoji/") or not (REPO / f).is_file():
-            continue
-        (dest / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / f, dest / f)
-    make_tiny_emoji(dest / "datasets/emoji", n_classes=10)
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("repo")
-    _copy_repo(dest)
+    copy_repo(dest, n_classes=10)
     params = shrink(yaml.safe_load((dest / "params.yaml").read_text()))
     # FIFO: every trial runs its full budget, so the sweep's result does not depend on which trial reported first
     # (ASHA's early stopping does), and two repros can be compared byte for byte.
     params["tune"]["scheduler"] = "fifo"
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    git_commit_all(dest, init=True)
     result = run_cmd(["dvc", "repro"], dest)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     shutil.copyfile(dest / "dvc.lock", dest.parent / "first-dvc.lock")  # for the reproducibility test (last)
@@ -77,6 +64,29 @@ def test_invalid_params_fail_before_dvc_touches_any_output(repo, bad):
     assert _git_status(repo) == status
     assert _tree(repo / "data") == data and _tree(repo / "metrics") == metrics and _tree(repo / "plots") == plots
     assert run_cmd(["dvc", "status", "--json"], repo).stdout.strip() in ("{}", "{\n}")
+
+
+def test_a_missing_params_section_fails_before_dvc_touches_any_output(repo):
+    """Issue 23 case 4: with the `evaluate:` section deleted, check_params passed (the stage has defaults), then DVC
+    deleted evaluate's outputs and stopped on the missing params. Each section in turn: nothing changes."""
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    status, data, metrics = _git_status(repo), _tree(repo / "data"), _tree(repo / "metrics")
+    failed = {}
+    try:
+        for section in yaml.safe_load(original):
+            params = yaml.safe_load(original)
+            del params[section]
+            params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+            result = run_cmd(["dvc", "repro"], repo)
+            failed[section] = result.returncode != 0 and section in result.stderr + result.stdout
+            assert "Running stage 'acquire'" not in result.stdout and "Running stage 'evaluate@" not in result.stdout
+            assert _tree(repo / "metrics") == metrics, section
+    finally:
+        params_file.write_text(original)
+    assert all(failed.values()), failed
+    assert _git_status(repo) == status
+    assert _tree(repo / "data") == data and _tree(repo / "metrics") == metrics
 
 
 def test_repro_produces_every_stage_output(repo):

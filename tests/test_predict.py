@@ -323,6 +323,14 @@ def test_unreadable_checkpoints_fail_with_the_model_path(emoji, capsys, tmp_path
         assert code == 2 and out == "" and err.startswith(f"error: --model {model}: ") and reason in err, err
 
 
+def test_an_image_as_model_says_it_is_not_a_checkpoint(emoji, capsys, tmp_path):
+    """Issue 23 case 7: `--model notimage.png` said `cannot load the checkpoint (KeyError: 101)`."""
+    image = next(iter(emoji.labels))
+    code, out, err = _predict(capsys, image, "--model", image, "--params", emoji.params)
+    assert code == 2 and out == ""
+    assert f"{image} is not a checkpoint of this pipeline (not a torch file" in err and "KeyError: 101" not in err
+
+
 def test_bad_arguments_are_usage_errors(emoji, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["predict", next(iter(emoji.labels)), "--top-k", "0"])

@@ -147,3 +147,27 @@ def test_claims_compare_glsim_and_ila_with_the_vit_on_the_same_weights():
     noisy = fake_result("glsim", 1, "glsim", trainable=5_400_000, gflops=0.8, top1=[0.40, 0.30, 0.36])
     assert "**undecided at this noise**" in "\n".join(claims([vit, noisy]))
     assert claims([fake_result("cnn", 3), glsim]) == []  # no ViT to compare with: no claim line
+
+
+def test_cjk_class_names_are_drawn_with_their_glyphs(tmp_path, recwarn):
+    """Issue 23 case 6: matplotlib warned `Glyph 35486 missing from font(s) DejaVu Sans` and drew boxes."""
+    import dataclasses
+    import warnings
+
+    from pipeline.data.card import plot_sample_grid
+
+    names = ["日本語", "초코", "中文"]
+    for i, name in enumerate(names):
+        Image.new("RGB", (16, 16), (40 * i, 80, 120)).save(tmp_path / f"{i}.png")
+    split = pl.DataFrame({"image_id": ["0", "1", "2"], "path": ["0.png", "1.png", "2.png"], "class_name": names,
+                          "split": ["test", "train", "train"], "group": ["a", "b", "c"]})
+    result = dataclasses.replace(
+        fake_result("cnn", 0),
+        predictions=pl.DataFrame({"image_id": ["0"], "actual": ["日本語"], "predicted": ["초코"], "confidence": [0.9]}),
+        confused_pairs=pl.DataFrame({"actual": ["日本語"], "predicted": ["초코"], "count": [1],
+                                     "actual_test_images": [1], "rate": [1.0]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing glyph is a UserWarning: now an error
+        assert figures.confusions(result, split, tmp_path, 4, tmp_path / "c.png") == tmp_path / "c.png"
+        plot_sample_grid(split, tmp_path, 3, 0, "group", tmp_path / "grid.png")
+    assert _is_png(tmp_path / "c.png") and _is_png(tmp_path / "grid.png")

@@ -15,9 +15,9 @@ from typing import Callable
 import polars as pl
 from PIL import Image
 
-from pipeline.data_config import AcquireParams, EmbeddedSource, FolderSource
 from pipeline import outdir
 from pipeline.data import manifest, sourcefiles
+from pipeline.data_config import AcquireParams, EmbeddedSource, FolderSource
 from pipeline.io import md5_file, write_parquet
 
 SKIPPED = "skipped.parquet"  # entries of a folder source that were not imported, and why
@@ -86,7 +86,7 @@ def from_folder(cfg: FolderSource, root: Path, out: Path) -> pl.DataFrame:
     `group` column, which split.strategy: group holds out whole; see folder_group).
 
     Folder links, links out of the root and hidden entries are skipped (pipeline/data/sourcefiles.py) and listed in
-    out/skipped.parquet; files directly under <path> belong to no class and are ignored."""
+    out/skipped.parquet; so are images directly under <path>, which belong to no class."""
     base = root / str(cfg.path)
     listing = sourcefiles.list_files(base, IMAGE_EXTENSIONS)
     files = []
@@ -94,10 +94,13 @@ def from_folder(cfg: FolderSource, root: Path, out: Path) -> pl.DataFrame:
         rel = f.relative_to(base).as_posix()
         if "/" in rel:
             files.append((f, f"images/{rel}", rel, rel.split("/", 1)[0], folder_group(rel, cfg.group)))
+        else:
+            listing.skipped.append((rel, "image directly in the root: it belongs to no <class>/ folder"))
     write_parquet(out / SKIPPED, pl.DataFrame(listing.skipped, schema={"path": pl.String, "reason": pl.String},
                                               orient="row"))
     if listing.skipped:
-        print(f"acquire folder: skipped {len(listing.skipped)} entries under {base} (links, hidden files), "
+        print(f"acquire folder: skipped {len(listing.skipped)} entries under {base} (links, hidden files, "
+              f"images outside a class folder), "
               f"listed in skipped.parquet; e.g. {listing.skipped[0][0]}: {listing.skipped[0][1]}", file=sys.stderr)
     if not files:
         raise ValueError(f"acquire.folder.path: no images found under {base} (expected <class>/<image> files)")

@@ -23,7 +23,10 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from pipeline.data import images, manifest  # noqa: E402
+from pipeline.fonts import use_cjk_fallback  # noqa: E402
 from pipeline.io import write_text  # noqa: E402
+
+use_cjk_fallback()  # class names in Japanese, Chinese or Korean get their glyphs, not empty boxes
 
 SPLIT_COLORS = {"train": "#4C72B0", "val": "#DD8452", "test": "#55A868"}
 DATASET_FIGURE = "dataset.png"

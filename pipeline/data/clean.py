@@ -34,6 +34,7 @@ import hashlib
 import io
 import multiprocessing
 import os
+import re
 import shutil
 import time
 import warnings
@@ -141,8 +142,11 @@ def decode(data: bytes, cfg: CleanParams) -> tuple[Image.Image, bool]:
     except Rejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise Rejected("too_many_pixels", f"header claims more than clean.max_image_pixels={cfg.max_image_pixels} "
-                                          f"pixels (decompression-bomb guard): {exc}") from None
+        # Pillow's own text quotes its hard limit (twice ours): only the image's pixel count is taken from it.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        claims = f"{found.group(1)} pixels" if found else "more pixels than that"
+        raise Rejected("too_many_pixels", f"header claims {claims} > clean.max_image_pixels={cfg.max_image_pixels} "
+                                          "(decompression-bomb guard)") from None
     except Image.UnidentifiedImageError:
         fmt = _sniff(data)
         if fmt:  # looks like an image but its header is damaged: corrupt, not a stray HTML page or caption

@@ -25,7 +25,7 @@ from PIL import Image
 from pipeline.data_config import CsvSource
 from pipeline.data import manifest, registry
 from pipeline.data.images import ImageWriter, safe_relpath
-from pipeline.data.sourcefiles import OutsideRoot, resolve_inside
+from pipeline.data.sourcefiles import OutsideRoot, Unresolvable, resolve_inside
 from pipeline.io import write_parquet
 from pipeline.progress import progress
 
@@ -168,6 +168,8 @@ def _copy_one(root: Path, src: Path, name: str, writer: ImageWriter) -> dict:
         data = resolve_inside(root, src).read_bytes()  # a link out of the image root is never read
     except OutsideRoot:
         return {"reason": "links outside the image root (not read)"}
+    except Unresolvable:
+        return {"reason": "symlink loop (the link leads back to itself)"}
     except FileNotFoundError:
         return {"reason": "not found"}
     except OSError as exc:  # a directory, a permission problem, an I/O error: report it with the others
@@ -208,11 +210,12 @@ def import_images(table: pl.DataFrame, image_root: Path, out: Path, *, source: s
     if missing.height:
         examples = ", ".join(missing["dir"].head(3).to_list())
         print(f"{source}: {missing.height} of {table.height} images missing under {image_root} (e.g. {examples}); "
-              f"listed in {out / MISSING}", file=sys.stderr)
+              f"listed in {MISSING} of the output folder", file=sys.stderr)  # `out` may be a temporary sibling
     present = done.filter(pl.col("reason").is_null()).with_columns(pl.lit(source).alias("source"))
     if present.height == 0:  # every image missing: a wrong folder (or --images), not a few lost files
+        examples = ", ".join(f"{d} ({r})" for d, r in missing.select("dir", "reason").head(3).iter_rows())
         raise FileNotFoundError(f"{source}: none of the {table.height} images of the label files exist under "
-                                f"{image_root} (see {out / MISSING})")
+                                f"{image_root} (e.g. {examples}); nothing was written")
     extras = [c for c in present.columns if c not in manifest.SCHEMA and c not in (*LABEL_COLUMNS, "reason")]
     return present.select(*manifest.SCHEMA, *extras).cast(manifest.SCHEMA)
 

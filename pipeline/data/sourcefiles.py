@@ -17,11 +17,18 @@ class OutsideRoot(ValueError):
     """A path that resolves outside the source root it was listed under."""
 
 
+class Unresolvable(ValueError):
+    """A link that cannot be resolved at all: a loop (`a -> b -> a`, `self -> self`) or an unreadable link."""
+
+
 def resolve_inside(root: Path, path: Path) -> Path:
-    """`path` with every link resolved, if it stays inside `root`; else OutsideRoot (naming the path, never its
-    content)."""
+    """`path` with every link resolved, if it stays inside `root`; else OutsideRoot, or Unresolvable for a link loop
+    (naming the path, never its content)."""
     real_root = Path(root).resolve()
-    real = Path(path).resolve()
+    try:
+        real = Path(path).resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError for a loop, 3.13 OSError (ELOOP)
+        raise Unresolvable(f"{path}: symlink loop or unresolvable link ({type(exc).__name__})") from None
     if real != real_root and real_root not in real.parents:
         raise OutsideRoot(f"{path} resolves outside the source root {root}")
     return real
@@ -60,6 +67,9 @@ def list_files(root: Path, extensions: set[str]) -> Listing:
                     resolve_inside(root, path)
                 except OutsideRoot:
                     out.skipped.append((rel, "link to a file outside the source root"))
+                    continue
+                except Unresolvable:
+                    out.skipped.append((rel, "symlink loop (the link leads back to itself)"))
                     continue
             if path.is_file():
                 out.files.append(path)

@@ -272,7 +272,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # an image or text file: pickle's KeyError on an unknown opcode, UnpicklingError, EOF...
+        raise ValueError(f"{path} is not a checkpoint of this pipeline (not a torch file: "
+                         f"{type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint of this pipeline (format {CHECKPOINT_FORMAT})")
     spec = ckpt["model_spec"]

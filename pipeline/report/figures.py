@@ -14,9 +14,12 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from pipeline.data.card import thumbnail
+from pipeline.fonts import use_cjk_fallback
 from pipeline.inference.explain import draw_selection
 from pipeline.io import atomic_path
 from pipeline.report.results import VariantResult
+
+use_cjk_fallback()  # class names in Japanese, Chinese or Korean (titles, labels) get their glyphs
 
 DPI = 110
 
