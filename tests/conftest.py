@@ -70,6 +70,7 @@ def shrink(params: dict) -> dict:
     for overrides in params.get("variants", {}).values():
         if overrides.get("backbone_cnn") or overrides.get("method") in ("vit", "glsim", "ila"):
             overrides["patch_size"] = 4
+        overrides.update({k: TINY_TRAIN[k] for k in ("img_size", "epochs") if k in overrides})  # a variant's own
         weights = overrides.get("weights", "")
         if weights.startswith("file:") and not Path(weights.removeprefix("file:")).is_absolute():
             overrides["weights"] = f"file:{REPO / weights.removeprefix('file:')}"

@@ -352,11 +352,12 @@ def test_variant_overrides_only_its_keys(tmp_path):
     assert list(params.variants) == ["cnn", "vit", "glsim", "ila"]
     cnn, glsim = params.with_variant("cnn"), params.with_variant("glsim")
     assert cnn.train == params.train  # {}: the train section as written
-    distilled = "file:weights/vit_tiny_distilled.safetensors"
+    distilled = "file:weights/vit_tiny_distilled_128.safetensors"
     assert (glsim.train.method, glsim.train.model, glsim.train.weights) == ("glsim", "vit_tiny_patch16_224",
                                                                             distilled)
-    assert glsim.train.model_copy(update={"method": "cnn", "model": params.train.model,
-                                          "weights": params.train.weights}) == params.train
+    own = {"method": "cnn", "model": params.train.model, "weights": params.train.weights,
+           "img_size": params.train.img_size, "epochs": params.train.epochs}  # the keys glsim sets itself
+    assert glsim.train.model_copy(update=own) == params.train
 
 
 def test_variant_recipe_replaces_train_values_and_its_own_keys_win(tmp_path):

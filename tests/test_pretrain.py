@@ -146,22 +146,29 @@ def test_student_grid_below_the_minimum_is_refused(tmp_path):
 
 
 def test_committed_weights_match_their_card_and_run():
-    weights = REPO / "weights/vit_tiny_distilled.safetensors"
-    card = (REPO / "weights/vit_tiny_distilled.md").read_text()
+    weights = REPO / "weights/vit_tiny_distilled_128.safetensors"
+    card = (REPO / "weights/vit_tiny_distilled_128.md").read_text()
     assert re.search(r"sha256: `([0-9a-f]{64})`", card).group(1) == sha256_file(weights)
     assert weights.stat().st_size <= 25 * 2**20
+    summary = json.loads((REPO / "weights/vit_tiny_distilled_128.json").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    # The variants start from these weights, at the size they were distilled at; the card says where it ran.
+    for name in ("vit", "glsim", "ila"):
+        assert params["variants"][name]["weights"] == "file:weights/vit_tiny_distilled_128.safetensors"
+        assert params["variants"][name]["img_size"] == summary["img_size"] == params["pretrain"]["img_size"]
+    assert summary["device"] in card and f"{summary['steps']} steps x batch {summary['batch_size']}" in card
     from pipeline.models.factory import build_model
 
-    model = build_model("vit", "vit_tiny_patch16_224", 233, f"file:{weights}", 96).eval()
-    assert model.patch_embed.grid_size == (6, 6)
+    model = build_model("vit", "vit_tiny_patch16_224", 233, f"file:{weights}", 128).eval()
+    assert model.patch_embed.grid_size == (8, 8)
     with torch.inference_mode():
-        logits = model(torch.zeros(1, 3, 96, 96))
+        logits = model(torch.zeros(1, 3, 128, 128))
     assert logits.shape == (1, 233) and torch.isfinite(logits).all()
     # The distilled ImageNet head: the student agrees with its teacher on a real drawing's top-5.
     teacher = distill_mod.Teacher("tf_efficientnet_lite0", 16)
-    student = build_model("vit", "vit_tiny_patch16_224", 1000, f"file:{weights}", 96).eval()
+    student = build_model("vit", "vit_tiny_patch16_224", 1000, f"file:{weights}", 128).eval()
     x = torch.from_numpy(np.asarray(Image.open(REPO / "datasets/emoji/images/noto/1F600.png").convert("RGB")
-                                    .resize((96, 96)), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+                                    .resize((128, 128)), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
     with torch.inference_mode():
         t5 = set(teacher(x)[3].topk(5).indices[0].tolist())
         s5 = set(student(x).topk(5).indices[0].tolist())

@@ -171,7 +171,7 @@ def test_report_compares_every_variant_with_valid_pngs(project):
         assert f"| {col} |" in header
     assert "paper top-1" not in header  # the emoji are in no paper
     assert "| package:efficientnet_lite0 |" in text  # which weights each variant started from
-    assert text.count("| file vit_tiny_distilled.safetensors |") == 3  # vit, glsim and ila: the same distilled ViT
+    assert text.count("| file vit_tiny_distilled_128.safetensors |") == 3  # vit, glsim and ila: the same distilled ViT
     headers = [line for line in text.splitlines() if line.startswith("| variant |")]
     for timing in ("img/s", "MLflow run", "training time"):  # they differ every run: MLflow, not the report
         assert not any(timing in h for h in headers)
