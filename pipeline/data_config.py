@@ -338,11 +338,14 @@ def read_params_file(path: Path, overrides: dict | None = None) -> dict:
     return raw
 
 
-class DataParams(_Section):
-    """The sections the data stages read. The other sections are not validated here: the check_params stage, which
-    DVC runs before any other, validates the whole file (pipeline/config.py)."""
+# The training side's sections (pipeline/config.py Params; a test keeps the two lists together): the data stages leave
+# them to the check_params stage, which DVC runs before any other and which validates the whole file.
+TRAINING_SECTIONS = ("train", "variants", "evaluate", "report", "tune", "pretrain")
 
-    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+class DataParams(_Section):
+    """The sections the data stages read; any other top-level key but TRAINING_SECTIONS is an error (misspelt)."""
+
     base: BaseParams = BaseParams()
     acquire: AcquireParams = AcquireParams()
     faces: FacesParams = FacesParams()
@@ -353,7 +356,8 @@ class DataParams(_Section):
 def load_data_params(path: str | Path = "params.yaml") -> DataParams:
     """base + the data stages' sections of params.yaml, validated with the same messages as load_params gives."""
     path = Path(path)
-    data = validate_section(DataParams, read_params_file(path), str(path))
+    raw = {k: v for k, v in read_params_file(path).items() if k not in TRAINING_SECTIONS}
+    data = validate_section(DataParams, raw, str(path))
     errors = check_source_paths(data.acquire, path.resolve().parent)
     if errors:
         raise ParamsError(f"invalid parameters in {path}:\n" + "\n".join(errors))

@@ -125,5 +125,5 @@ def test_report_before_training_names_the_missing_output(tmp_path: Path) -> None
     manifest.write(df, tmp_path / "split" / "manifest.parquet")
     none = tmp_path / "absent"
     inputs = ReportInputs(tmp_path / "split" / "manifest.parquet", tmp_path / "clean", none, none, none)
-    with pytest.raises(FileNotFoundError, match=r"variant 'cnn' has no .*absent/cnn/config.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"variant 'cnn' has no .*absent/cnn/seed42/config.yaml"):
         build_report(Params(), inputs, tmp_path / "reports")

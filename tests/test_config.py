@@ -272,10 +272,19 @@ def test_split_stage_valid_params_writes_outputs(tmp_path: Path, monkeypatch, ca
 
 
 @pytest.mark.parametrize("case_id,changes,key,reason", BAD, ids=BAD_IDS)
-def test_split_stage_rejects_bad_params_before_work(tmp_path: Path, monkeypatch, capsys, case_id, changes, key,
-                                                     reason) -> None:
+def test_a_stage_rejects_bad_params_before_work(tmp_path: Path, monkeypatch, capsys, case_id, changes, key,
+                                                reason) -> None:
+    """A data-section error stops the split stage itself; a training-section error stops check_params, the stage
+    DVC runs before any other (the data stages validate only base and their own sections: pipeline/data_config.py)."""
+    from pipeline.data_config import TRAINING_SECTIONS
+
     argv, outputs = split_argv(tmp_path, params_with(tmp_path, changes))
-    assert run_script_in_process(SPLIT_STAGE, argv, monkeypatch) == 2
+    if key.split(".")[0] in TRAINING_SECTIONS:
+        outputs = [tmp_path / "params_check.txt"]
+        argv = ["--params", argv[1], "--out", str(outputs[0])]
+        assert run_script_in_process(SPLIT_STAGE.parent / "check_params.py", argv, monkeypatch) == 2
+    else:
+        assert run_script_in_process(SPLIT_STAGE, argv, monkeypatch) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: invalid parameters in ")
     assert reason in error_line(err, key)

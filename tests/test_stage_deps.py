@@ -80,3 +80,12 @@ def test_check_names_the_missing_modules_and_write_fixes_them(tmp_path):
                     "pipeline/sub/b.py", "pipeline/sub/tables", "stages/s.py"]
     assert "# the input data" in text
     assert missing_deps(root, root / "dvc.yaml") == {} and write_deps(root, root / "dvc.yaml") == []
+
+
+def test_the_data_stages_know_every_training_section():
+    """load_data_params skips exactly the sections pipeline/config.py adds: a new one must be listed there too, or
+    the data stages would call it misspelt."""
+    from pipeline.config import Params
+    from pipeline.data_config import TRAINING_SECTIONS, DataParams
+
+    assert set(Params.model_fields) == set(DataParams.model_fields) | set(TRAINING_SECTIONS)
