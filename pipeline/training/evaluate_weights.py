@@ -6,9 +6,10 @@ weights' head, the evaluation transform) and go through the evaluate stage's own
 table, confused pairs and samples are those of any trained variant. The head's row i is class i of the weights'
 dataset: the manifest's `official_class_id` (DAF:re, CSV sources) names it, or its `class_id`.
 
-For the authors' GLSim checkpoints the defaults are theirs: ViT-B/16 at the image size their saved config names
-(224), top-k from it (dynamic_top), LayerNorm eps 1e-12, their mean/std, and their test transform (a square resize
-to int(1.34 x size), then the centre crop).
+For the authors' GLSim and ILA checkpoints the defaults are theirs: ViT-B/16 at the image size their saved config
+names (224), GLSim's top-k from it (dynamic_top), the ILA variant their tensors show (ila_authors.py), LayerNorm eps
+1e-12, their mean/std, and their test transform (a square resize to their test_resize_size, else int(1.34 x size),
+then the centre crop).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def add_evaluate_weights_parser(sub: argparse._SubParsersAction) -> None:
                                                              "data/raw/manifest.parquet, or the split stage's)")
     p.add_argument("--images", required=True, type=Path, help="folder the manifest's paths are relative to")
     p.add_argument("--out", required=True, type=Path, help="output folder: model/, metrics.json, predictions ...")
-    p.add_argument("--method", default="glsim", help="glsim (default), vit, cnn, ila")
+    p.add_argument("--method", default=None, help="glsim, vit, cnn, ila (default: ila, or vit for a baseline "
+                                                   "without ILAs, for the ILA authors' checkpoints, else glsim)")
     p.add_argument("--model", default="vit_base_patch16_224", help="timm name (default vit_base_patch16_224)")
     p.add_argument("--img-size", type=int, help="default: the checkpoint's saved image size, else 224")
     p.add_argument("--top-k", type=int, help="GLSim top-k (default: the checkpoint's dynamic_top, else 8)")
@@ -47,26 +49,30 @@ def main(args: argparse.Namespace) -> int:
 
     params, root = _load_params(args.params)
     state, config, _ = read_weights(args.weights, Path.cwd())
-    saved = (config or {}).get("authors_glsim") or {}
+    saved = (config or {}).get("authors_glsim") or (config or {}).get("authors_ila") or {}
+    variant = (config or {}).get("variant")  # the ILA authors' checkpoints: ila / ila+ / ila++ / vit
+    method = args.method or ("glsim" if variant is None else "vit" if variant == "vit" else "ila")
     size = args.img_size or saved.get("image_size") or 224
     head = state.get("head.weight")
     if head is None:
         raise ValueError(f"{args.weights}: the weights have no head.weight: nothing to evaluate as a classifier")
     options = {"layer_norm_eps": 1e-12} if saved else {}
-    if args.method == "glsim":
+    if method == "glsim":
         options["glsim_top_k"] = args.top_k or saved.get("dynamic_top")
-    model = build_model(args.method, args.model, head.shape[0], args.weights, size, root=Path.cwd(), **options)
+    elif method == "ila" and variant is not None:
+        options["ila_variant"] = variant
+    model = build_model(method, args.model, head.shape[0], args.weights, size, root=Path.cwd(), **options)
     df = manifest.read(args.split)
     classes = head_classes(df, head.shape[0])
     dcfg = {"mean": tuple(model.pretrained_cfg["mean"]), "std": tuple(model.pretrained_cfg["std"]),
             "interpolation": "bicubic" if saved else model.pretrained_cfg.get("interpolation", "bicubic")}
     if saved:
-        dcfg["eval_resize"] = int(size * AUTHORS_RESIZE)
+        dcfg["eval_resize"] = saved.get("test_resize_size") or int(size * AUTHORS_RESIZE)
     model_dir = args.out / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model_dir / "model.pt", model, {
         "classes": classes, "data_config": dcfg, "precision": "fp32", "weights": args.weights,
-        "model_spec": {"method": args.method, "model": args.model, "img_size": size}})
+        "model_spec": {"method": method, "model": args.model, "img_size": size}})
     metrics = evaluate(params, args.split, args.images, model_dir, EvalOutputs.in_folder(args.out / "metrics.json",
                                                                                         args.out), root)
     print(f"evaluate-weights: {args.weights}: test top-1 {metrics['test_top1']:.4f} on {metrics['test_images']} "
