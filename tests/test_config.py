@@ -306,9 +306,9 @@ def test_split_stage_rejects_unreadable_params(tmp_path: Path, monkeypatch, caps
 
 # --------------------------------------------------------------------------------------------------- process level
 
-SUBPROCESS_CASES = {  # kept to two: each start imports torch (stage_runner -> pipeline.models.weights), ~4 s
-    "unknown_nested": ({"train.lrr": 0.1}, "train.lrr", "unknown key"),
-    "weights_file": ({"train.weights": "file:missing.pth"}, "train.weights", "does not exist"),
+SUBPROCESS_CASES = {  # the split stage validates base and the data sections (training ones: check_params)
+    "unknown_nested": ({"split.shufle": True}, "split.shufle", "unknown key"),
+    "source_folder": ({"acquire.embedded.path": "missing-folder"}, "acquire.embedded.path", "does not exist"),
 }
 
 

@@ -52,6 +52,7 @@ def project(tmp_path_factory, tiny_emoji) -> Path:
     # One thread per process, in both runs: beside the suite's other worker on 2 cores, 2 OpenMP threads in one
     # process were measured 10-40x slower per epoch (oversubscribed spinning), 1 thread is steady.
     params["base"]["threads"] = 1
+    params["base"]["seeds"] = [42]  # one run to compare (several seeds under torchrun: one process group, reused)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     df = acquire(load_params(path).acquire, root, root / "data/raw")
     df = df.with_columns(pl.col("group").replace_strict(STYLE_SPLIT).alias("split"))

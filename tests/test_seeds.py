@@ -60,3 +60,34 @@ def test_rerun_check_separates_seed_noise_from_a_real_change():
     # no spread at all: one test image is the tolerance
     flat = _seeds({42: 0.5, 43: 0.5})
     assert tolerance(flat, flat) == pytest.approx(1 / 200)
+
+
+def test_verify_results_command_compares_the_workspace_with_the_committed_run(tmp_path):
+    """`python -m pipeline verify-results` on a git repo: a rerun within the seed noise passes, a broken one fails
+    with exit 1, and each verdict is printed beside the figures."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    folder = tmp_path / "metrics/evaluate"
+    folder.mkdir(parents=True)
+    committed = _seeds({42: 0.60, 43: 0.64, 44: 0.62})
+    (folder / "cnn.json").write_text(json.dumps(committed))
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "run")
+
+    def verify(rerun: dict) -> subprocess.CompletedProcess:
+        (folder / "cnn.json").write_text(json.dumps(rerun))
+        return subprocess.run([sys.executable, "-m", "pipeline", "verify-results"], cwd=tmp_path, text=True,
+                              capture_output=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+
+    ok = verify(_seeds({42: 0.63, 43: 0.59, 44: 0.61}))
+    assert ok.returncode == 0 and "| cnn |" in ok.stdout and "within the interval" in ok.stdout
+    bad = verify(_seeds({42: 0.40, 43: 0.42, 44: 0.41}))
+    assert bad.returncode == 1 and "OUTSIDE the interval" in bad.stdout and "FAILED" in bad.stdout

@@ -13,6 +13,7 @@ Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op and noth
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -51,12 +52,19 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
+        # One group for the whole process: the train stage trains one run per seed (pipeline/seeds.py), and a group
+        # destroyed after the first could not rejoin torchrun's rendezvous for the next.
+        atexit.register(_destroy)
     return d, device
 
 
-def teardown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
+def _destroy() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def teardown(d: Dist) -> None:
+    """The end of one run: nothing to undo, the group lives until the process exits (setup registered that)."""
 
 
 def barrier(d: Dist) -> None:
