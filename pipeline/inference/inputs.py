@@ -89,7 +89,7 @@ def _model_in_folder(folder: Path, base: BaseParams) -> Path:
     seeds = [folder / f"seed{s}" / "model.pt" for s in base.seeds]
     found = [p for p in seeds if p.is_file()] or sorted(folder.glob("seed*/model.pt"))
     if not found:
-        raise PredictError(f"--model {folder}: a folder with neither model.pt nor seed<N>/model.pt in it")
+        raise PredictError(f"--model {folder}: is a folder with neither model.pt nor seed<N>/model.pt in it")
     print(f"predict: {folder} holds one model per seed; using {found[0]}", file=sys.stderr)
     return found[0]
 
