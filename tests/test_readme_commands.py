@@ -31,6 +31,15 @@ SKIP = {
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid mlflow server": "needs a tracking host (mlflow.example.org, "
                                                                      "/srv); tests/test_mlflow_server.py runs it",
     "python -m pipeline gpu-check": "needs a GPU; tests/test_gpu_check.py runs its CPU form",
+    "python -m pipeline acquire dafre --path /data/dafb": "needs the DAF:re release and the authors' checkpoint "
+                                                          "(network); tests/test_glsim_authors.py covers it",
+    "python -m pipeline acquire csv --path /data/soyageing": "needs SoyAgeing and the ILA authors' checkpoint "
+                                                             "(network); tests/test_ila_authors.py loads that format",
+    "hf download xedwin23x/DAFB": "downloads DAF:re from the hub (network)",
+    "python -m pipeline pretrain --pack": "needs the pretrain sources (Debian/PyPI downloads) and a GPU; "
+                                          "tests/test_pretrain.py runs the stage's code in tiny form",
+    "python -m pipeline verify-results": "needs a committed run and a rerun; tests/test_seeds.py runs it on a git repo",
+    "python -m pipeline export": "tests/test_export.py exports trained tiny models to hf and onnx and checks them",
 }
 SKIP_LINES = {"make test": "is this test suite itself"}  # single commands left out of a block that runs
 

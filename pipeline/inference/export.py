@@ -46,11 +46,12 @@ def main(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model_dir)
     if not (model_dir / "model.pt").is_file():
-        raise ExportError(f"MODEL_DIR {model_dir}: no model.pt (a train output folder, e.g. models/glsim)")
+        raise ExportError(f"MODEL_DIR {model_dir}: no model.pt (a train output folder, e.g. models/glsim/seed42)")
     root = Path.cwd()
     with outdir.replace_folder(Path(args.out), "export", project=root, inputs=[("MODEL_DIR", model_dir)]) as tmp:
         if args.format == "hf":
-            metrics = args.metrics if args.metrics is not None else _default_metrics(root, model_dir.name)
+            variant = model_dir.parent.name if model_dir.name.startswith("seed") else model_dir.name  # <v>/seed<N>
+            metrics = args.metrics if args.metrics is not None else _default_metrics(root, variant)
             export_hf(model_dir, tmp, metrics)
         else:
             report = export_onnx(model_dir, tmp, args.check_images)
