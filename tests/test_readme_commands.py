@@ -236,7 +236,7 @@ def test_readme_workflow_blocks_run_as_written(project, tmp_path):
     for src in twemoji[:2]:
         (project / "artwork" / src.name).write_bytes(src.read_bytes())
     (project / "img.png").write_bytes(twemoji[0].read_bytes())
-    run_id = train_run(project / "mlflow/mlflow.db", project / "models/cnn/model.pt").info.run_id
+    run_id = train_run(project / "mlflow/mlflow.db", project / "models/cnn/seed42/model.pt").info.run_id
     run_block(_block("python -m pipeline predict"), project, {"<run_id>": run_id})
     assert (project / "predictions.jsonl").read_text().count("\n") == 2
     assert sorted(p.suffixes[-2] for p in (project / "explain").iterdir()) == [".crop", ".gls"]
@@ -252,7 +252,7 @@ def test_readme_workflow_blocks_run_as_written(project, tmp_path):
     assert (project / "dvc_plots/index.html").is_file()
 
     run_block(_block("torchrun"), project)
-    assert (project / "models/glsim/model.pt").is_file()
+    assert (project / "models/glsim/seed42/model.pt").is_file()
 
     _mlflow_ui(_block("source .venv/bin/activate"), project)
 
