@@ -25,10 +25,10 @@ repro: install
 	$(BIN)/dvc repro
 
 test: install
-	$(BIN)/python -m pytest -n 2 --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadscope --durations=15
 
 test-fast: install
-	$(BIN)/python -m pytest -n 2 -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadscope -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)

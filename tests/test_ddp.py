@@ -141,8 +141,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch_and_resume(p
     # Only rank 0 tracked: one MLflow run per training run (the resumed one continued the killed one's run).
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow/mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("anime-fgvc").experiment_id])
-    assert sorted(r.data.tags["processes"] for r in runs) == ["1", "2"]
-    run2 = train_run(project / "mlflow/mlflow.db", project / "two/models/model.pt")
+    seed_runs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]  # the others are the seed-group parents
+    assert sorted(r.data.tags["processes"] for r in seed_runs) == ["1", "2"]
+    run2 = train_run(project / "mlflow/mlflow.db", project / "two/models/seed42/model.pt")
     assert [m.step for m in client.get_metric_history(run2.info.run_id, "train_loss")] == [1, 2, 3]
 
 

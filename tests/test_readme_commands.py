@@ -162,7 +162,7 @@ def run_block(block: Block, cwd: Path, subs: dict[str, str] | None = None, timeo
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """The repository copied with 6 classes, shrunk params (32 px, 2 epochs, cnn and glsim, a 1-trial sweep),
+    """The repository copied with 6 classes, shrunk params (32 px, 2 epochs, one seed, cnn and glsim, a 1-trial sweep),
     committed on `main`, and `.venv` pointing at the environment running the tests (the one `make install` made)."""
     venv = Path(sys.prefix)
     if not (venv / ".installed").is_file():
@@ -173,6 +173,7 @@ def project(tmp_path_factory) -> Path:
     # runs all four). One 1-epoch trial keeps the sweep that `train.lr=...` re-runs short.
     params["variants"] = {k: params["variants"][k] for k in ("cnn", "glsim")}
     params["tune"].update(scheduler="fifo", num_samples=1, epochs=1)
+    params["base"]["seeds"] = [42]  # the blocks name no seed; test_e2e_dvc.py runs the several-seed path
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for f in ("requirements.txt", "pyproject.toml"):  # older than .installed: `make` installs nothing
         os.utime(dest / f, (0, 0))
