@@ -104,6 +104,8 @@ class TrainParams(_Section):
     recipe: Literal["glsim", "ila"] | None = None  # paper preset (RECIPES); keys written in params.yaml win over it
     augment: Literal["rrc", "weak", "med"] = "rrc"  # rrc: crop+jitter above; weak/med: GLSim weakaugs/medaugs
     resize_ratio: Annotated[float, Field(ge=1.0)] = 1.34  # weak/med: resize to img_size*ratio, random/centre crop
+    decode: Literal["cpu", "device"] = "cpu"  # training images decoded by the workers, or on the device (weak/med:
+    # the workers only read bytes and draw parameters; nvJPEG on CUDA; README "Input pipeline")
     drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # stochastic depth (see drop_path_rule)
     drop_path_rule: Literal["linear", "constant"] = "linear"  # linear: timm's 0 .. rate over the blocks; constant:
     # the rate in every block (GLSim/ILA code), ViTs only. GLSim's aggregator block always gets the rate itself
@@ -128,6 +130,14 @@ class TrainParams(_Section):
     def _recipe(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v == "ila" and info.data.get("method") not in ("ila", "linear"):
             raise ValueError("'ila' trains a frozen backbone: set train.method to ila or linear")
+        return v
+
+    @field_validator("decode")
+    @classmethod
+    def _decode(cls, v: str, info: ValidationInfo) -> str:
+        if v == "device" and info.data.get("augment") not in ("weak", "med"):
+            raise ValueError(f"decode 'device' runs the weak/med recipes' crop on the device; train.augment is "
+                             f"{info.data.get('augment')!r} (use decode 'cpu', or augment weak or med)")
         return v
 
     @field_validator("weights")

@@ -8,7 +8,8 @@ Parts (each one a key of the summary):
   and with N worker processes, against what the model consumes (workers needed to keep up);
 - `engine_e2e`: the real `train()` for vit, glsim and ila (ViT-B/16 at 224, bf16, the recipes' augmentation, every
   core a loader worker, no decode cache, JPEGs in tar shards) over 2+ epochs: steady-epoch img/s, its ratio to the
-  same engine step alone on a resident batch, and the first epoch's time against a steady one;
+  same engine step alone on a resident batch, and the first epoch's time against a steady one; each method again
+  with `train.decode: device` (`<method>_decode_device`: the workers read bytes, the GPU decodes and crops);
 - `sweep`: a 4-trial Ray Tune sweep with `gpu: 0.25` per trial (all four on one GPU at once), logged to MLflow;
 - `evaluate`, `predict`: the evaluate stage and `predict` on CUDA, on the best trial's checkpoint.
 Without CUDA every part runs in a reduced form (a tiny ViT at 96 px, few images and steps: about a minute on 2 cores,
@@ -62,11 +63,12 @@ class Sizes:
     e2e_epochs: int = 3  # epoch 1 pays the start-up, 2.. are steady
     e2e_classes: int = 100
     e2e_workers: int = os.cpu_count() or 1  # all cores as loader workers
+    e2e_decode_device: tuple[str, ...] = ("vit", "glsim", "ila")  # engine_e2e again with train.decode: device
 
 
 GPU = Sizes(VIT_B, 224, 128, 10, 3, 3072, min(16, os.cpu_count() or 1), 224, 64, 2.0, 0.25, 3)
 CPU = Sizes("test_vit", 96, 4, 2, 1, 48, 1, 224, 8, 0.5, 0.0, 1, e2e_train=24, e2e_val=8, e2e_epochs=2,
-            e2e_classes=4, e2e_workers=1)
+            e2e_classes=4, e2e_workers=1, e2e_decode_device=("ila",))
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -289,7 +291,7 @@ def _e2e_project(sizes: Sizes, tmp: Path, device: str):
     return tmp / "e2e_split" / manifest.MANIFEST, tmp / "e2e"
 
 
-def _e2e_params(method: str, sizes: Sizes, device: str, compile_: bool = False):
+def _e2e_params(method: str, sizes: Sizes, device: str, compile_: bool = False, decode: str = "cpu"):
     from pipeline.config import Params
 
     emoji = Path(__file__).resolve().parents[1] / "datasets" / "emoji"
@@ -301,7 +303,7 @@ def _e2e_params(method: str, sizes: Sizes, device: str, compile_: bool = False):
                   "backbone_cnn": None, "img_size": sizes.img_size,
                   "batch_size": sizes.batch_size, "epochs": sizes.e2e_epochs,
                   "precision": "bf16", "num_workers": sizes.e2e_workers, "decode_cache": False, "resume": False,
-                  "compile": compile_, "warmup_steps": 10},
+                  "compile": compile_, "warmup_steps": 10, "decode": decode},
         "variants": {"x": {}}})
 
 
@@ -335,13 +337,16 @@ def engine_step_alone(params, num_classes: int, device) -> float:
     return steps * cfg.batch_size / seconds
 
 
-def _e2e_one(method: str, sizes: Sizes, tmp: Path, split: Path, images: Path, device, compile_: bool) -> dict:
+def _e2e_one(method: str, sizes: Sizes, tmp: Path, split: Path, images: Path, device, compile_: bool,
+             decode: str = "cpu", step_ips: float | None = None) -> dict:
+    """One train() run; `step_ips`: the step alone already measured for this method (the decode path differs only
+    in its input pipeline)."""
     import torch
 
     from pipeline.training.engine import TrainOutputs, train
 
-    params = _e2e_params(method, sizes, device.type, compile_)
-    root = tmp / f"run-{method}{'-compile' if compile_ else ''}"
+    params = _e2e_params(method, sizes, device.type, compile_, decode)
+    root = tmp / f"run-{method}{'-compile' if compile_ else ''}-{decode}"
     out = TrainOutputs(root / "model", root / "metrics.json", root / "history.csv")
     epochs: list[dict] = []
     t0 = time.perf_counter()
@@ -349,12 +354,12 @@ def _e2e_one(method: str, sizes: Sizes, tmp: Path, split: Path, images: Path, de
     wall = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    step_ips = engine_step_alone(params, sizes.e2e_classes, device)
+    step_ips = step_ips or engine_step_alone(params, sizes.e2e_classes, device)
     steady = epochs[1:]
     steady_ips = sum(e["images"] for e in steady) / sum(e["train_seconds"] for e in steady)
     steady_s = statistics.mean(e["train_seconds"] for e in steady)
     return {"recipe": params.train.recipe, "augment": params.train.augment, "batch_size": params.train.batch_size,
-            "compile": compile_, "epoch_seconds": [round(e["train_seconds"], 2) for e in epochs],
+            "compile": compile_, "decode": decode, "epoch_seconds": [round(e["train_seconds"], 2) for e in epochs],
             "steady_img_per_s": round(steady_ips, 1), "step_alone_img_per_s": round(step_ips, 1),
             "engine_over_step": round(steady_ips / step_ips, 3),
             "first_epoch_over_steady": round(epochs[0]["train_seconds"] / steady_s, 3),
@@ -372,6 +377,9 @@ def check_engine_e2e(sizes: Sizes, tmp: Path, device, methods=("vit", "glsim", "
                  "write_seconds": round(time.perf_counter() - t0, 1)}
     for method in methods:
         out[method] = _e2e_one(method, sizes, tmp, split, images, device, False)
+    for method in sizes.e2e_decode_device:  # the same runs with decode and crop on the device (train.decode)
+        step = out.get(method, {}).get("step_alone_img_per_s")
+        out[f"{method}_decode_device"] = _e2e_one(method, sizes, tmp, split, images, device, False, "device", step)
     for method in compile_methods:
         out[f"{method}_compile"] = _e2e_one(method, sizes, tmp, split, images, device, True)
     return out

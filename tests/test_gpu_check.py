@@ -56,6 +56,9 @@ def test_gpu_check_cpu_form_reports_every_part(tmp_path):
         assert run["augment"] == augment and len(run["epoch_seconds"]) == e2e["epochs"]
         assert run["steady_img_per_s"] > 0 and run["step_alone_img_per_s"] > 0
         assert run["engine_over_step"] > 0 and run["first_epoch_over_steady"] > 0
+    device = e2e["ila_decode_device"]  # train.decode: device, the same step: its own figure
+    assert device["decode"] == "device" and run["decode"] == "cpu" and len(device["epoch_seconds"]) == e2e["epochs"]
+    assert device["step_alone_img_per_s"] == run["step_alone_img_per_s"] and device["steady_img_per_s"] > 0
 
     sweep = s["sweep"]
     assert sweep["trials"] == sweep["completed"] == 4 and sweep["mlflow_trial_runs_finished"] == 4

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import TrainParams
 from pipeline.data import trivial_augment
+from pipeline.data.trivial_augment_batch import apply_batch
 from pipeline.data.batch_augment import BatchAugment
 from pipeline.data.dataset import EpochSampler, ManifestDataset
 from pipeline.data.prefetch import DeviceLoader
@@ -100,6 +101,53 @@ def test_each_op_gives_torchvisions_pixels():
                 assert np.array_equal(trivial_augment.apply(img, op, m), ref), (op, m)
 
 
+def test_the_batched_ops_give_the_cpu_references_pixels():
+    """Each image of a batch its own op: the device implementation equals `trivial_augment.apply` (torchvision's
+    pixels, above) for every op and bin, but for PIL's fixed-point rotation, off by one source pixel at a few edges."""
+    rng = np.random.default_rng(0)
+    images = np.stack([rng.integers(0, 256, (37, 52, 3), dtype=np.uint8),
+                       np.linspace(30, 200, 37 * 52 * 3).reshape(37, 52, 3).astype(np.uint8),
+                       rng.integers(100, 140, (37, 52, 3), dtype=np.uint8)])
+    rows, refs = [], []
+    for op, (mags, signed) in trivial_augment.SPACE.items():
+        for m in [*mags[::5], *([-v for v in mags[::5]] if signed else [])]:
+            for k, img in enumerate(images):
+                rows.append((k, [trivial_augment.OPS.index(op), m, *trivial_augment.inverse_affine(op, m, 37, 52)]))
+                refs.append((op, trivial_augment.apply(img, op, m)))
+    order = rng.permutation(len(rows))  # ops interleaved in the batch, as drawn
+    x = torch.from_numpy(images[[rows[i][0] for i in order]])
+    out = apply_batch(x, torch.tensor([rows[i][1] for i in order], dtype=torch.float64)).numpy()
+    assert out.dtype == np.uint8 and out.shape == x.shape
+    for got, i in zip(out, order):
+        op, ref = refs[i]
+        differ = (got != ref).any(-1).mean()
+        assert differ == 0 or (op == "Rotate" and differ < 0.005), (op, differ)
+    rotated = [(got != refs[i][1]).any() for got, i in zip(out, order) if refs[i][0] == "Rotate"]
+    assert sum(rotated) <= len(rotated) // 4
+    assert torch.equal(x, torch.from_numpy(images[[rows[i][0] for i in order]])), "the input batch is left as it was"
+
+
+def test_medaugs_draws_its_op_in_the_worker_and_the_device_applies_it(shards):
+    """The worker hands over the weak crop; the TrivialAugment op it drew for the key is applied on the device."""
+    df, root = shards
+    cfg = TrainParams.model_validate(MED)
+    aug = batch_augment(cfg, DCFG)
+    ds = ManifestDataset(df, root, train_transform(cfg, DCFG, seed=5), seed=5, device_params=aug)
+    weak = ManifestDataset(df, root, train_transform(TrainParams.model_validate({**MED, "augment": "weak"}), DCFG,
+                                                      seed=5), seed=5)
+    items = [ds[(i, 1)] for i in range(12)]
+    assert all(torch.equal(x, weak[(i, 1)][0]) for i, (x, _, _) in enumerate(items))  # same CPU half as weakaugs
+    params = torch.stack([p for _, _, p in items])
+    assert params.shape == (12, 12) and params.dtype == torch.float64
+    assert len(set(params[:, 4].tolist())) > 3  # ops vary over images
+    x = torch.stack([x for x, _, _ in items])
+    for k in range(12):
+        op = trivial_augment.OPS[int(params[k, 4])]
+        expected = trivial_augment.apply(x[k].numpy(), op, float(params[k, 5]))
+        got = apply_batch(x[k:k + 1], params[k:k + 1, 4:])[0].numpy()
+        assert (got != expected).any(-1).mean() < (0.005 if op == "Rotate" else 1e-9), op
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
@@ -136,10 +184,10 @@ def test_erasing_draws_torchvisions_rectangles_and_the_device_zeroes_exactly_the
     assert area.min() >= 0.02 * 0.8 and area.max() <= 0.4 * 1.2  # (0.02, 0.4), up to rounding of h and w
     assert (erased[:, 0] + erased[:, 2] <= 40).all() and (erased[:, 1] + erased[:, 3] <= 50).all()
     img = torch.from_numpy(np.random.default_rng(1).integers(1, 256, (6, 40, 50, 3), dtype=np.uint8))
-    p = torch.from_numpy(np.concatenate([erased[:5], np.zeros((1, 4), np.int32)]))
+    p = torch.from_numpy(np.concatenate([erased[:5], np.zeros((1, 12))]))
     out = aug(img, p)
     assert out.shape == (6, 3, 40, 50) and out.dtype == torch.float32
-    for k, (top, left, h, w) in enumerate(p.tolist()):
+    for k, (top, left, h, w) in enumerate(p[:, :4].int().tolist()):
         zero = (out[k] == 0).all(0)
         assert zero.sum() == h * w and (h == 0 or zero[top:top + h, left:left + w].all())
 

@@ -1,16 +1,19 @@
-"""The device half of the augmentation: normalisation and random erasing on whole uint8 batches.
+"""The device half of the augmentation: TrivialAugmentWide, normalisation and random erasing on whole uint8 batches.
 
 Use (the training engine does this through `pipeline/data/prefetch.DeviceLoader`; distillation may reuse it):
 
-    aug = BatchAugment(mean=(0.5,) * 3, std=(0.5,) * 3, erase_prob=0.3)
-    params = aug.draw(rng, height, width)        # per image, on the CPU (a DataLoader worker): int32 (4,)
+    aug = BatchAugment(mean=(0.5,) * 3, std=(0.5,) * 3, erase_prob=0.3, trivial=True)
+    params = aug.draw(rng, height, width)        # per image, on the CPU (a DataLoader worker): float64 (12,)
     x = aug(x_uint8.to(device), params_batch)     # per batch, on the device: (B, H, W, C) uint8 as decoded
-                                                  # -> (B, C, H, W) float32, normalised, erased
+                                                  # -> (B, C, H, W) float32, augmented, normalised, erased
 
-Why the erasing rectangles are drawn on the CPU: drawing them from the image's own generator (seed, epoch, index)
-keeps the same pixels for the same key whatever the batch size, worker count or device, as the CPU pipeline did.
-The draw is torchvision's RandomErasing (the GLSim code's): p, area scale (0.02, 0.4), log-uniform aspect ratio
-(0.3, 3.3), up to 10 tries, value 0 after normalisation (the mean colour).
+Why the parameters are drawn on the CPU: drawing them from the image's own generator (seed, epoch, index) keeps the
+same pixels for the same key whatever the batch size, worker count or device, as the CPU pipeline did. Their order
+is GLSim's medaugs: TrivialAugmentWide on the uint8 image (torchvision's op set and 31 bins,
+`pipeline/data/trivial_augment_batch.py`), then normalisation, then torchvision's RandomErasing (p, area scale
+(0.02, 0.4), log-uniform aspect ratio (0.3, 3.3), up to 10 tries, value 0 after normalisation: the mean colour).
+Params of one image: columns 0-3 the rectangle (top, left, height, width; height 0: none), 4-11 the TrivialAugment
+draw (`trivial_augment.draw_params`; op 0, Identity, when the recipe has none).
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.data import trivial_augment
+from pipeline.data.trivial_augment_batch import apply_batch
+
 NO_ERASE = (0, 0, 0, 0)  # (top, left, height, width); height 0: the image is left as it is
+ERASE, TRIVIAL = slice(0, 4), slice(4, 4 + trivial_augment.N_PARAMS)  # the columns of one image's parameters
+NO_TRIVIAL = (0.0, 0.0, *trivial_augment.inverse_affine("Identity", 0.0, 1, 1))  # op 0 (Identity)
 
 
 @dataclass(frozen=True)
@@ -32,15 +40,22 @@ class BatchAugment:
     erase_prob: float = 0.0  # share of images with one erased rectangle (0: none, no parameters to draw)
     erase_scale: tuple[float, float] = (0.02, 0.4)  # area of the rectangle, as a share of the image
     erase_ratio: tuple[float, float] = (0.3, 3.3)  # its aspect ratio h/w, drawn log-uniformly
+    trivial: bool = False  # TrivialAugmentWide on every image (GLSim medaugs), before normalisation
 
     @property
     def needs_params(self) -> bool:
-        return self.erase_prob > 0
+        return self.erase_prob > 0 or self.trivial
 
     def draw(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-        """One image's rectangle (top, left, height, width) as int32; all zero when it is not erased."""
+        """One image's parameters as float64 (12,): the erased rectangle, then the TrivialAugment draw."""
+        rect = self.draw_erase(rng, height, width) if self.erase_prob > 0 else NO_ERASE
+        trivial = trivial_augment.draw_params(rng, height, width) if self.trivial else NO_TRIVIAL
+        return np.concatenate([np.asarray(rect, np.float64), trivial])
+
+    def draw_erase(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
+        """One image's rectangle (top, left, height, width); all zero when it is not erased."""
         if rng.random() >= self.erase_prob:
-            return np.array(NO_ERASE, np.int32)
+            return NO_ERASE
         area = height * width
         log_ratio = (math.log(self.erase_ratio[0]), math.log(self.erase_ratio[1]))
         for _ in range(10):
@@ -49,19 +64,24 @@ class BatchAugment:
             h, w = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
             if h < height and w < width:
                 top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-                return np.array((top, left, h, w), np.int32)
-        return np.array(NO_ERASE, np.int32)  # torchvision's fallback: no rectangle fits, the image stays
+                return top, left, h, w
+        return NO_ERASE  # torchvision's fallback: no rectangle fits, the image stays
 
     def __call__(self, x: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 (B, H, W, C) -> float32 (B, C, H, W) normalised, each image's rectangle of `params` (B, 4) set to 0.
+        """uint8 (B, H, W, C) -> float32 (B, C, H, W): each image's TrivialAugment op of `params` (B, 12), then
+        normalised, then its rectangle set to 0. Params may stay on the CPU (pinned): the op grouping reads them
+        there without a device sync.
 
         The result is a channels-last view of the computed tensor; `.contiguous()` gives NCHW when a model wants it."""
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise ValueError(f"BatchAugment takes uint8 (B, H, W, C) batches, got {x.dtype} {tuple(x.shape)}")
+        if params is not None and self.trivial:
+            x = apply_batch(x, params[:, TRIVIAL])
         scale, neg_shift = _normalize_terms(self.mean, self.std, str(x.device))
         out = torch.addcmul(neg_shift, x.float(), scale)  # (x / 255 - mean) / std in one kernel, channels last
-        if params is not None and self.needs_params:
-            out = out.masked_fill(erase_mask(params.to(x.device), x.shape[1], x.shape[2]).unsqueeze(-1), 0.0)
+        if params is not None and self.erase_prob > 0:
+            rect = params[:, ERASE].to(x.device, non_blocking=True)
+            out = out.masked_fill(erase_mask(rect, x.shape[1], x.shape[2]).unsqueeze(-1), 0.0)
         return out.permute(0, 3, 1, 2)
 
 

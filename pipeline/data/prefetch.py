@@ -12,18 +12,23 @@ compiles, opens its MLflow run, ... (the first epoch otherwise waits for all of 
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.batch_augment import BatchAugment
 
+if TYPE_CHECKING:
+    from pipeline.data.device_decode import DeviceDecoder
+
 
 class DeviceLoader:
+    """With a `decoder` (train.decode: device) the workers' batches are encoded images and crops, decoded here."""
+
     def __init__(self, loader: DataLoader, device: torch.device, augment: BatchAugment,
-                 channels_last: bool = False):
-        self.loader, self.device, self.augment = loader, device, augment
+                 channels_last: bool = False, decoder: DeviceDecoder | None = None):
+        self.loader, self.device, self.augment, self.decoder = loader, device, augment, decoder
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._started: Iterator | None = None
 
@@ -45,8 +50,12 @@ class DeviceLoader:
 
     def _to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y, *rest = batch
-        x = x.to(self.device, non_blocking=True)
-        params = rest[0].to(self.device, non_blocking=True) if rest else None
+        if self.decoder is not None:
+            crops, params = rest
+            x = self.decoder(x, crops, self.device)
+        else:
+            x = x.to(self.device, non_blocking=True)
+            params = rest[0] if rest else None  # BatchAugment copies what it needs: its op grouping reads them here
         x = self.augment(x, params).contiguous(memory_format=self.memory_format)
         return x, y.to(self.device, non_blocking=True)
 

@@ -8,8 +8,8 @@ transpose on the CPU costs more than the whole crop, on the device it is free). 
 `train.augment` picks the training pipeline:
 - rrc: RandomResizedCrop + optional flip + colour jitter (the emoji default: artists differ in colour and line).
 - weak: GLSim/ILA "weakaugs": resize to a square of int(img_size * resize_ratio), random crop, horizontal flip.
-- med: GLSim "medaugs": weak + TrivialAugmentWide (torchvision's op set and 31 bins, see below) + random erasing
-  (p 0.3, after normalisation, on the device).
+- med: GLSim "medaugs": weak + TrivialAugmentWide (torchvision's op set and 31 bins, drawn in the worker, applied
+  batched on the device before normalisation) + random erasing (p 0.3, after normalisation, on the device).
 Evaluation mirrors it: weak/med resize to the same square and centre-crop (GLSim's test transform); rrc resizes the
 short side to img_size and centre-crops. The eval resize is stored in the checkpoint's data config, so the evaluate
 stage applies the one the model was trained with.
@@ -63,12 +63,12 @@ def train_transform(cfg: TrainParams, dcfg: dict, seed: int) -> A.Compose | Pape
                A.HorizontalFlip(p=cfg.hflip),
                A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=cfg.color_jitter)]
         return A.Compose(ops, seed=seed)
-    return PaperAugment(size, int(size * cfg.resize_ratio), interp, cfg.hflip, cfg.augment == "med", seed)
+    return PaperAugment(size, int(size * cfg.resize_ratio), interp, cfg.hflip, seed)  # med: + the device half
 
 
 class PaperAugment:
-    """GLSim's weakaugs (resize to a `big` square, random `size` crop, horizontal flip) and, with `trivial`, its
-    medaugs' TrivialAugmentWide, on uint8 HWC arrays.
+    """GLSim's weakaugs (resize to a `big` square, random `size` crop, horizontal flip) on uint8 HWC arrays: the CPU
+    half of weakaugs and medaugs alike (medaugs' TrivialAugmentWide and erasing run batched on the device).
 
     The same ops as albumentations' Resize, RandomCrop and HorizontalFlip (cv2 resize, a uniformly placed crop, a
     mirrored view), called directly with one NumPy Generator per image: an albumentations Compose spends more time
@@ -76,29 +76,34 @@ class PaperAugment:
     `set_random_seed(seed)`, then `t(image=arr)["image"]`.
     """
 
-    def __init__(self, size: int, big: int, interpolation: int, hflip: float, trivial: bool, seed: int = 0):
-        self.size, self.big, self.interpolation, self.hflip, self.trivial = size, big, interpolation, hflip, trivial
+    def __init__(self, size: int, big: int, interpolation: int, hflip: float, seed: int = 0):
+        self.size, self.big, self.interpolation, self.hflip = size, big, interpolation, hflip
         self.set_random_seed(seed)
 
     def set_random_seed(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
 
+    def draw(self) -> tuple[int, int, bool]:
+        """(top, left, flip) of the next image: what `__call__` applies, and what a device decoder gets."""
+        top, left = (int(self.rng.integers(0, self.big - self.size + 1)) for _ in range(2))
+        return top, left, bool(self.rng.random() < self.hflip)
+
     def __call__(self, *, image: np.ndarray) -> dict[str, np.ndarray]:
-        rng, size = self.rng, self.size
+        size = self.size
         img = cv2.resize(image, (self.big, self.big), interpolation=self.interpolation)
-        top, left = (int(rng.integers(0, self.big - size + 1)) for _ in range(2))
+        top, left, flip = self.draw()
         img = img[top:top + size, left:left + size]
-        if rng.random() < self.hflip:
+        if flip:
             img = cv2.flip(img, 1)  # a copy: NumPy copies a reversed 3-channel view 50x slower
-        if self.trivial:
-            img = trivial_augment.apply(np.ascontiguousarray(img), *trivial_augment.draw(rng))
         return {"image": img}
 
 
 def batch_augment(cfg: TrainParams, dcfg: dict) -> BatchAugment:
-    """The device half of the training augmentation of `cfg.augment`: normalisation, and random erasing for med."""
-    return BatchAugment(mean=tuple(dcfg["mean"]), std=tuple(dcfg["std"]),
-                        erase_prob=ERASE_PROB if cfg.augment == "med" else 0.0)
+    """The device half of the training augmentation of `cfg.augment`: normalisation, and for med TrivialAugmentWide
+    and random erasing."""
+    med = cfg.augment == "med"
+    return BatchAugment(mean=tuple(dcfg["mean"]), std=tuple(dcfg["std"]), erase_prob=ERASE_PROB if med else 0.0,
+                        trivial=med)
 
 
 def eval_batch_augment(dcfg: dict) -> BatchAugment:

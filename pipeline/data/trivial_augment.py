@@ -56,6 +56,34 @@ def draw(rng: np.random.Generator) -> tuple[str, float]:
     return op, magnitude
 
 
+GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+N_PARAMS = 8  # (op index, magnitude, a, b, c, d, e, f): one image's draw as `draw_params` packs it
+
+
+def inverse_affine(op: str, magnitude: float, height: int, width: int) -> tuple[float, ...]:
+    """The (a, b, c, d, e, f) that torchvision hands PIL's Image.transform(AFFINE) for a geometric op: output pixel
+    centre (x + .5, y + .5) reads the input at (a x + b y + c, d x + e y + f). Identity coefficients otherwise."""
+    if op in ("ShearX", "ShearY"):  # torchvision: shear angle atan(m) in degrees, about the top-left corner
+        t = math.tan(math.radians(math.degrees(math.atan(magnitude))))
+        return (1.0, t, 0.0, 0.0, 1.0, 0.0) if op == "ShearX" else (1.0, 0.0, 0.0, t, 1.0, 0.0)
+    if op in ("TranslateX", "TranslateY"):  # whole pixels: torchvision passes int(m)
+        tx, ty = (int(magnitude), 0) if op == "TranslateX" else (0, int(magnitude))
+        return (1.0, 0.0, float(-tx), 0.0, 1.0, float(-ty))
+    if op == "Rotate":  # PIL's Image.rotate: counter-clockwise about (w / 2, h / 2), coefficients rounded to 1e-15
+        rad = -math.radians(magnitude % 360.0)
+        a, b = round(math.cos(rad), 15), round(math.sin(rad), 15)
+        d, e = round(-math.sin(rad), 15), round(math.cos(rad), 15)
+        cx, cy = width / 2, height / 2
+        return (a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy)
+    return (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def draw_params(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """One image's draw (`draw`) as float64 (N_PARAMS,), for the batched ops of `trivial_augment_batch`."""
+    op, magnitude = draw(rng)
+    return np.array([OPS.index(op), magnitude, *inverse_affine(op, magnitude, height, width)], np.float64)
+
+
 def apply(img: np.ndarray, op: str, magnitude: float) -> np.ndarray:
     """`op` at `magnitude` on a uint8 HxWx3 RGB array. The colour ops are NumPy/OpenCV versions of the Pillow code
     torchvision runs on the PIL images the GLSim code feeds it (ImageEnhance's blend, ImageOps' lookup tables), 5-20x

@@ -28,11 +28,12 @@ import polars as pl
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import RECIPES, Params, TrainParams, flatten
-from pipeline.data import manifest
+from pipeline.data import device_decode, manifest
 from pipeline.data.dataset import STREAM_TORCH, EpochSampler, ManifestDataset, sample_seed
+from pipeline.data.device_decode import DeviceDecoder, EncodedDataset
 from pipeline.data.prefetch import DeviceLoader
 from pipeline.data.registry import source_dataset
 from pipeline.data.transforms import (batch_augment, data_config, eval_batch_augment, eval_resize, eval_transform,
@@ -56,14 +57,14 @@ class TrainOutputs:
     history_file: Path  # DVC plots: one row per epoch
 
 
-def make_loader(ds: ManifestDataset, batch_size: int, train: bool, seed: int, workers: int,
-                device: torch.device, rank: int = 0, world_size: int = 1) -> DataLoader:
+def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int, workers: int, device: torch.device,
+                rank: int = 0, world_size: int = 1, collate_fn=None) -> DataLoader:
     """Order and augmentation come from EpochSampler's (index, epoch) keys: call loader.sampler.set_epoch(e).
     `batch_size` is per process; evaluation shards are padded to equal length (see EpochSampler)."""
     sampler = EpochSampler(len(ds), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=not train)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train and len(sampler) > batch_size,
                       num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      worker_init_fn=_worker_init if workers > 0 else None)
+                      worker_init_fn=_worker_init if workers > 0 else None, collate_fn=collate_fn)
 
 
 def _worker_init(worker_id: int) -> None:
@@ -78,12 +79,16 @@ def device_loaders(cfg: TrainParams, base, tr_df: pl.DataFrame, va_df: pl.DataFr
     """(train, val) loaders whose workers decode and crop to uint8; normalisation and erasing run on `device`."""
     per_rank = cfg.batch_size // d.world
     aug = batch_augment(cfg, dcfg)
-    train_ds = ManifestDataset(tr_df, image_root, train_transform(cfg, dcfg, base.seed), cache, seed=base.seed,
-                               device_params=aug)
+    crop = train_transform(cfg, dcfg, base.seed)
+    if cfg.decode == "device":  # workers read bytes and draw parameters; the device decodes and crops
+        train_ds, collate, decoder = (EncodedDataset(tr_df, image_root, crop, aug, base.seed), device_decode.collate,
+                                      DeviceDecoder(crop.size, crop.big, dcfg["interpolation"]))
+    else:
+        train_ds, collate, decoder = ManifestDataset(tr_df, image_root, crop, cache, base.seed, aug), None, None
     val_ds = ManifestDataset(va_df, image_root, eval_transform(cfg.img_size, dcfg, normalize=False), cache)
-    train = make_loader(train_ds, per_rank, True, base.seed, cfg.num_workers, device, d.rank, d.world)
+    train = make_loader(train_ds, per_rank, True, base.seed, cfg.num_workers, device, d.rank, d.world, collate)
     val = make_loader(val_ds, per_rank, False, base.seed, cfg.num_workers, device, d.rank, d.world)
-    return (DeviceLoader(train, device, aug, channels_last),
+    return (DeviceLoader(train, device, aug, channels_last, decoder),
             DeviceLoader(val, device, eval_batch_augment(dcfg)))  # NCHW, as evaluate predicts
 
 
