@@ -105,7 +105,7 @@ def train_run(db: Path, model_file: Path):
     return runs[0]
 
 
-def run_cmd(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cmd(args: list[str], cwd: Path, timeout: float = 1800) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 

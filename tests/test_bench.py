@@ -26,7 +26,8 @@ def test_bench_loader_reports_each_recipe_against_decode_resize() -> None:
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     ips = r["img_per_s_per_worker"]
-    assert set(ips) == {"rrc", "weak", "med", "decode_resize_224", "decode_resize_300", "collate"}
+    assert set(ips) == {"rrc", "weak", "med", "med_decode_device", "decode_resize_224", "decode_resize_300",
+                        "collate"}
     assert all(v > 0 for v in ips.values()) and set(r["ratio"]) == {"rrc", "weak", "med"}
     assert all(v > 0 for v in r["ratio"].values())
     assert list(REPO.glob("bench-loader-*")) == []  # the JPEGs went to a temporary folder

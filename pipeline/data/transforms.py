@@ -1,9 +1,10 @@
 """Albumentations pipelines whose mean/std/interpolation come from the model's timm data config.
 
-The CPU does only what must run there: decode and the geometric crop/resize (plus the per-image photometric ops of
-a recipe), and hands over uint8 HWC arrays, as decoders give them (the dataset makes them tensors; a channel
-transpose on the CPU costs more than the whole crop, on the device it is free). Normalisation and random erasing run on the device, batched
-(`pipeline/data/batch_augment.py`, applied by `pipeline/data/prefetch.py`), which also sends 4x fewer bytes.
+The CPU does only what must run there: decode and the geometric crop/resize (plus the default recipe's colour
+jitter), and hands over uint8 HWC arrays, as decoders give them (the dataset makes them tensors; a channel transpose
+on the CPU costs more than the whole crop, on the device it is free). Medaugs' TrivialAugmentWide, normalisation and
+random erasing run on the device, batched (`pipeline/data/batch_augment.py`, applied by
+`pipeline/data/prefetch.py`), which also sends 4x fewer bytes.
 
 `train.augment` picks the training pipeline:
 - rrc: RandomResizedCrop + optional flip + colour jitter (the emoji default: artists differ in colour and line).
@@ -17,15 +18,12 @@ stage applies the one the model was trained with.
 
 from __future__ import annotations
 
-from typing import Any
-
 import albumentations as A
 import cv2
 import numpy as np
 from torch import nn
 
 from pipeline.config import TrainParams
-from pipeline.data import trivial_augment
 from pipeline.data.batch_augment import BatchAugment
 
 ERASE_PROB = 0.3  # medaugs: torchvision RandomErasing(p=0.3, scale=(0.02, 0.4), ratio=(0.3, 3.3)), value 0
@@ -109,36 +107,6 @@ def batch_augment(cfg: TrainParams, dcfg: dict) -> BatchAugment:
 def eval_batch_augment(dcfg: dict) -> BatchAugment:
     """Evaluation's device half: normalisation only."""
     return BatchAugment(mean=tuple(dcfg["mean"]), std=tuple(dcfg["std"]))
-
-
-class TrivialAugmentWide(A.ImageOnlyTransform):
-    """torchvision's TrivialAugmentWide (Mueller & Hutter 2021), the op the GLSim code applies, inside albumentations.
-
-    One op uniformly out of torchvision's 14, one of its 31 magnitude bins, a random sign for signed ops: drawn from
-    albumentations' per-sample generator (`trivial_augment.draw`), so seeded pipelines are reproducible without
-    touching torch's global generator, and applied with torchvision's own functional ops (`trivial_augment.apply`).
-    Runs on the uint8 RGB image before normalisation, as in the GLSim code.
-    """
-
-    NUM_BINS = trivial_augment.NUM_BINS
-
-    def __init__(self, p: float = 1.0) -> None:
-        super().__init__(p=p)
-
-    def space(self) -> dict[str, tuple[float, float, bool]]:
-        """op -> (smallest, largest magnitude, signed): the op set and ranges the transform draws from."""
-        return {name: (float(min(mags)), float(max(mags)), signed)
-                for name, (mags, signed) in trivial_augment.SPACE.items()}
-
-    def get_params(self) -> dict[str, Any]:
-        op, magnitude = trivial_augment.draw(self.random_generator)
-        return {"op": op, "magnitude": magnitude}
-
-    def apply(self, img: np.ndarray, op: str = "Identity", magnitude: float = 0.0, **params: Any) -> np.ndarray:
-        return trivial_augment.apply(img, op, magnitude)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ()
 
 
 def eval_transform(img_size: int, dcfg: dict, normalize: bool = True) -> A.Compose:

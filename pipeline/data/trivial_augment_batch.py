@@ -66,7 +66,7 @@ def _contrast(x, p):
 
 
 def _sharpness(x, p):
-    n, h, w, c = x.shape
+    _, h, w, c = x.shape
     img = x.float()
     kernel = _SMOOTH.to(x.device).expand(c, 1, 3, 3)
     smooth = torch.nn.functional.conv2d(img.permute(0, 3, 1, 2), kernel, padding=1, groups=c).permute(0, 2, 3, 1)

@@ -2,13 +2,14 @@
 
 What a worker does per image is timed in this process: `ManifestDataset.__getitem__` for each (index, epoch) key
 (read from a tar shard, decode, the recipe's CPU augmentation to a uint8 tensor, the device-side ops' parameters).
-The batching (`default_collate`, the same for every pipeline: a bare decode + resize loader pays it too) is timed
-on its own and reported as `collate` img/s. The reference loop reads and decodes the same images the same way and only resizes
-them (cv2, the recipe's interpolation) to the recipe's resize size: the work no pipeline can skip. Rounds alternate
-the reference and the recipes (each one goes first in turn), and each side's median round is reported, so that the
-machine's noise hits all alike; the ratio recipe / reference is what the README quotes. Times are the process's CPU
-seconds (`time.process_time`, one thread: cv2 and torch are set to one as in a worker), i.e. what one worker with a
-core to itself delivers, which wall time on a shared machine (other jobs) does not show.
+`med_decode_device` is a `train.decode: device` worker (read the bytes, draw medaugs' parameters; the device
+decodes). The batching (`default_collate`, the same for every pipeline: a bare decode + resize loader pays it too)
+is timed on its own and reported as `collate` img/s. The reference loop reads and decodes the same images the same
+way and only resizes them (cv2, the recipe's interpolation) to the recipe's resize size: the work no pipeline can
+skip. Rounds alternate the reference and the recipes (each one goes first in turn), and each side's median round
+is reported, so that the machine's noise hits all alike; the ratio recipe / reference is what the README quotes.
+Times are the process's CPU seconds (`time.process_time`, one thread: cv2 and torch are set to one as in a worker),
+i.e. what one worker with a core to itself delivers, which wall time on a shared machine (other jobs) does not show.
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ def _recipe_pass(augment: str, df, root: Path, img_size: int, batch: int, epoch:
     cfg = _config(augment, img_size)
     ds = ManifestDataset(df, root, train_transform(cfg, DCFG, seed=0), cache=False, seed=0,
                          device_params=batch_augment(cfg, DCFG))
+
+    def run() -> int:
+        for i in range(len(ds)):
+            ds[(i, epoch)]
+        return len(ds)
+    return run
+
+
+def _encoded_pass(df, root: Path, img_size: int, epoch: int):
+    """A closure: a `train.decode: device` worker's per-image work (read the bytes, draw medaugs' parameters)."""
+    from pipeline.data.device_decode import EncodedDataset
+    from pipeline.data.transforms import batch_augment, train_transform
+
+    cfg = _config("med", img_size)
+    ds = EncodedDataset(df, root, train_transform(cfg, DCFG, seed=0), batch_augment(cfg, DCFG), seed=0)
 
     def run() -> int:
         for i in range(len(ds)):
@@ -101,6 +117,7 @@ def run(images: int = 96, img_size: int = 224, rounds: int = 5, batch: int = 32,
             size = img_size if augment == "rrc" else int(img_size * cfg.resize_ratio)
             sides[augment] = _recipe_pass(augment, df, root, img_size, batch, epoch=1)
             sides.setdefault(f"decode_resize_{size}", _reference_pass(df, root, size))
+        sides["med_decode_device"] = _encoded_pass(df, root, img_size, epoch=1)
         sides["collate"] = _collate_pass(augments[-1], df, root, img_size, batch)
         for fn in sides.values():
             fn()  # warm: shard indexes, imports, the page cache
