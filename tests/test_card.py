@@ -1,4 +1,4 @@
-"""The dataset card (pipeline/data/card.py) and its place in the report: numbers, figures, DAF:re-scale speed."""
+"""The dataset card (pipeline/report/card.py) and its place in the report: numbers, figures, DAF:re-scale speed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.config import Params
 from pipeline.data import images, manifest
-from pipeline.data.card import (CARD_JSON, CARD_MD, DATASET_FIGURE, MAX_GROUP_BARS, SAMPLES_FIGURE, card_stats,
+from pipeline.report.card import (CARD_JSON, CARD_MD, DATASET_FIGURE, MAX_GROUP_BARS, SAMPLES_FIGURE, card_stats,
                                  write_card)
 from pipeline.data.clean import QUARANTINE_SCHEMA
 

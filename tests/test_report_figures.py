@@ -154,7 +154,7 @@ def test_cjk_class_names_are_drawn_with_their_glyphs(tmp_path, recwarn):
     import dataclasses
     import warnings
 
-    from pipeline.data.card import plot_sample_grid
+    from pipeline.report.card import plot_sample_grid
 
     names = ["日本語", "초코", "中文"]
     for i, name in enumerate(names):

@@ -19,7 +19,6 @@ import argparse
 import json
 import resource
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
@@ -143,22 +142,16 @@ def _throughput(model: nn.Module, img_size: int, batch_size: int, device: torch.
                 iters: int) -> tuple[float, float]:
     import torch
 
+    from pipeline.runtime import synchronize, time_calls
+
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     cuda = device.type == "cuda"
+    synchronize(device)
     if cuda:
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     rss0 = _rss_mb()
-    for _ in range(warmup):
-        model(x)
-    if cuda:
-        torch.cuda.synchronize(device)
-    t = time.perf_counter()
-    for _ in range(iters):
-        model(x)
-    if cuda:
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t
+    time_calls(lambda: model(x), warmup, device)
+    seconds = time_calls(lambda: model(x), iters, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _rss_mb() - rss0
     return batch_size * iters / seconds, peak
 

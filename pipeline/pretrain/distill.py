@@ -368,12 +368,10 @@ def write_curve(path: Path, history: list[dict]) -> None:
 
 
 def plot_curve(path: Path, history: list[dict]) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no global backend switch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     steps = [r["step"] for r in history]
     for key in ("loss", "tokens", "deep", "cls", "logits"):
         ax.plot(steps, [r[key] for r in history], label=key, linewidth=1.2 if key == "loss" else 0.8)
@@ -382,7 +380,6 @@ def plot_curve(path: Path, history: list[dict]) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})  # no version stamp: stable bytes
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- #

@@ -1,7 +1,7 @@
 """The `report` stage: one Markdown report (and its HTML rendering) comparing every variant of params.yaml.
 
 It reads only what the earlier stages stored (pipeline/report/results.py): no model is run and nothing retrained.
-Its data section is the dataset card (pipeline/data/card.py). The folder is logged to MLflow as a run of its own,
+Its data section is the dataset card (pipeline/report/card.py). The folder is logged to MLflow as a run of its own,
 tagged with the run ids of the models it compares.
 """
 
@@ -14,7 +14,7 @@ import polars as pl
 
 from pipeline.config import Params
 from pipeline.data import manifest
-from pipeline.data.card import md_table, write_card
+from pipeline.report.card import md_table, write_card
 from pipeline.data.registry import source_dataset
 from pipeline.io import write_text
 from pipeline.report import figures, papers
@@ -56,10 +56,23 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
     glsim = {r.name: figures.glsim_grid(r, figs / f"glsim_{r.name}.png") for r in results}
     confused = {r.name: figures.confusions(r, df, inp.image_root, params.report.confused_examples,
                                            figs / f"confused_{r.name}.png") for r in results}
+    md = _results_section(params, results) + _detail_sections(results, glsim, confused)
+    md += [card.markdown, "",
+           f"Open the runs: `mlflow ui --backend-store-uri sqlite:///$PWD/{params.base.mlflow_dir}/mlflow.db` "
+           "(the `report` run links every variant's training run in its `run.<variant>` tags).", ""]
+    text = "\n".join(md)
+    out = out_dir / "report.md"
+    write_text(out, text)
+    write_text(out_dir / "report.html", to_html(text, "Fine-grained recognition report"))
+    return out, results
 
+
+def _results_section(params: Params, results: list[VariantResult]) -> list[str]:
+    """The report's opening: what ran, the results table beside the papers', and how each variant trained."""
+    k = params.evaluate.top_k
     chance = results[0].test.get("chance_top1")
     dataset = source_dataset(params.acquire)  # a registry name: the papers' numbers go beside ours
-    md = [
+    return [
         "# Fine-grained recognition report",
         "",
         f"Dataset source: **{params.acquire.source}**; split strategy: **{params.split.strategy}**"
@@ -97,6 +110,11 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
         "![per-class accuracy vs training frequency](figures/per_class_vs_frequency.png)",
         "",
     ]
+
+
+def _detail_sections(results: list[VariantResult], glsim: dict, confused: dict) -> list[str]:
+    """GLSim's selections (when a variant has them) and each variant's most frequent confusions."""
+    md: list[str] = []
     if any(glsim.values()):
         md += ["## Where GLSim looks", "",
                "Each row: a test image as the model saw it; the cosine similarity between the CLS token and each "
@@ -108,14 +126,7 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
         md += [f"### {r.name}", "", confusion_table(r), ""]
         if confused[r.name]:
             md += [f"![confusions of {r.name}](figures/{confused[r.name].name})", ""]
-    md += [card.markdown, "",
-           f"Open the runs: `mlflow ui --backend-store-uri sqlite:///$PWD/{params.base.mlflow_dir}/mlflow.db` "
-           "(the `report` run links every variant's training run in its `run.<variant>` tags).", ""]
-    text = "\n".join(md)
-    out = out_dir / "report.md"
-    write_text(out, text)
-    write_text(out_dir / "report.html", to_html(text, "Fine-grained recognition report"))
-    return out, results
+    return md
 
 
 def headline(results: list[VariantResult]) -> str:

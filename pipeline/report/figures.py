@@ -13,7 +13,7 @@ import polars as pl
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from pipeline.data.card import thumbnail
+from pipeline.report.card import thumbnail
 from pipeline.fonts import use_cjk_fallback
 from pipeline.inference.explain import draw_selection
 from pipeline.io import atomic_path

@@ -27,7 +27,8 @@ from pipeline.io import atomic_path, write_json
 from pipeline.models import load_checkpoint
 from pipeline.seeds import seed_dir, seed_params
 from pipeline.seeds import summarize as summarize_seeds
-from pipeline.training.engine import make_loader, predict, resolve_device, seed_everything, use_channels_last
+from pipeline.runtime import resolve_device, seed_everything
+from pipeline.training.engine import make_loader, predict, use_channels_last
 from pipeline.training.metrics import GROUPS, confused_pairs, frequency_groups, group_accuracy, summarize
 
 
@@ -48,9 +49,7 @@ class EvalOutputs:
 
 def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: Path, out: EvalOutputs,
              root: Path) -> dict:
-
-    from pipeline import tracking
-
+    """Test-split metrics of model_dir/model.pt (DVC metrics + plots in `out`), logged to the run that trained it."""
     base, cfg = params.base, params.evaluate
     device = resolve_device(base.device)
     seed_everything(base.seed, base.threads, device)
@@ -60,16 +59,7 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
         model = model.to(memory_format=torch.channels_last)
     classes: list[str] = ckpt["classes"]
     df = manifest.read(split_manifest)
-    test = df.filter(pl.col("split") == "test")
-    if test.height == 0:
-        raise ValueError(f"{split_manifest}: the test split is empty")
-    unknown = set(test["class_name"]) - set(classes)
-    if unknown:
-        raise ValueError(f"{len(unknown)} test classes are not in the checkpoint {model_dir / 'model.pt'} "
-                         f"(e.g. {sorted(unknown)[:3]}): re-run train on this split")
-    # The manifest's class ids may differ from the checkpoint's if data changed: map by name.
-    index = {name: i for i, name in enumerate(classes)}
-    test = test.with_columns(pl.col("class_name").replace_strict(index, return_dtype=pl.Int64).alias("class_id"))
+    test = _test_split(df, classes, split_manifest, model_dir / "model.pt")
     dataset = ManifestDataset(test, image_root, eval_transform(spec["img_size"], ckpt["data_config"]))
     loader = make_loader(dataset, cfg.batch_size, False, base.seed, 0, device)
     # The precision it trained and was selected with (a variant may set its own); fp32 for older checkpoints.
@@ -103,8 +93,34 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
                                                             replace=False))
     write_samples(out.samples, model, dataset, picks, test["image_id"].to_list(), classes, pred[picks],
                   confidence[picks], ckpt["data_config"], device)
+    _track(params, root, model_dir, split_manifest, out, metrics | {"test_img_per_s": img_per_s})
+    print(f"evaluate: test top-1 {metrics['test_top1']:.3f}, top-{cfg.top_k} {metrics[f'test_top{cfg.top_k}']:.3f} "
+          f"on {metrics['test_images']} images ({len(classes)} classes, chance {metrics['chance_top1']:.4f}); "
+          f"macro {metrics['test_macro_acc']:.3f} +- {metrics['test_class_acc_std']:.3f}; "
+          + ", ".join(f"{g} {by_group[g]['acc']:.3f} ({by_group[g]['classes']} classes)" for g in by_group))
+    return metrics
 
-    experiment_id = tracking.setup(base, root)
+
+def _test_split(df: pl.DataFrame, classes: list[str], split_manifest: Path, model_file: Path) -> pl.DataFrame:
+    """The test rows, their class ids mapped to the checkpoint's by name (the manifest's may differ if data
+    changed)."""
+    test = df.filter(pl.col("split") == "test")
+    if test.height == 0:
+        raise ValueError(f"{split_manifest}: the test split is empty")
+    unknown = set(test["class_name"]) - set(classes)
+    if unknown:
+        raise ValueError(f"{len(unknown)} test classes are not in the checkpoint {model_file} "
+                         f"(e.g. {sorted(unknown)[:3]}): re-run train on this split")
+    index = {name: i for i, name in enumerate(classes)}
+    return test.with_columns(pl.col("class_name").replace_strict(index, return_dtype=pl.Int64).alias("class_id"))
+
+
+def _track(params: Params, root: Path, model_dir: Path, split_manifest: Path, out: EvalOutputs,
+           metrics: dict) -> None:
+    """Log the metrics and files to the MLflow run that trained the model (found by the checkpoint's md5)."""
+    from pipeline import tracking
+
+    experiment_id = tracking.setup(params.base, root)
     run = tracking.train_run_of(model_dir / "model.pt", experiment_id)
     if run is None:  # trained elsewhere (another store): the results get a run of their own
         print(f"evaluate: no train run in MLflow wrote {model_dir / 'model.pt'}; logging to a new run",
@@ -114,14 +130,9 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
         # On the train run the evaluate stage's own provenance is namespaced: the run's plain tags are train's.
         tracking.tag_provenance(root, f"evaluate@{model_dir.name}", split_manifest,
                                 prefix="evaluate." if run is not None else "")
-        tracking.log_metrics({k: float(v) for k, v in metrics.items()} | {"test_img_per_s": img_per_s})
+        tracking.log_metrics({k: float(v) for k, v in metrics.items()})
         tracking.log_artifacts_as({"test_metrics.json": out.metrics, "per_class.csv": out.per_class,
                                    "confused_pairs.csv": out.confused_pairs})
-    print(f"evaluate: test top-1 {metrics['test_top1']:.3f}, top-{cfg.top_k} {metrics[f'test_top{cfg.top_k}']:.3f} "
-          f"on {metrics['test_images']} images ({len(classes)} classes, chance {metrics['chance_top1']:.4f}); "
-          f"macro {metrics['test_macro_acc']:.3f} +- {metrics['test_class_acc_std']:.3f}; "
-          + ", ".join(f"{g} {by_group[g]['acc']:.3f} ({by_group[g]['classes']} classes)" for g in by_group))
-    return metrics
 
 
 def _cost(model, img_size: int, device: torch.device) -> dict:
