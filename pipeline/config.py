@@ -44,7 +44,7 @@ from pipeline.data_config import (  # noqa: F401  (re-exported: the whole params
     read_raw,
     validate_section,
 )
-from pipeline.tuning import space as tune_space
+from pipeline import search_space as tune_space
 
 # Paper training recipes for `train.recipe` (docs/defaults.md#paper-recipes: each value's source in the authors'
 # code). Precision is left to the user (the papers use fp16 AMP, which needs CUDA), and so are method and img_size
@@ -190,7 +190,7 @@ def _default_space() -> dict[str, list]:
 
 class TuneParams(_Section):
     apply: bool = False  # train stage: train with best_params.yaml's values for the searched keys
-    space: dict[str, object] = Field(default_factory=_default_space)  # train key: [distribution, args]; tuning/space.py
+    space: dict[str, object] = Field(default_factory=_default_space)  # train key: [distribution, args]; search_space.py
     num_samples: PositiveInt = 4  # trials sampled from the space (per combination of grid values)
     epochs: PositiveInt = 2  # per-trial budget (ASHA max_t); replaces train.epochs inside the sweep
     metric: Literal["val_top1", "val_top5", "val_loss", "train_top1", "train_loss"] = "val_top1"  # per-epoch score

@@ -72,12 +72,12 @@ def test_long_tail_figures_are_pngs(results, tmp_path):
 
 def test_frequency_bins_cover_every_class_once():
     counts = np.unique(np.geomspace(1, 500, 60).astype(int))
-    edges = figures._bins(counts, spread=True)
+    edges = figures.frequency_bins(counts, spread=True)
     assert len(edges) == 9 and edges[0] < counts.min() and edges[-1] > counts.max()
     which = np.digitize(counts, edges[1:-1])
     assert which.min() == 0 and which.max() == len(edges) - 2
     few = np.array([2, 5, 9])
-    assert np.array_equal(np.digitize(few, figures._bins(few, spread=False)[1:-1]), [0, 1, 2])
+    assert np.array_equal(np.digitize(few, figures.frequency_bins(few, spread=False)[1:-1]), [0, 1, 2])
 
 
 def test_nothing_to_draw_gives_no_figure(results, tmp_path):

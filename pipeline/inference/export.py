@@ -134,7 +134,7 @@ def export_onnx(model_dir: Path, out: Path, check_images: list[str] | None) -> d
     spec = ckpt["model_spec"]
     glsim = spec["method"] == "glsim"
     net = _with_boxes(model) if glsim else model
-    x = _check_batch(ckpt, check_images)
+    x = check_batch(ckpt, check_images)
     names = ["logits", "boxes"] if glsim else ["logits"]
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
@@ -185,7 +185,7 @@ def compare_onnx(net, path: Path, x, names: list[str]) -> dict:
     return report
 
 
-def _check_batch(ckpt: dict, check_images: list[str] | None):
+def check_batch(ckpt: dict, check_images: list[str] | None):
     """The check images through the evaluation transform, or 4 seeded random inputs."""
     import numpy as np
     import torch

@@ -62,14 +62,14 @@ def _positive(text: str) -> int:
 def main(args: argparse.Namespace) -> int:
     from pipeline.inference.inputs import PredictError, collect_images, load_model, read_checked, resolve_checkpoint
 
-    params, root = _load_params(args.params)
+    params, root = load_params_and_root(args.params)
     files = collect_images(args.paths)
     for f in files:  # every input decodes before the model loads: no half-printed output on a bad file
         read_checked(f, params.clean)
     if args.faces:
-        from pipeline.data.faces import _animeface_detect
+        from pipeline.data.faces import load_animeface_detector
 
-        _animeface_detect()  # the detector's own check (package present, Pillow < 12), before any work
+        load_animeface_detector()  # the detector's own check (package present, Pillow < 12), before any work
 
     import torch
 
@@ -115,7 +115,7 @@ def origin_line(spec: str, path: Path, base, root: Path) -> str:
             f"git {origin['git_commit'] or 'unknown'}{dirty}")
 
 
-def _load_params(path: str | None):
+def load_params_and_root(path: str | None):
     """(params, project root): the root anchors base.mlflow_dir, as for the stages."""
     from pipeline.config import Params, load_params
 

@@ -26,10 +26,10 @@ from pipeline import tracking
 from pipeline.config import Params, TrainParams, flatten, validate_section
 from pipeline.io import md5_file, write_json
 from pipeline.training import checkpoint
-from pipeline.tuning import space as tune_space
+from pipeline import search_space as tune_space
 from pipeline.tuning.best import write_best
 from pipeline.tuning.runs import TrialRuns, finish_parent, parent_run
-from pipeline.tuning.space import plain
+from pipeline.search_space import plain
 
 # Besides checkpoint.NOT_IN_RUN_KEY, params that do not change a sweep's results; everything else in train/tune (and
 # the seed and device) names it.
