@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from pydantic_core import InitErrorDetails
 
 from pipeline import dvcparams
+from pipeline import search_space as tune_space
 from pipeline.data_config import (  # noqa: F401  (re-exported: the whole params model is importable from here)
     AcquireParams,
     BaseParams,
@@ -44,7 +45,6 @@ from pipeline.data_config import (  # noqa: F401  (re-exported: the whole params
     read_raw,
     validate_section,
 )
-from pipeline import search_space as tune_space
 
 # Paper training recipes for `train.recipe` (docs/defaults.md#paper-recipes: each value's source in the authors'
 # code). Precision is left to the user (the papers use fp16 AMP, which needs CUDA), and so are method and img_size

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.training.distributed import Dist
 from pipeline.tracking import start_or_resume_run
+from pipeline.training.distributed import Dist
 from pipeline.training.engine import validate
 
 

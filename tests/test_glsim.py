@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import build_model
-from pipeline.models import glsim
+from pipeline.models import build_model, glsim
 from pipeline.models.glsim import boxes_from_indices, crop_and_resize, default_top_k, select_boxes
 from pipeline.models.profile import count_flops
 

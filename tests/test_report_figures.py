@@ -157,7 +157,7 @@ def test_cjk_class_names_are_drawn_with_their_glyphs(tmp_path, recwarn):
     from pipeline.report.card import plot_sample_grid
 
     names = ["日本語", "초코", "中文"]
-    for i, name in enumerate(names):
+    for i in range(len(names)):
         Image.new("RGB", (16, 16), (40 * i, 80, 120)).save(tmp_path / f"{i}.png")
     split = pl.DataFrame({"image_id": ["0", "1", "2"], "path": ["0.png", "1.png", "2.png"], "class_name": names,
                           "split": ["test", "train", "train"], "group": ["a", "b", "c"]})

@@ -23,8 +23,8 @@ import io
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # torch, timm, PIL and mlflow are imported inside the handler: building the CLI parser must stay light.
 
@@ -106,7 +106,8 @@ def origin_line(spec: str, path: Path, base, root: Path) -> str:
     run_id = spec.removeprefix("runs:/").split("/", 1)[0] if spec.startswith("runs:/") else None
     origin = tracking.model_origin(base, root, path, run_id)
     if origin is None:
-        return (f"model: {spec}: no MLflow train run in {tracking.local_db(base, root) or 'MLFLOW_TRACKING_URI'} wrote this "
+        store = tracking.local_db(base, root) or "MLFLOW_TRACKING_URI"
+        return (f"model: {spec}: no MLflow train run in {store} wrote this "
                 "checkpoint "
                 "(trained elsewhere or the store was reset): run and data version unknown")
     dirty = " (uncommitted changes)" if origin["git_dirty"] == "true" else ""

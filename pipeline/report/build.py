@@ -14,10 +14,10 @@ import polars as pl
 
 from pipeline.config import Params
 from pipeline.data import manifest
-from pipeline.report.card import md_table, write_card
 from pipeline.data.registry import source_dataset
 from pipeline.io import write_text
 from pipeline.report import figures, papers
+from pipeline.report.card import md_table, write_card
 from pipeline.report.results import VariantPaths, VariantResult, load_variant
 from pipeline.seeds import CONFIDENCE, Paired, paired, verdict
 

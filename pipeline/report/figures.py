@@ -13,10 +13,10 @@ import polars as pl
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from pipeline.report.card import thumbnail
 from pipeline.fonts import use_cjk_fallback
 from pipeline.inference.explain import draw_selection
 from pipeline.io import atomic_path
+from pipeline.report.card import thumbnail
 from pipeline.report.results import VariantResult
 
 use_cjk_fallback()  # class names in Japanese, Chinese or Korean (titles, labels) get their glyphs

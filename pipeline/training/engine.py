@@ -19,9 +19,9 @@ import contextlib
 import csv
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -36,8 +36,14 @@ from pipeline.data import manifest
 from pipeline.data.dataset import STREAM_TORCH, EpochSampler, ManifestDataset, sample_seed
 from pipeline.data.prefetch import DeviceLoader
 from pipeline.data.registry import source_dataset
-from pipeline.data.transforms import (batch_augment, data_config, eval_batch_augment, eval_resize, eval_transform,
-                                      train_transform)
+from pipeline.data.transforms import (
+    batch_augment,
+    data_config,
+    eval_batch_augment,
+    eval_resize,
+    eval_transform,
+    train_transform,
+)
 from pipeline.io import atomic_path, md5_file, write_json, write_text
 from pipeline.models import build_model, describe_weights, model_options, save_checkpoint
 from pipeline.models.profile import count_params
@@ -331,7 +337,8 @@ class _Trainer:
             tracking.set_tags({
                 "git_commit": tracking.git_commit(self.root), "split_manifest_md5": split_md5,
                 "device": str(self.device), "torch": torch.__version__, "timm": _timm_version(), "stage": "train",
-                "method": cfg.method, "model": cfg.model, "recipe": cfg.recipe or "none", "processes": str(self.d.world),
+                "method": cfg.method, "model": cfg.model, "recipe": cfg.recipe or "none",
+                "processes": str(self.d.world),
                 "weights": describe_weights(cfg.model, cfg.weights, cfg.backbone_cnn), **self.hooks.tags})
             tracking.tag_provenance(self.root, tracking.stage_name("train", self.hooks.tags), self.split_manifest)
             tracking.log_params({"params_total": self.n_params, "params_trainable": self.n_trainable,

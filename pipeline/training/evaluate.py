@@ -25,9 +25,9 @@ from pipeline.data.transforms import eval_transform
 from pipeline.inference.explain import write_samples
 from pipeline.io import atomic_path, write_json
 from pipeline.models import load_checkpoint
+from pipeline.runtime import resolve_device, seed_everything
 from pipeline.seeds import seed_dir, seed_params
 from pipeline.seeds import summarize as summarize_seeds
-from pipeline.runtime import resolve_device, seed_everything
 from pipeline.training.engine import make_loader, predict, use_channels_last
 from pipeline.training.metrics import GROUPS, confused_pairs, frequency_groups, group_accuracy, summarize
 
