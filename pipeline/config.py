@@ -304,12 +304,9 @@ def variant_train(train: TrainParams, overrides: dict) -> dict:
     return pin_paper_weights({**train.model_dump(), **RECIPES[recipe], **overrides})
 
 
-class Params(_Section):
-    base: BaseParams = BaseParams()
-    acquire: AcquireParams = AcquireParams()
-    faces: FacesParams = FacesParams()
-    clean: CleanParams = CleanParams()
-    split: SplitParams = SplitParams()
+class Params(DataParams):
+    """The whole params file: the data stages' sections (DataParams, first, in that order) and the training side's."""
+
     train: TrainParams = TrainParams()
     # The models `dvc repro` trains and the report compares (dvc.yaml foreach): name -> the train keys that differ
     # from the train section. An empty mapping trains the train section as written.

@@ -26,9 +26,9 @@ import polars as pl
 from PIL import Image
 
 from pipeline import outdir
-from pipeline.data_config import FacesParams
 from pipeline.data import images, manifest
 from pipeline.data.clean import Rejected, to_rgb, upright
+from pipeline.data_config import FacesParams
 from pipeline.io import write_parquet
 from pipeline.progress import progress
 

@@ -20,8 +20,15 @@ from torch import nn
 
 from pipeline.io import atomic_path
 from pipeline.models.blocks import block_type, constant_drop_path, output_dropout_only
-from pipeline.models.weights import (WeightsError, efficientnet_lite0_package_state_dict, load_backbone_weights,
-                                     load_pretrained, load_whole, read_weights, weights_layout)
+from pipeline.models.weights import (
+    WeightsError,
+    efficientnet_lite0_package_state_dict,
+    load_backbone_weights,
+    load_pretrained,
+    load_whole,
+    read_weights,
+    weights_layout,
+)
 
 METHODS = ("cnn", "linear", "vit", "glsim", "ila")
 CHECKPOINT_FORMAT = "anime-fgvc-checkpoint/1"
