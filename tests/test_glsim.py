@@ -108,7 +108,7 @@ def test_default_top_k_is_the_glsim_repos_rule(img_size, dataset, k):
     assert default_top_k(dataset) == k
     with torch.device("meta"):
         model = build_model("glsim", "test_vit", 2, "none", img_size, patch_size=16, dataset=dataset)
-    assert model.top_k == k and model.build_options["glsim_top_k"] == k
+    assert model.top_k == k and model.spec.options["glsim_top_k"] == k
 
 
 def test_top_k_default_and_errors():

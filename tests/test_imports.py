@@ -13,7 +13,7 @@ PIPELINE = REPO / "pipeline"
 
 # Lowest first. A unit is a top-level module (`runtime`) or a subpackage (`data`); a new one must be placed here.
 LAYERS = [
-    {"io", "progress", "runtime", "numerics", "fonts", "search_space", "outdir"},  # plain helpers: no params
+    {"io", "progress", "runtime", "numerics", "fonts", "search_space", "outdir", "methods"},  # no params; the registry
     {"data_config", "provenance", "dvcparams"},  # the base and data params, what a run was made from
     {"config", "tracking", "stage_runner"},  # all params; MLflow; the stages' entry plumbing
     {"seeds", "data", "models"},  # data stages and datasets; models by name

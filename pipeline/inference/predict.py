@@ -26,6 +26,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.models.spec import ModelSpec
+
 # torch, timm, PIL and mlflow are imported inside the handler: building the CLI parser must stay light.
 
 DEFAULT_MODEL = "models/cnn"  # the train@cnn output of the default params.yaml (its first seed's model)
@@ -85,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
         path = resolve_checkpoint(args.model, params.base, root, Path(tmp))
         model, ckpt = load_model(path, args.model, device)
         print(origin_line(args.model, path, params.base, root), file=sys.stderr, flush=True)
-    method = ckpt["model_spec"]["method"]
+    method = ModelSpec.of(ckpt).method
     if args.explain is not None and method != "glsim":
         raise PredictError(f"--explain {args.explain}: needs a GLSim checkpoint (train.method: glsim); "
                            f"{args.model} is a {method} model, which selects no region to show")
@@ -141,8 +143,9 @@ class Predictor:
         self.model, self.device, self.clean, self.faces = model.eval(), device, clean, faces
         self.classes: list[str] = list(ckpt["classes"])
         self.data_config = ckpt["data_config"]
-        self.img_size = ckpt["model_spec"]["img_size"]
-        self.glsim = ckpt["model_spec"]["method"] == "glsim"
+        spec = ModelSpec.of(ckpt)
+        self.img_size = spec.img_size
+        self.glsim = spec.method == "glsim"
         self.transform = eval_transform(self.img_size, self.data_config)  # the evaluate stage's transform
 
     def prepare(self, path: Path):

@@ -192,3 +192,11 @@ class GLSimViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_crops(x).logits
+
+
+def build(vit: VisionTransformer, num_classes: int, *, glsim_top_k: int | None = None, glsim_box: str = "paper",
+          drop_path_rate: float = 0.0, proj_drop_rate: float = 0.0, init: str = "timm", dataset: str | None = None,
+          **_: object) -> GLSimViT:
+    """The registry's builder (pipeline/methods.py): GLSim over the headless ViT."""
+    return GLSimViT(vit, num_classes, top_k=glsim_top_k, box=glsim_box, drop_path=drop_path_rate,
+                    proj_drop=proj_drop_rate, init=init, dataset=dataset)

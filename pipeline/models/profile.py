@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
+from pipeline.methods import ILA_VARIANTS, METHOD_NAMES
+
 # torch is imported inside the functions: `python -m pipeline` registers this parser on every call, and a params error
 # must not wait for a 3 s torch import.
 if TYPE_CHECKING:
@@ -199,8 +201,8 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     p = sub.add_parser("profile", help="parameters, FLOPs, tokens, throughput and peak memory of one model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
-    p.add_argument("--method", required=True, choices=("cnn", "linear", "vit", "glsim", "ila"))
-    p.add_argument("--variant", choices=("ila", "ila+", "ila++"), help="ILA variant (method ila; default ila)")
+    p.add_argument("--method", required=True, choices=METHOD_NAMES)
+    p.add_argument("--variant", choices=ILA_VARIANTS, help="ILA variant (method ila; default ila)")
     p.add_argument("--img-size", type=int, required=True)
     p.add_argument("--num-classes", type=int, required=True)
     p.add_argument("--weights", default="none", help="as train.weights (default none: random, same cost)")

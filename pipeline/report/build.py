@@ -12,6 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
+from pipeline import methods
 from pipeline.config import Params
 from pipeline.data import manifest
 from pipeline.data.registry import source_dataset
@@ -161,7 +162,8 @@ def claims(results: list[VariantResult]) -> list[str]:
     for r in results:
         method = r.train_cfg.get("method")
         base = next((b for b in results if b.train_cfg.get("method") == "vit" and key(b) == key(r)), None)
-        diff = paired(r.test, base.test) if base is not None and method in ("glsim", "ila") else None
+        compared = method in methods.METHODS and methods.METHODS[method].compared_with_vit
+        diff = paired(r.test, base.test) if base is not None and compared else None
         if diff is None or not all(isinstance(x.test.get("gflops"), (int, float)) for x in (r, base)):
             continue
         cost = r.test["gflops"] / base.test["gflops"]

@@ -14,6 +14,8 @@ import json
 import statistics
 import sys
 
+from pipeline import methods
+
 # torch and timm are imported inside run(): building the CLI parser must stay light (no 3 s torch import).
 
 
@@ -45,7 +47,7 @@ def run(model_name: str, method: str, img_size: int, batch_size: int, num_classe
             times.append(time_calls(step, steps, dev))
     ours_ips = steps * batch_size / statistics.median(ours_s)
     ref_ips = steps * batch_size / statistics.median(ref_s)
-    if method in ("glsim", "ila"):
+    if methods.get(method).compared_with_vit:
         note = "reference is the plain timm ViT of the same backbone (GLSim runs the encoder twice)"
     else:
         note = "same architecture"
@@ -85,7 +87,7 @@ def _reference(model_name: str, method: str, img_size: int, num_classes: int, pr
 
     from pipeline.runtime import autocast
 
-    kwargs = {"img_size": img_size} if method in ("vit", "glsim", "ila") else {}
+    kwargs = {"img_size": img_size} if method == "vit" or methods.get(method).needs_vit else {}
     ref = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs).to(dev).train()
     if method == "linear":
         for p in ref.parameters():

@@ -283,7 +283,7 @@ class _Trainer:
         self.n_params, self.n_trainable = count_params(model)
         self.meta = {"classes": self.data.classes, "data_config": self.dcfg,
                      "precision": cfg.precision,  # evaluate predicts as it trained
-                     "model_spec": {"method": cfg.method, "model": cfg.model, "img_size": cfg.img_size}}
+                     "model_spec": model.spec.as_dict()}  # what load_checkpoint rebuilds
 
     def _loaders(self) -> tuple[DeviceLoader, DeviceLoader]:
         """(train, val) loaders over the split, on the run's device."""

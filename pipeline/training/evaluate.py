@@ -25,6 +25,7 @@ from pipeline.data.transforms import eval_transform
 from pipeline.inference.explain import write_samples
 from pipeline.io import atomic_path, write_json
 from pipeline.models import load_checkpoint
+from pipeline.models.spec import ModelSpec
 from pipeline.runtime import resolve_device, seed_everything
 from pipeline.seeds import seed_dir, seed_params
 from pipeline.seeds import summarize as summarize_seeds
@@ -54,13 +55,13 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     device = resolve_device(base.device)
     seed_everything(base.seed, base.threads, device)
     model, ckpt = load_checkpoint(model_dir / "model.pt", device)
-    spec = ckpt["model_spec"]
-    if use_channels_last(spec["method"], spec.get("options", {}).get("backbone_cnn")):  # as it trained
+    spec = ModelSpec.of(ckpt)
+    if use_channels_last(spec.method, spec.options.get("backbone_cnn")):  # as it trained
         model = model.to(memory_format=torch.channels_last)
     classes: list[str] = ckpt["classes"]
     df = manifest.read(split_manifest)
     test = _test_split(df, classes, split_manifest, model_dir / "model.pt")
-    dataset = ManifestDataset(test, image_root, eval_transform(spec["img_size"], ckpt["data_config"]))
+    dataset = ManifestDataset(test, image_root, eval_transform(spec.img_size, ckpt["data_config"]))
     loader = make_loader(dataset, cfg.batch_size, False, base.seed, 0, device)
     # The precision it trained and was selected with (a variant may set its own); fp32 for older checkpoints.
     logits, labels = predict(model, loader, device, ckpt.get("precision", "fp32"), desc="test")
@@ -72,13 +73,13 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     metrics = {"test_top1": s["top1"], f"test_top{cfg.top_k}": s[f"top{cfg.top_k}"],
                "test_macro_acc": s["macro_acc"], "test_class_acc_std": s["class_acc_std"], "test_images": s["n"],
                "test_classes": int(test["class_id"].n_unique()), "chance_top1": 1.0 / len(classes),
-               "checkpoint_epoch": int(ckpt.get("epoch", 0))} | _cost(model, spec["img_size"], device)
+               "checkpoint_epoch": int(ckpt.get("epoch", 0))} | _cost(model, spec.img_size, device)
     for g in GROUPS:  # a group without test classes is left out (JSON has no NaN), its class count is 0
         if g in by_group:
             metrics[f"test_{g}_acc"] = by_group[g]["acc"]
         metrics[f"test_{g}_classes"] = by_group.get(g, {}).get("classes", 0)
     write_json(out.metrics, metrics)
-    img_per_s = forward_throughput(model, spec["img_size"], cfg.batch_size, device)  # MLflow only: differs every run
+    img_per_s = forward_throughput(model, spec.img_size, cfg.batch_size, device)  # MLflow only: differs every run
 
     pred, confidence = logits.argmax(1), torch.from_numpy(logits).softmax(1).max(1).values.numpy()
     _write_predictions(out.predictions, test["image_id"].to_list(), labels, pred, confidence, classes)
