@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (Python 3.11 and pip needed; see README):
 #   make repro   installs into .venv if needed, then runs the pipeline (dvc repro)
 #   make test    installs into .venv if needed, then runs the test suite
+#   make lint    ruff: lint and format check (pyproject.toml [tool.ruff]); .ci/run runs it before the tests
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ export DVC_NO_ANALYTICS ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-fast clean-venv
+.PHONY: install repro lint test test-fast clean-venv
 
 install: $(VENV)/.installed
 
@@ -23,6 +24,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 repro: install
 	$(BIN)/dvc repro
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadscope --durations=15

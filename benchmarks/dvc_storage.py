@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\n{args.images:,} images (32x32 JPEG), local-directory remote; seconds per command\n")
-    print(f"| storage | files | dvc add | dvc status | dvc push | dvc pull (fresh clone) |")
+    print("| storage | files | dvc add | dvc status | dvc push | dvc pull (fresh clone) |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, r in rows.items():
         print(f"| {label} | {r['files']:,} | {r['add']:.1f} | {r['status']:.1f} | {r['push']:.1f} | {r['pull']:.1f} |")

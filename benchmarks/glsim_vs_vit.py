@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             best[name] = max(best[name], ips)
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"{args.model} at {args.img_size}px, batch {args.batch_size}, forward only, {where}, torch {torch.__version__}")
+    print(f"{args.model} at {args.img_size}px, batch {args.batch_size}, forward only, {where}, "
+          f"torch {torch.__version__}")
     print(f"{'method':<8} {'img/s':>9} {'vs vit':>7} {'GFLOPs':>8} {'vs vit':>7}")
     for name in models:
         print(f"{name:<8} {best[name]:>9.2f} {best[name] / best['vit']:>7.2f} {flops[name] / 1e9:>8.2f} "

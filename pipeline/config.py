@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from pydantic_core import InitErrorDetails
 
 from pipeline import dvcparams
+from pipeline import search_space as tune_space
 from pipeline.data_config import (  # noqa: F401  (re-exported: the whole params model is importable from here)
     AcquireParams,
     BaseParams,
@@ -44,7 +45,7 @@ from pipeline.data_config import (  # noqa: F401  (re-exported: the whole params
     read_raw,
     validate_section,
 )
-from pipeline.tuning import space as tune_space
+from pipeline.methods import ILA_VARIANTS, METHOD_NAMES
 
 # Paper training recipes for `train.recipe` (docs/defaults.md#paper-recipes: each value's source in the authors'
 # code). Precision is left to the user (the papers use fp16 AMP, which needs CUDA), and so are method and img_size
@@ -76,7 +77,7 @@ RECIPES: dict[str, dict] = {
 
 class TrainParams(_Section):
     # cnn/vit: full fine-tune; linear: frozen backbone + head; glsim/ila: pipeline/models/glsim.py, ila.py
-    method: Literal["cnn", "linear", "vit", "glsim", "ila"] = "cnn"
+    method: Literal[METHOD_NAMES] = "cnn"
     model: str = "tf_efficientnet_lite0"  # any timm model name
     patch_size: PositiveInt | None = None  # ViT patch size (timm resamples pretrained embeddings); null: from the name
     backbone_cnn: str | None = None  # hybrid ViT: this timm CNN's stage at stride patch_size is the patch embedding
@@ -84,7 +85,7 @@ class TrainParams(_Section):
     img_size: PositiveInt = 96  # training/eval resolution (square)
     glsim_top_k: PositiveInt | None = None  # glsim: patches selected by similarity; null: 8, 16 for dogs (GLSim repo)
     glsim_box: Literal["paper", "corrected"] = "paper"  # glsim crop end: paper max_index*P (as published) or (max+1)*P
-    ila_variant: Literal["ila", "ila+", "ila++"] = "ila"  # ila: 2 down-sampling ILAs; +: plain ILAs; ++: adapters
+    ila_variant: Literal[ILA_VARIANTS] = "ila"  # ila: 2 down-sampling ILAs; +: plain ILAs; ++: adapters
     epochs: PositiveInt = 15  # full passes over the train split
     batch_size: PositiveInt = 32  # images per optimiser step
     optimizer: str = "adamw"  # any timm optimizer name (create_optimizer_v2)
@@ -200,7 +201,7 @@ def _default_space() -> dict[str, list]:
 
 class TuneParams(_Section):
     apply: bool = False  # train stage: train with best_params.yaml's values for the searched keys
-    space: dict[str, object] = Field(default_factory=_default_space)  # train key: [distribution, args]; tuning/space.py
+    space: dict[str, object] = Field(default_factory=_default_space)  # train key: [distribution, args]; search_space.py
     num_samples: PositiveInt = 4  # trials sampled from the space (per combination of grid values)
     epochs: PositiveInt = 2  # per-trial budget (ASHA max_t); replaces train.epochs inside the sweep
     metric: Literal["val_top1", "val_top5", "val_loss", "train_top1", "train_loss"] = "val_top1"  # per-epoch score
@@ -314,12 +315,9 @@ def variant_train(train: TrainParams, overrides: dict) -> dict:
     return pin_paper_weights({**train.model_dump(), **RECIPES[recipe], **overrides})
 
 
-class Params(_Section):
-    base: BaseParams = BaseParams()
-    acquire: AcquireParams = AcquireParams()
-    faces: FacesParams = FacesParams()
-    clean: CleanParams = CleanParams()
-    split: SplitParams = SplitParams()
+class Params(DataParams):
+    """The whole params file: the data stages' sections (DataParams, first, in that order) and the training side's."""
+
     train: TrainParams = TrainParams()
     # The models `dvc repro` trains and the report compares (dvc.yaml foreach): name -> the train keys that differ
     # from the train section. An empty mapping trains the train section as written.

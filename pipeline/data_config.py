@@ -106,7 +106,7 @@ class FolderSource(_Section):
 
 class CsvSource(_Section):
     path: str | None = None  # image root that the CSVs' `dir` column is relative to
-    labels: str | None = None  # folder with train.csv/val.csv/test.csv (`class_id,dir`, no header); default <path>/labels
+    labels: str | None = None  # folder of train/val/test.csv (`class_id,dir`, no header); default <path>/labels
     class_names: str | None = None  # optional `id,name` CSV; default <labels>/classid_classname.csv if present
     dataset: str | None = None  # optional registry name (pipeline/data/registry.py): checks the class count
     shard_size: PositiveInt | None = None  # images per tar shard (pipeline/data/images.py); null: plain files
@@ -144,7 +144,7 @@ class DanbooruSource(_Section):
     def _http_origin(cls, v: str) -> str:
         try:
             parts = urlsplit(v)
-            parts.port  # raises on a malformed port
+            _ = parts.port  # raises on a malformed port
         except ValueError as exc:
             raise ValueError(f"not a valid URL ({exc})") from None
         if parts.username or parts.password:  # checked first: the URL holds a secret, so it is never echoed
@@ -210,7 +210,7 @@ class SplitRatios(_Section):
     test: Fraction = 0.2  # the rest
 
     @model_validator(mode="after")
-    def _sum_to_one(self) -> "SplitRatios":
+    def _sum_to_one(self) -> SplitRatios:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must sum to 1, got {total:g}")

@@ -14,9 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 MARKER = ".anime-fgvc-output"  # written into every folder a stage owns; its content is constant (reproducible)
 

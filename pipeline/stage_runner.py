@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.numerics import use_portable_cpu_kernels
-
 
 # ParamsError, ManifestError, SplitError and WeightsError are ValueErrors; missing files, refused connections and a
 # crawl that ran out of retries (danbooru.CrawlError) are OSErrors. Importing nothing heavier here keeps a params

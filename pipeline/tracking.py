@@ -55,6 +55,78 @@ def setup(base: BaseParams, root: Path) -> str:
     return mlflow.create_experiment(base.experiment, artifact_location=artifacts)
 
 
+def start_or_resume_run(experiment_id: str, run_id: str | None, run_name: str):
+    """Continue a killed run's MLflow run when it still exists in the store; otherwise start a new one (a context
+    manager, as mlflow.start_run).
+
+    Only "no such run" (the store was wiped or moved; the history is in the state) starts a fresh run: any other
+    error, a store that does not answer say, fails the run instead of silently splitting its history."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    if run_id is not None:
+        try:
+            mlflow.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
+        else:
+            return mlflow.start_run(run_id=run_id)
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+
+
+def start_run(experiment_id: str, run_id: str | None = None, **kwargs):
+    """mlflow.start_run on the given run (run_id) or a new one in the experiment (kwargs: run_name, tags)."""
+    import mlflow
+
+    if run_id is not None:
+        return mlflow.start_run(run_id=run_id)
+    return mlflow.start_run(experiment_id=experiment_id, **kwargs)
+
+
+def log_params(params: dict) -> None:
+    """Params of the active run."""
+    import mlflow
+
+    mlflow.log_params(params)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Metrics of the active run (at `step`: one point of a curve)."""
+    import mlflow
+
+    mlflow.log_metrics(metrics, step=step)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    """Tags of the active run."""
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
+def log_folder(folder: Path, artifact_path: str) -> None:
+    """Every file of `folder` as artifacts of the active run, under `artifact_path`."""
+    import mlflow
+
+    mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    """`text` as an artifact file of the active run."""
+    import mlflow
+
+    mlflow.log_text(text, artifact_file)
+
+
+def end_run(status: str = "FINISHED") -> None:
+    """End the active run with `status`."""
+    import mlflow
+
+    mlflow.end_run(status)
+
+
 MODEL_MD5_TAG = "model_md5"  # on a train run: the md5 of the model.pt it wrote (how later stages find the run)
 
 

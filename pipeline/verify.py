@@ -111,7 +111,7 @@ def add_verify_parser(sub) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from pipeline.data.card import md_table
+    from pipeline.report.card import md_table
 
     root = Path.cwd()
     rows, ok = verify(root, args.ref, args.metrics_dir)

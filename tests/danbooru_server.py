@@ -101,7 +101,8 @@ class FakePost:
 
     @property
     def sample_path(self) -> str:
-        return self.original_path if self.same_large else f"/data/sample/sample-{self.url_tag}{self.md5}.{self.sample_ext}"
+        sample = f"/data/sample/sample-{self.url_tag}{self.md5}.{self.sample_ext}"
+        return self.original_path if self.same_large else sample
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -231,7 +232,7 @@ class FakeDanbooru:
         self._servers: list[ThreadingHTTPServer] = []
 
     # -- life cycle
-    def start(self) -> "FakeDanbooru":
+    def start(self) -> FakeDanbooru:
         for role, addr in (("api", API_HOST), ("other", OTHER_HOST)):
             server = _Server((addr, 0), _Handler)
             server.state = self.state
@@ -245,7 +246,7 @@ class FakeDanbooru:
             server.shutdown()
             server.server_close()
 
-    def __enter__(self) -> "FakeDanbooru":
+    def __enter__(self) -> FakeDanbooru:
         return self.start()
 
     def __exit__(self, *exc) -> None:

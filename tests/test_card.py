@@ -1,4 +1,4 @@
-"""The dataset card (pipeline/data/card.py) and its place in the report: numbers, figures, DAF:re-scale speed."""
+"""The dataset card (pipeline/report/card.py) and its place in the report: numbers, figures, DAF:re-scale speed."""
 
 from __future__ import annotations
 
@@ -14,9 +14,16 @@ from PIL import Image
 
 from pipeline.config import Params
 from pipeline.data import images, manifest
-from pipeline.data.card import (CARD_JSON, CARD_MD, DATASET_FIGURE, MAX_GROUP_BARS, SAMPLES_FIGURE, card_stats,
-                                 write_card)
 from pipeline.data.clean import QUARANTINE_SCHEMA
+from pipeline.report.card import (
+    CARD_JSON,
+    CARD_MD,
+    DATASET_FIGURE,
+    MAX_GROUP_BARS,
+    SAMPLES_FIGURE,
+    card_stats,
+    write_card,
+)
 
 ARTISTS = ("noto", "openmoji", "twemoji", "emojione")
 SPLIT_OF = {"noto": "train", "openmoji": "train", "twemoji": "test", "emojione": "val"}
@@ -56,7 +63,8 @@ def test_card_files_numbers_and_markdown(tmp_path: Path, shard_size: int | None)
                       clean_counts={"input": 23, "kept": 20})
     for name in (DATASET_FIGURE, SAMPLES_FIGURE):
         assert (tmp_path / "reports" / "figures" / name).read_bytes()[:8] == PNG
-    assert card.figures == [tmp_path / "reports/figures" / DATASET_FIGURE, tmp_path / "reports/figures" / SAMPLES_FIGURE]
+    figs = tmp_path / "reports/figures"
+    assert card.figures == [figs / DATASET_FIGURE, figs / SAMPLES_FIGURE]
     s = card.stats
     assert (s["classes"], s["images"]) == (5, 20)
     assert {k: v["images"] for k, v in s["splits"].items()} == {"train": 10, "val": 5, "test": 5}

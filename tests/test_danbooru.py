@@ -21,14 +21,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from polars.testing import assert_frame_equal
 from PIL import Image
+from polars.testing import assert_frame_equal
 
 from pipeline import cli
-from pipeline.config import AcquireParams, DanbooruSource
+from pipeline.config import AcquireParams, DanbooruSource, ParamsError, validate_section
 from pipeline.data import manifest
 from pipeline.data.acquire import acquire
-from pipeline.config import ParamsError, validate_section
 from pipeline.data.danbooru import CrawlError
 from pipeline.outdir import MARKER
 from tests.danbooru_server import OTHER_HOST, POSTS, TEST_FILTERS, FakeDanbooru, FakePost

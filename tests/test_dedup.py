@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from pipeline.data.dedup import (HASH_BITS, MAX_BUCKET, band_layout, components, near_duplicate_groups, phash64)
+from pipeline.data.dedup import HASH_BITS, MAX_BUCKET, band_layout, components, near_duplicate_groups, phash64
 
 
 def brute_force_groups(hashes: list[int | None], t: int) -> list[int]:

@@ -9,15 +9,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from pipeline.tracking import start_or_resume_run
 from pipeline.training.distributed import Dist
-from pipeline.training.engine import _mlflow_run, _validate
+from pipeline.training.engine import validate
 
 
 def test_validation_reports_the_configured_top_k():
     torch.manual_seed(0)
     x, y = torch.randn(20, 4), torch.arange(20) % 5
     model = torch.nn.Linear(4, 5)
-    row = _validate(model, DataLoader(TensorDataset(x, y), batch_size=8), 20, 5, "fp32", torch.device("cpu"),
+    row = validate(model, DataLoader(TensorDataset(x, y), batch_size=8), 20, 5, "fp32", torch.device("cpu"),
                     Dist(), top_k=3)
     assert set(row) == {"val_loss", "val_top1", "val_top3"}
     ranks = (model(x).argsort(1, descending=True)[:, :3] == y[:, None]).any(1).float().mean().item()
@@ -40,7 +41,7 @@ def _restore_tracking_env():
 def test_a_vanished_run_starts_a_new_one(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = mlflow.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
-    with _mlflow_run(mlflow, exp, "0" * 32, "fresh") as run:  # the store was wiped: that id is unknown
+    with start_or_resume_run(exp, "0" * 32, "fresh") as run:  # the store was wiped: that id is unknown
         assert run.info.run_name == "fresh" and run.info.run_id != "0" * 32
 
 
@@ -55,6 +56,6 @@ def test_a_store_that_does_not_answer_fails_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mlflow, "get_run", outage)
     with pytest.raises(ConnectionError, match="did not answer"):
-        _mlflow_run(mlflow, exp, "a" * 32, "never")
+        start_or_resume_run(exp, "a" * 32, "never")
     assert mlflow.active_run() is None
     assert mlflow.search_runs([exp], output_format="list") == []  # no second run was started

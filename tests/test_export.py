@@ -43,11 +43,11 @@ def _model_dir(tmp_path: Path, method: str) -> Path:
 
 
 def _images(model_dir: Path) -> torch.Tensor:
-    from pipeline.inference.export import _check_batch
+    from pipeline.inference.export import check_batch
     from pipeline.models import load_checkpoint
 
     _, ckpt = load_checkpoint(model_dir / "model.pt")
-    return _check_batch(ckpt, [str(IMAGES)])
+    return check_batch(ckpt, [str(IMAGES)])
 
 
 @pytest.mark.parametrize("method", ["vit", "glsim"])

@@ -138,7 +138,8 @@ def test_every_stage_logs_to_a_tracking_server_and_nothing_to_the_project(tmp_pa
     assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:")  # served by the server
 
     # train + evaluate: one run with per-epoch and test metrics and their artifacts
-    runs = client.search_runs([exp.experiment_id], f"tags.model_md5 = '{md5_file(root / 'models/cnn/seed42/model.pt')}'")
+    md5 = md5_file(root / "models/cnn/seed42/model.pt")
+    runs = client.search_runs([exp.experiment_id], f"tags.model_md5 = '{md5}'")
     assert len(runs) == 1  # found as evaluate and report find it: by the checkpoint's md5
     run_id = runs[0].info.run_id
     run = client.get_run(run_id)

@@ -119,7 +119,7 @@ def test_glsim_and_ila_checkpoints_reload_with_identical_logits(tmp_path, method
     meta = {"classes": ["a", "b", "c"], "model_spec": {"method": method, "model": "test_vit", "img_size": 48}}
     save_checkpoint(tmp_path / "m.pt", model, meta)
     loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
-    assert ckpt["model_spec"]["options"] == model.build_options and set(options) <= set(model.build_options)
+    assert ckpt["model_spec"]["options"] == model.spec.options and set(options) <= set(model.spec.options)
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))

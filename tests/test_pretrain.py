@@ -259,3 +259,21 @@ def test_wall_clock_budget_is_sized_from_the_measured_speed(tmp_path):
     assert len(result["budgets"]) == 1 and result["budgets"][0][0] == 0
     assert 25 < result["steps"] == result["budgets"][0][1] < 10_000
     assert result["history"][-1]["step"] == result["steps"]
+
+
+def test_a_diverged_loss_stops_before_any_state_is_saved(tmp_path, monkeypatch):
+    """Steps do not sync to check their loss; a non-finite one is caught at the next checkpoint (here no log row
+    comes first) and the run stops before writing that state."""
+    torch.set_num_threads(1)
+    cfg = PretrainParams(**{**TINY, "sources": ("openclipart",), "log_every": 100, "checkpoint_every": 2})
+    images = np.random.default_rng(1).integers(0, 255, (10, 40, 40, 3), dtype=np.uint8)
+    real_losses = distill_mod.distill_losses
+
+    def diverged(*args, **kwargs):
+        return {k: v * float("nan") for k, v in real_losses(*args, **kwargs).items()}
+
+    monkeypatch.setattr(distill_mod, "distill_losses", diverged)
+    paths = DistillPaths(tmp_path / "a", tmp_path / "a.safetensors")
+    with pytest.raises(FloatingPointError, match="loss is nan before step 2"):
+        distill(cfg, images, paths, seed=3, device=torch.device("cpu"))
+    assert not (paths.work_dir / "last.pt").exists()

@@ -8,7 +8,6 @@ import hashlib
 import subprocess
 from pathlib import Path
 
-import mlflow
 import pytest
 import timm
 import torch

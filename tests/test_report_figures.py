@@ -72,12 +72,12 @@ def test_long_tail_figures_are_pngs(results, tmp_path):
 
 def test_frequency_bins_cover_every_class_once():
     counts = np.unique(np.geomspace(1, 500, 60).astype(int))
-    edges = figures._bins(counts, spread=True)
+    edges = figures.frequency_bins(counts, spread=True)
     assert len(edges) == 9 and edges[0] < counts.min() and edges[-1] > counts.max()
     which = np.digitize(counts, edges[1:-1])
     assert which.min() == 0 and which.max() == len(edges) - 2
     few = np.array([2, 5, 9])
-    assert np.array_equal(np.digitize(few, figures._bins(few, spread=False)[1:-1]), [0, 1, 2])
+    assert np.array_equal(np.digitize(few, figures.frequency_bins(few, spread=False)[1:-1]), [0, 1, 2])
 
 
 def test_nothing_to_draw_gives_no_figure(results, tmp_path):
@@ -154,10 +154,10 @@ def test_cjk_class_names_are_drawn_with_their_glyphs(tmp_path, recwarn):
     import dataclasses
     import warnings
 
-    from pipeline.data.card import plot_sample_grid
+    from pipeline.report.card import plot_sample_grid
 
     names = ["日本語", "초코", "中文"]
-    for i, name in enumerate(names):
+    for i in range(len(names)):
         Image.new("RGB", (16, 16), (40 * i, 80, 120)).save(tmp_path / f"{i}.png")
     split = pl.DataFrame({"image_id": ["0", "1", "2"], "path": ["0.png", "1.png", "2.png"], "class_name": names,
                           "split": ["test", "train", "train"], "group": ["a", "b", "c"]})

@@ -117,9 +117,9 @@ def test_changed_params_never_resume_a_foreign_state(project):
 def test_run_key_separates_variants_with_equal_settings():
     """Two variants that train the same settings are two runs: a killed one never resumes the other's state."""
     from pipeline.config import Params
-    from pipeline.training.engine import _run_key
+    from pipeline.training.engine import run_key
 
     split = "0123456789abcdef0123456789abcdef"  # the split manifest's md5
     params = Params()
-    keys = {_run_key(params, split), _run_key(params, split, "a"), _run_key(params, split, "b")}
-    assert len(keys) == 3 and _run_key(params, split, "a") == _run_key(params, split, "a")
+    keys = {run_key(params, split), run_key(params, split, "a"), run_key(params, split, "b")}
+    assert len(keys) == 3 and run_key(params, split, "a") == run_key(params, split, "a")

@@ -79,7 +79,7 @@ def test_group_split_holds_out_one_artist(project):
 
 
 def test_train_writes_checkpoint_history_and_metrics(project):
-    root, summary = project["root"], project["train"]
+    summary = project["train"]
     assert summary["epochs"] == 2 and summary["num_classes"] == N_CLASSES
     assert 1 <= summary["best_epoch"] <= 2
     history = pl.read_csv(project["cnn"].history)
@@ -192,7 +192,8 @@ def test_report_names_the_missing_output_of_a_variant(project, tmp_path):
     more = params.model_copy(update={"variants": {**params.variants, "vit-b": {}}})
     inputs = ReportInputs(project["split_file"], project["cleaned"], project["root"] / "models",
                           project["root"] / "metrics", project["root"] / "plots")
-    with pytest.raises(FileNotFoundError, match=r"variant 'vit-b' has no .*models/vit-b/seed42/config.yaml.*evaluate@vit-b"):
+    missing = r"variant 'vit-b' has no .*models/vit-b/seed42/config.yaml.*evaluate@vit-b"
+    with pytest.raises(FileNotFoundError, match=missing):
         build_report(more, inputs, tmp_path / "reports")
 
 

@@ -39,10 +39,26 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.data.emoji_sources import (DEFAULT_CATEGORIES, DEFAULT_MARGIN, DEFAULT_SIZE, INDEX_COLUMNS,
-                                         NOTO_RENDER_PX, OPENMOJI_RENDER_PX, STYLES, EmojiInfo, FontRenderer,
-                                         PackagePaths, codepoint_hex, fit_to_canvas, load_emoji_catalog,
-                                         load_emojione_index, load_png, locate_packages, png_bytes, select_classes)
+from pipeline.data.emoji_sources import (
+    DEFAULT_CATEGORIES,
+    DEFAULT_MARGIN,
+    DEFAULT_SIZE,
+    INDEX_COLUMNS,
+    NOTO_RENDER_PX,
+    OPENMOJI_RENDER_PX,
+    STYLES,
+    EmojiInfo,
+    FontRenderer,
+    PackagePaths,
+    codepoint_hex,
+    fit_to_canvas,
+    load_emoji_catalog,
+    load_emojione_index,
+    load_png,
+    locate_packages,
+    png_bytes,
+    select_classes,
+)
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 from PIL import Image

@@ -38,19 +38,19 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import polars as pl
 from PIL import Image, ImageFile, ImageOps
 
 from pipeline import outdir
-from pipeline.data_config import CleanParams
 from pipeline.data import images, manifest
 from pipeline.data.dedup import near_duplicate_groups, phash64
+from pipeline.data_config import CleanParams
 from pipeline.io import write_parquet
 from pipeline.progress import progress
 
@@ -293,7 +293,7 @@ def verify_images(df: pl.DataFrame, root: Path, staging: Path, cfg: CleanParams,
                      how="horizontal")
 
 
-# --- phase 2: metadata only ---------------------------------------------------------------------------------------------
+# --- phase 2: metadata only -------------------------------------------------------------------------------------------
 
 def normalize_class_names(names: pl.Expr) -> pl.Expr:
     """NFKC (full-width letters, ligatures), trimmed, lower case, runs of whitespace/underscores -> '_'."""
@@ -440,7 +440,8 @@ def _commit(staged: list[str], staging: Path, out: Path, shard_size: int | None)
 
 def clean(cfg: CleanParams, raw_dir: Path, out: Path,
           pool_min: int = POOL_MIN_IMAGES) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    """raw_dir/manifest.parquet -> out/{manifest.parquet, quarantine.parquet, images/ or shards/}; returns counts too."""
+    """raw_dir/manifest.parquet -> out/{manifest.parquet, quarantine.parquet, images/ or shards/}; returns counts
+    too."""
     raw_dir, out = Path(raw_dir), Path(out)
     df = manifest.read(raw_dir)
     with outdir.replace_folder(out, "clean", inputs=[("--raw", raw_dir)]) as tmp:

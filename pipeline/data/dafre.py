@@ -19,8 +19,8 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.data_config import DafreSource
 from pipeline.data import labelcsv, registry
+from pipeline.data_config import DafreSource
 
 SOURCE = "dafre"
 _POST_ID = r"(?:^|/)(\d+)\.[A-Za-z0-9]+$"  # `0291/1796291.jpg` -> 1796291: Danbooru post ids name the files

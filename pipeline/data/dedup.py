@@ -43,9 +43,6 @@ class SearchStats:
     verified_pairs: int = 0  # candidates within the threshold (summed over bands)
     capped_buckets: int = 0  # buckets above MAX_BUCKET, compared along a window only
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
 
 def phash64(im: Image.Image) -> int:
     """imagehash's pHash (DCT of a 32x32 grey image, 8x8 low frequencies vs. their median) as an unsigned int."""

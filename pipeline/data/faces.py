@@ -26,9 +26,9 @@ import polars as pl
 from PIL import Image
 
 from pipeline import outdir
-from pipeline.data_config import FacesParams
 from pipeline.data import images, manifest
 from pipeline.data.clean import Rejected, to_rgb, upright
+from pipeline.data_config import FacesParams
 from pipeline.io import write_parquet
 from pipeline.progress import progress
 
@@ -55,7 +55,7 @@ class Face:
 
 # --- detection ----------------------------------------------------------------------------------------------------
 
-def _animeface_detect() -> Callable:
+def load_animeface_detector() -> Callable:
     """animeface.detect, imported on first use so the disabled pass-through needs neither the package nor a check."""
     major = int(PIL.__version__.split(".")[0])
     if major >= 12:
@@ -86,7 +86,7 @@ def detect(image: Image.Image, cfg: FacesParams) -> list[Face]:
     invisible faces, and one Ren'Py sprite (Lucy, mad) is only found when composited. Images larger than
     cfg.max_side are downscaled for speed and the boxes scaled back.
     """
-    animeface_detect = _animeface_detect()
+    animeface_detect = load_animeface_detector()
     rgb = to_rgb(image, WHITE)
     small = _downscale(rgb, cfg.max_side)
     sx, sy = small.width / rgb.width, small.height / rgb.height
@@ -260,7 +260,7 @@ def faces(cfg: FacesParams, raw: Path, out: Path) -> tuple[pl.DataFrame, dict]:
     df = manifest.read(raw)
     outdir.check_writable(out, "faces", inputs=[("--raw", raw)])
     if cfg.enabled:
-        _animeface_detect()  # fail before any work if the detector cannot run
+        load_animeface_detector()  # fail before any work if the detector cannot run
     df = df.drop([c for c in FACE_SCHEMA if c in df.columns])  # a re-run on faces output recomputes them
     with outdir.replace_folder(out, "faces", inputs=[("--raw", raw)]) as tmp:
         if cfg.enabled:

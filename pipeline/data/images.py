@@ -135,7 +135,7 @@ class ImageWriter:
     def close(self) -> None:
         self._finish_shard()
 
-    def __enter__(self) -> "ImageWriter":
+    def __enter__(self) -> ImageWriter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -22,10 +22,10 @@ from pathlib import Path
 import polars as pl
 from PIL import Image
 
-from pipeline.data_config import CsvSource
 from pipeline.data import manifest, registry
 from pipeline.data.images import ImageWriter, safe_relpath
 from pipeline.data.sourcefiles import OutsideRoot, Unresolvable, resolve_inside
+from pipeline.data_config import CsvSource
 from pipeline.io import write_parquet
 from pipeline.progress import progress
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from pipeline.data_config import SplitParams
 from pipeline.data import manifest
+from pipeline.data_config import SplitParams
 
 DUP_GROUP = "dup_group"
 

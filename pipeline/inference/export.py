@@ -18,6 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
+from pipeline.models.spec import ModelSpec
+
 MAX_LOGIT_DIFF = 1e-3  # onnxruntime vs PyTorch, on the check images
 FORMATS = ("hf", "onnx")
 
@@ -76,19 +78,19 @@ def _load(model_dir: Path):
 
 def hf_config(model, ckpt: dict) -> dict:
     """timm's config.json keys (what timm's save_for_hf writes and its hub loader reads) plus this pipeline's spec."""
-    spec, dcfg = ckpt["model_spec"], ckpt["data_config"]
-    size = spec.get("img_size") or 224
+    spec, dcfg = ModelSpec.of(ckpt), ckpt["data_config"]
+    size = spec.img_size or 224
     pretrained_cfg = {"input_size": [3, size, size], "mean": list(dcfg["mean"]), "std": list(dcfg["std"]),
                       "interpolation": dcfg.get("interpolation", "bicubic"), "classifier": "head",
                       "num_classes": len(ckpt["classes"])}
     if "eval_resize" in dcfg:
         pretrained_cfg["crop_pct"] = round(size / dcfg["eval_resize"], 6)
         pretrained_cfg["crop_mode"] = "squash"  # a square resize, then the centre crop (GLSim's test transform)
-    return {"architecture": spec["model"].split(".", 1)[0], "num_classes": len(ckpt["classes"]),
+    return {"architecture": spec.model.split(".", 1)[0], "num_classes": len(ckpt["classes"]),
             "num_features": getattr(model, "num_features", None) or getattr(getattr(model, "vit", None),
                                                                            "num_features", None),
             "label_names": list(ckpt["classes"]), "pretrained_cfg": pretrained_cfg,
-            "anime_fgvc": {"format": ckpt["format"], "model_spec": spec, "data_config": dcfg,
+            "anime_fgvc": {"format": ckpt["format"], "model_spec": spec.as_dict(), "data_config": dcfg,
                            "precision": ckpt.get("precision", "fp32"), "epoch": ckpt.get("epoch")}}
 
 
@@ -131,10 +133,10 @@ def export_onnx(model_dir: Path, out: Path, check_images: list[str] | None) -> d
     import torch
 
     model, ckpt = _load(model_dir)
-    spec = ckpt["model_spec"]
-    glsim = spec["method"] == "glsim"
+    spec = ModelSpec.of(ckpt)
+    glsim = spec.method == "glsim"
     net = _with_boxes(model) if glsim else model
-    x = _check_batch(ckpt, check_images)
+    x = check_batch(ckpt, check_images)
     names = ["logits", "boxes"] if glsim else ["logits"]
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
@@ -143,14 +145,14 @@ def export_onnx(model_dir: Path, out: Path, check_images: list[str] | None) -> d
         program.save(str(out / "model.onnx"))
     except Exception as exc:  # noqa: BLE001 - the exporter's own reason is the message
         what = ("GLSim's data-dependent crop (top-k similarities -> box -> grid_sample) could not be captured as "
-                "graph ops by torch.export" if glsim else f"{spec['method']} {spec['model']}")
+                "graph ops by torch.export" if glsim else f"{spec.method} {spec.model}")
         raise ExportError(f"export onnx: {what}: {type(exc).__name__}: {' '.join(str(exc).split())[:600]}") \
             from None
     report = compare_onnx(net, out / "model.onnx", x, names)
     from pipeline.io import write_json
 
     dcfg = ckpt["data_config"]
-    write_json(out / "preprocess.json", {"input": "image", "outputs": names, "img_size": spec.get("img_size"),
+    write_json(out / "preprocess.json", {"input": "image", "outputs": names, "img_size": spec.img_size,
                                          "eval_resize": dcfg.get("eval_resize"), "mean": list(dcfg["mean"]),
                                          "std": list(dcfg["std"]), "interpolation": dcfg.get("interpolation"),
                                          "label_names": list(ckpt["classes"]), "check": report})
@@ -185,12 +187,12 @@ def compare_onnx(net, path: Path, x, names: list[str]) -> dict:
     return report
 
 
-def _check_batch(ckpt: dict, check_images: list[str] | None):
+def check_batch(ckpt: dict, check_images: list[str] | None):
     """The check images through the evaluation transform, or 4 seeded random inputs."""
     import numpy as np
     import torch
 
-    size = ckpt["model_spec"].get("img_size") or 224
+    size = ModelSpec.of(ckpt).img_size or 224
     if not check_images:
         return torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
     from pipeline.config import CleanParams

@@ -23,8 +23,10 @@ import io
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+
+from pipeline.models.spec import ModelSpec
 
 # torch, timm, PIL and mlflow are imported inside the handler: building the CLI parser must stay light.
 
@@ -62,14 +64,14 @@ def _positive(text: str) -> int:
 def main(args: argparse.Namespace) -> int:
     from pipeline.inference.inputs import PredictError, collect_images, load_model, read_checked, resolve_checkpoint
 
-    params, root = _load_params(args.params)
+    params, root = load_params_and_root(args.params)
     files = collect_images(args.paths)
     for f in files:  # every input decodes before the model loads: no half-printed output on a bad file
         read_checked(f, params.clean)
     if args.faces:
-        from pipeline.data.faces import _animeface_detect
+        from pipeline.data.faces import load_animeface_detector
 
-        _animeface_detect()  # the detector's own check (package present, Pillow < 12), before any work
+        load_animeface_detector()  # the detector's own check (package present, Pillow < 12), before any work
 
     import torch
 
@@ -85,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
         path = resolve_checkpoint(args.model, params.base, root, Path(tmp))
         model, ckpt = load_model(path, args.model, device)
         print(origin_line(args.model, path, params.base, root), file=sys.stderr, flush=True)
-    method = ckpt["model_spec"]["method"]
+    method = ModelSpec.of(ckpt).method
     if args.explain is not None and method != "glsim":
         raise PredictError(f"--explain {args.explain}: needs a GLSim checkpoint (train.method: glsim); "
                            f"{args.model} is a {method} model, which selects no region to show")
@@ -106,7 +108,8 @@ def origin_line(spec: str, path: Path, base, root: Path) -> str:
     run_id = spec.removeprefix("runs:/").split("/", 1)[0] if spec.startswith("runs:/") else None
     origin = tracking.model_origin(base, root, path, run_id)
     if origin is None:
-        return (f"model: {spec}: no MLflow train run in {tracking.local_db(base, root) or 'MLFLOW_TRACKING_URI'} wrote this "
+        store = tracking.local_db(base, root) or "MLFLOW_TRACKING_URI"
+        return (f"model: {spec}: no MLflow train run in {store} wrote this "
                 "checkpoint "
                 "(trained elsewhere or the store was reset): run and data version unknown")
     dirty = " (uncommitted changes)" if origin["git_dirty"] == "true" else ""
@@ -115,7 +118,7 @@ def origin_line(spec: str, path: Path, base, root: Path) -> str:
             f"git {origin['git_commit'] or 'unknown'}{dirty}")
 
 
-def _load_params(path: str | None):
+def load_params_and_root(path: str | None):
     """(params, project root): the root anchors base.mlflow_dir, as for the stages."""
     from pipeline.config import Params, load_params
 
@@ -140,8 +143,9 @@ class Predictor:
         self.model, self.device, self.clean, self.faces = model.eval(), device, clean, faces
         self.classes: list[str] = list(ckpt["classes"])
         self.data_config = ckpt["data_config"]
-        self.img_size = ckpt["model_spec"]["img_size"]
-        self.glsim = ckpt["model_spec"]["method"] == "glsim"
+        spec = ModelSpec.of(ckpt)
+        self.img_size = spec.img_size
+        self.glsim = spec.method == "glsim"
         self.transform = eval_transform(self.img_size, self.data_config)  # the evaluate stage's transform
 
     def prepare(self, path: Path):

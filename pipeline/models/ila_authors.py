@@ -1,5 +1,5 @@
-"""The ILA authors' checkpoints (arkel23/DownSamplingInterLayerAdapter; hub: NYCU-PCSxNTHU-MIS/DownSamplingInterLayerAdapter)
-as state dicts of our ILAViT (ila.py), and back.
+"""The ILA authors' checkpoints (arkel23/DownSamplingInterLayerAdapter; hub:
+NYCU-PCSxNTHU-MIS/DownSamplingInterLayerAdapter) as state dicts of our ILAViT (ila.py), and back.
 
 Their trainer saves `{"config": argparse.Namespace, "epoch", "model": state_dict, "accuracy", "optimizer"}`; the
 state dict is that of their wrapper `VisionTransformer`, whose `.model` is their `ViT`, so every key starts with
@@ -78,7 +78,9 @@ def is_authors_ila(state: dict) -> bool:
 
 def detect_variant(keys: set[str]) -> str:
     """ila / ila+ / ila++ (ila.VARIANTS), or "vit" for their ViT without ILA modules; names without the prefix."""
-    has = lambda prefix: any(k.startswith(prefix) for k in keys)
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
     ds, plain = has("encoder.ila_ds."), has("encoder.ila.")
     adapters = any(".adapter_attn." in k or ".adapter_pwffn." in k for k in keys)
     if not ds:

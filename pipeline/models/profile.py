@@ -19,10 +19,11 @@ import argparse
 import json
 import resource
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
+
+from pipeline.methods import ILA_VARIANTS, METHOD_NAMES
 
 # torch is imported inside the functions: `python -m pipeline` registers this parser on every call, and a params error
 # must not wait for a 3 s torch import.
@@ -143,22 +144,16 @@ def _throughput(model: nn.Module, img_size: int, batch_size: int, device: torch.
                 iters: int) -> tuple[float, float]:
     import torch
 
+    from pipeline.runtime import synchronize, time_calls
+
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     cuda = device.type == "cuda"
+    synchronize(device)
     if cuda:
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     rss0 = _rss_mb()
-    for _ in range(warmup):
-        model(x)
-    if cuda:
-        torch.cuda.synchronize(device)
-    t = time.perf_counter()
-    for _ in range(iters):
-        model(x)
-    if cuda:
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t
+    time_calls(lambda: model(x), warmup, device)
+    seconds = time_calls(lambda: model(x), iters, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _rss_mb() - rss0
     return batch_size * iters / seconds, peak
 
@@ -206,8 +201,8 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     p = sub.add_parser("profile", help="parameters, FLOPs, tokens, throughput and peak memory of one model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
-    p.add_argument("--method", required=True, choices=("cnn", "linear", "vit", "glsim", "ila"))
-    p.add_argument("--variant", choices=("ila", "ila+", "ila++"), help="ILA variant (method ila; default ila)")
+    p.add_argument("--method", required=True, choices=METHOD_NAMES)
+    p.add_argument("--variant", choices=ILA_VARIANTS, help="ILA variant (method ila; default ila)")
     p.add_argument("--img-size", type=int, required=True)
     p.add_argument("--num-classes", type=int, required=True)
     p.add_argument("--weights", default="none", help="as train.weights (default none: random, same cost)")

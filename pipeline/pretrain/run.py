@@ -55,7 +55,7 @@ def run_pretrain(params: Params, root: Path, out_dir: Path, work_dir: Path, *, s
 
     from pipeline.pretrain.distill import DistillPaths, distill, export
     from pipeline.pretrain.pool import unpack_pool
-    from pipeline.training.engine import resolve_device, seed_everything
+    from pipeline.runtime import resolve_device, seed_everything
 
     cfg = params.pretrain
     overrides = {k: v for k, v in (("steps", steps), ("batch_size", batch_size)) if v is not None}

@@ -1,7 +1,7 @@
 """The `report` stage: one Markdown report (and its HTML rendering) comparing every variant of params.yaml.
 
 It reads only what the earlier stages stored (pipeline/report/results.py): no model is run and nothing retrained.
-Its data section is the dataset card (pipeline/data/card.py). The folder is logged to MLflow as a run of its own,
+Its data section is the dataset card (pipeline/report/card.py). The folder is logged to MLflow as a run of its own,
 tagged with the run ids of the models it compares.
 """
 
@@ -12,12 +12,13 @@ from pathlib import Path
 
 import polars as pl
 
+from pipeline import methods
 from pipeline.config import Params
 from pipeline.data import manifest
-from pipeline.data.card import md_table, write_card
 from pipeline.data.registry import source_dataset
 from pipeline.io import write_text
 from pipeline.report import figures, papers
+from pipeline.report.card import md_table, write_card
 from pipeline.report.results import VariantPaths, VariantResult, load_variant
 from pipeline.seeds import CONFIDENCE, Paired, paired, verdict
 
@@ -56,10 +57,23 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
     glsim = {r.name: figures.glsim_grid(r, figs / f"glsim_{r.name}.png") for r in results}
     confused = {r.name: figures.confusions(r, df, inp.image_root, params.report.confused_examples,
                                            figs / f"confused_{r.name}.png") for r in results}
+    md = _results_section(params, results) + _detail_sections(results, glsim, confused)
+    md += [card.markdown, "",
+           f"Open the runs: `mlflow ui --backend-store-uri sqlite:///$PWD/{params.base.mlflow_dir}/mlflow.db` "
+           "(the `report` run links every variant's training run in its `run.<variant>` tags).", ""]
+    text = "\n".join(md)
+    out = out_dir / "report.md"
+    write_text(out, text)
+    write_text(out_dir / "report.html", to_html(text, "Fine-grained recognition report"))
+    return out, results
 
+
+def _results_section(params: Params, results: list[VariantResult]) -> list[str]:
+    """The report's opening: what ran, the results table beside the papers', and how each variant trained."""
+    k = params.evaluate.top_k
     chance = results[0].test.get("chance_top1")
     dataset = source_dataset(params.acquire)  # a registry name: the papers' numbers go beside ours
-    md = [
+    return [
         "# Fine-grained recognition report",
         "",
         f"Dataset source: **{params.acquire.source}**; split strategy: **{params.split.strategy}**"
@@ -97,6 +111,11 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
         "![per-class accuracy vs training frequency](figures/per_class_vs_frequency.png)",
         "",
     ]
+
+
+def _detail_sections(results: list[VariantResult], glsim: dict, confused: dict) -> list[str]:
+    """GLSim's selections (when a variant has them) and each variant's most frequent confusions."""
+    md: list[str] = []
     if any(glsim.values()):
         md += ["## Where GLSim looks", "",
                "Each row: a test image as the model saw it; the cosine similarity between the CLS token and each "
@@ -108,14 +127,7 @@ def build_report(params: Params, inp: ReportInputs, out_dir: Path) -> tuple[Path
         md += [f"### {r.name}", "", confusion_table(r), ""]
         if confused[r.name]:
             md += [f"![confusions of {r.name}](figures/{confused[r.name].name})", ""]
-    md += [card.markdown, "",
-           f"Open the runs: `mlflow ui --backend-store-uri sqlite:///$PWD/{params.base.mlflow_dir}/mlflow.db` "
-           "(the `report` run links every variant's training run in its `run.<variant>` tags).", ""]
-    text = "\n".join(md)
-    out = out_dir / "report.md"
-    write_text(out, text)
-    write_text(out_dir / "report.html", to_html(text, "Fine-grained recognition report"))
-    return out, results
+    return md
 
 
 def headline(results: list[VariantResult]) -> str:
@@ -150,7 +162,8 @@ def claims(results: list[VariantResult]) -> list[str]:
     for r in results:
         method = r.train_cfg.get("method")
         base = next((b for b in results if b.train_cfg.get("method") == "vit" and key(b) == key(r)), None)
-        diff = paired(r.test, base.test) if base is not None and method in ("glsim", "ila") else None
+        compared = method in methods.METHODS and methods.METHODS[method].compared_with_vit
+        diff = paired(r.test, base.test) if base is not None and compared else None
         if diff is None or not all(isinstance(x.test.get("gflops"), (int, float)) for x in (r, base)):
             continue
         cost = r.test["gflops"] / base.test["gflops"]
@@ -284,19 +297,17 @@ def _split_detail(params: Params) -> str:
 
 def log_to_mlflow(params: Params, out_dir: Path, results: list[VariantResult], root: Path) -> str:
     """A `report` run holding the report folder, each variant's headline metrics and its training run id."""
-    import mlflow
-
     from pipeline import tracking
 
     experiment_id = tracking.setup(params.base, root)  # the train runs' experiment and artifact store
     runs = {r.name: tracking.train_run_of(r.model_file, experiment_id) for r in results}
-    with mlflow.start_run(experiment_id=experiment_id, run_name="report", tags={"stage": "report"}) as run:
-        mlflow.set_tags({f"run.{name}": tr.info.run_id for name, tr in runs.items() if tr is not None})
+    with tracking.start_run(experiment_id, run_name="report", tags={"stage": "report"}) as run:
+        tracking.set_tags({f"run.{name}": tr.info.run_id for name, tr in runs.items() if tr is not None})
         tracking.tag_provenance(root, "report")
-        mlflow.log_metrics({f"{r.name}.{k}": float(r.test[k]) for r in results
+        tracking.log_metrics({f"{r.name}.{k}": float(r.test[k]) for r in results
                             for k in ("test_top1", "test_macro_acc", "gflops") if k in r.test})
-        mlflow.log_artifacts(str(out_dir), artifact_path="report")
-        mlflow.log_text(runtime_table(runs), "report/runtime.md")
+        tracking.log_folder(out_dir, "report")
+        tracking.log_text(runtime_table(runs), "report/runtime.md")
     return run.info.run_id
 
 

@@ -13,10 +13,10 @@ import polars as pl
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from pipeline.data.card import thumbnail
 from pipeline.fonts import use_cjk_fallback
 from pipeline.inference.explain import draw_selection
 from pipeline.io import atomic_path
+from pipeline.report.card import thumbnail
 from pipeline.report.results import VariantResult
 
 use_cjk_fallback()  # class names in Japanese, Chinese or Korean (titles, labels) get their glyphs
@@ -112,7 +112,7 @@ def per_class_vs_frequency(results: list[VariantResult], path: Path) -> Path:
         return save(fig, path)
     spread = counts.max() / max(counts.min(), 1) > 8
     rng = np.random.default_rng(0)  # jitter only: points of equal count stay readable
-    bins = _bins(counts, spread)
+    bins = frequency_bins(counts, spread)
     for i, r in enumerate(results):
         x = r.per_class["train_images"].to_numpy().astype(float)
         y = 100 * r.per_class["test_acc"].to_numpy()
@@ -151,7 +151,7 @@ def _strips(ax, results: list[VariantResult], col: dict, count: int) -> None:
     ax.grid(alpha=0.3)
 
 
-def _bins(counts: np.ndarray, spread: bool) -> np.ndarray:
+def frequency_bins(counts: np.ndarray, spread: bool) -> np.ndarray:
     """Edges of at most 8 frequency bins over the distinct training counts (log-spaced for long tails)."""
     if len(counts) <= 8:
         mids = (counts[:-1] + counts[1:]) / 2

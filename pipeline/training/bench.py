@@ -13,34 +13,19 @@ import argparse
 import json
 import statistics
 import sys
-import time
+
+from pipeline import methods
 
 # torch and timm are imported inside run(): building the CLI parser must stay light (no 3 s torch import).
-
-
-def _time_steps(step, steps: int, device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def run(model_name: str, method: str, img_size: int, batch_size: int, num_classes: int = 100, steps: int = 5,
         rounds: int = 3, warmup: int = 2, precision: str = "fp32", device: str = "auto", threads: int = 2,
         optimizer: str = "adamw") -> dict:
-    import timm
     import torch
-    from timm.optim import create_optimizer_v2
     from torch import nn
 
-    from pipeline.models import build_model
-    from pipeline.training.engine import autocast, resolve_device, train_step, use_channels_last
+    from pipeline.runtime import resolve_device, time_calls
 
     dev = resolve_device(device)
     if dev.type == "cpu":
@@ -48,6 +33,38 @@ def run(model_name: str, method: str, img_size: int, batch_size: int, num_classe
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
     y = torch.randint(0, num_classes, (batch_size,), device=dev)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    ours_step = _ours(model_name, method, img_size, num_classes, optimizer, precision, x, y, loss_fn, dev)
+    ref_step = _reference(model_name, method, img_size, num_classes, precision, x, y, loss_fn, dev)
+    for step in (ours_step, ref_step):
+        time_calls(step, warmup, dev)
+    ours_s, ref_s = [], []
+    for r in range(rounds):
+        # ABBA order: whichever side runs second in a round inherits the first's warm caches and allocator state,
+        # so each side goes first in every other round.
+        pair = ((ours_step, ours_s), (ref_step, ref_s))
+        for step, times in pair if r % 2 == 0 else pair[::-1]:
+            times.append(time_calls(step, steps, dev))
+    ours_ips = steps * batch_size / statistics.median(ours_s)
+    ref_ips = steps * batch_size / statistics.median(ref_s)
+    if methods.get(method).compared_with_vit:
+        note = "reference is the plain timm ViT of the same backbone (GLSim runs the encoder twice)"
+    else:
+        note = "same architecture"
+    return {"model": model_name, "method": method, "img_size": img_size, "batch_size": batch_size,
+            "precision": precision, "device": str(dev), "threads": torch.get_num_threads(),
+            "steps": steps, "rounds": rounds, "ours_img_per_s": round(ours_ips, 2),
+            "reference_img_per_s": round(ref_ips, 2), "ratio": round(ours_ips / ref_ips, 3), "note": note}
+
+
+def _ours(model_name: str, method: str, img_size: int, num_classes: int, optimizer: str, precision: str, x, y,
+          loss_fn, dev):
+    """One step of our engine: build_model, the engine's memory format, timm's optimizer, engine.train_step."""
+    import torch
+    from timm.optim import create_optimizer_v2
+
+    from pipeline.models import build_model
+    from pipeline.training.engine import train_step, use_channels_last
 
     ours = build_model(method, model_name, num_classes, "none", img_size).to(dev).train()
     ours_x = x
@@ -56,12 +73,21 @@ def run(model_name: str, method: str, img_size: int, batch_size: int, num_classe
         ours_x = x.contiguous(memory_format=torch.channels_last)
     ours_opt = create_optimizer_v2([p for p in ours.parameters() if p.requires_grad], opt=optimizer, lr=1e-4,
                                    weight_decay=0.05, foreach=True)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
 
     def ours_step():
         train_step(ours, ours_x, y, ours_opt, loss_fn, dev, precision)
 
-    kwargs = {"img_size": img_size} if method in ("vit", "glsim", "ila") else {}
+    return ours_step
+
+
+def _reference(model_name: str, method: str, img_size: int, num_classes: int, precision: str, x, y, loss_fn, dev):
+    """One step of the textbook loop on the same timm architecture."""
+    import timm
+    import torch
+
+    from pipeline.runtime import autocast
+
+    kwargs = {"img_size": img_size} if method == "vit" or methods.get(method).needs_vit else {}
     ref = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs).to(dev).train()
     if method == "linear":
         for p in ref.parameters():
@@ -77,25 +103,7 @@ def run(model_name: str, method: str, img_size: int, batch_size: int, num_classe
         loss.backward()
         ref_opt.step()
 
-    for step in (ours_step, ref_step):
-        _time_steps(step, warmup, dev)
-    ours_s, ref_s = [], []
-    for r in range(rounds):
-        # ABBA order: whichever side runs second in a round inherits the first's warm caches and allocator state,
-        # so each side goes first in every other round.
-        pair = ((ours_step, ours_s), (ref_step, ref_s))
-        for step, times in pair if r % 2 == 0 else pair[::-1]:
-            times.append(_time_steps(step, steps, dev))
-    ours_ips = steps * batch_size / statistics.median(ours_s)
-    ref_ips = steps * batch_size / statistics.median(ref_s)
-    if method in ("glsim", "ila"):
-        note = "reference is the plain timm ViT of the same backbone (GLSim runs the encoder twice)"
-    else:
-        note = "same architecture"
-    return {"model": model_name, "method": method, "img_size": img_size, "batch_size": batch_size,
-            "precision": precision, "device": str(dev), "threads": torch.get_num_threads(),
-            "steps": steps, "rounds": rounds, "ours_img_per_s": round(ours_ips, 2),
-            "reference_img_per_s": round(ref_ips, 2), "ratio": round(ours_ips / ref_ips, 3), "note": note}
+    return ref_step
 
 
 def add_bench_parser(sub) -> None:

@@ -19,9 +19,9 @@ import contextlib
 import csv
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -30,14 +30,21 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline import tracking
 from pipeline.config import RECIPES, Params, TrainParams, flatten
 from pipeline.data import device_decode, manifest
 from pipeline.data.dataset import STREAM_TORCH, EpochSampler, ManifestDataset, sample_seed
 from pipeline.data.device_decode import DeviceDecoder, EncodedDataset
 from pipeline.data.prefetch import DeviceLoader
 from pipeline.data.registry import source_dataset
-from pipeline.data.transforms import (batch_augment, data_config, eval_batch_augment, eval_resize, eval_transform,
-                                      train_transform)
+from pipeline.data.transforms import (
+    batch_augment,
+    data_config,
+    eval_batch_augment,
+    eval_resize,
+    eval_transform,
+    train_transform,
+)
 from pipeline.io import atomic_path, md5_file, write_json, write_text
 from pipeline.models import build_model, describe_weights, model_options, save_checkpoint
 from pipeline.models.profile import count_params
@@ -155,7 +162,7 @@ def class_names(df: pl.DataFrame) -> list[str]:
     return pairs["class_name"].to_list()
 
 
-def _run_key(params: Params, split_md5: str, variant: str | None = None) -> str:
+def run_key(params: Params, split_md5: str, variant: str | None = None) -> str:
     """What decides the result: train params (minus where/how to checkpoint), seed, device, the split's content.
     The process count is not part of it: the global batch is, so a killed run may resume with other N. The variant
     name is: two variants with equal settings are two MLflow runs, and one must not resume the other's."""
@@ -178,160 +185,246 @@ def train(params: Params, split_manifest: Path, image_root: Path, outputs: Train
     """
     d, device = distributed.setup(resolve_device(params.base.device))
     try:
-        return _train(params, split_manifest, image_root, outputs, root, d, device, on_epoch, run_name, tags,
-                      on_timing)
+        hooks = _Hooks(on_epoch, on_timing, run_name, tags or {})
+        return _Trainer(params, split_manifest, image_root, outputs, root, d, device, hooks).run()
     finally:
         distributed.teardown(d)
 
 
-def _train(params: Params, split_manifest: Path, image_root: Path, outputs: TrainOutputs, root: Path, d: Dist,
-           device: torch.device, on_epoch: Callable[[dict], None] | None, run_name: str | None,
-           tags: dict[str, str] | None, on_timing: Callable[[dict], None] | None = None) -> dict:
-    import mlflow
+@dataclass(frozen=True)
+class _Hooks:
+    """What a caller (a sweep trial, gpu-check) adds to a run: callbacks, and the MLflow run's name and tags."""
+    on_epoch: Callable[[dict], None] | None
+    on_timing: Callable[[dict], None] | None
+    run_name: str | None
+    tags: dict[str, str]
 
-    from pipeline import tracking
 
-    cfg, base = params.train, params.base
-    if cfg.batch_size % d.world:
-        raise ValueError(f"train.batch_size: {cfg.batch_size} images per step do not split evenly over {d.world} "
-                         "processes (it is the global batch)")
-    # The cores are shared by the processes of one machine.
-    seed_everything(base.seed, max(1, base.threads // d.local_world), device)
-    df = manifest.read(split_manifest)
-    classes = class_names(df)
-    tr_df, va_df = df.filter(pl.col("split") == "train"), df.filter(pl.col("split") == "val")
-    if tr_df.height == 0:
-        raise ValueError(f"{split_manifest}: the train split is empty")
+@dataclass
+class _Data:
+    classes: list[str]
+    train: pl.DataFrame
+    val: pl.DataFrame
+    cache: bool  # decode-once cache (small sets only)
 
-    model = build_model(cfg.method, cfg.model, len(classes), cfg.weights, cfg.img_size, root=root,
-                        **model_options(cfg, source_dataset(params.acquire)))
-    dcfg = {**data_config(model), **eval_resize(cfg)}  # stored in the checkpoint: evaluate resizes the same way
-    channels_last = use_channels_last(cfg.method, cfg.backbone_cnn)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    cache = df.height <= CACHE_LIMIT and cfg.decode_cache
-    train_loader, val_loader = device_loaders(cfg, base, tr_df, va_df, image_root, dcfg, device, d, channels_last,
-                                              cache)
-    optimizer, scheduler = make_optimizer(model, cfg, len(train_loader), device)
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    frozen = getattr(model, "frozen_backbone", False)
 
-    n_params, n_trainable = count_params(model)
-    meta = {"classes": classes, "data_config": dcfg, "precision": cfg.precision,  # evaluate predicts as it trained
-            "model_spec": {"method": cfg.method, "model": cfg.model, "img_size": cfg.img_size}}
-    if d.main:
-        outputs.model_dir.mkdir(parents=True, exist_ok=True)
-        # What this model trained with: the variant folded into `train`, tuned values applied (the report reads it).
-        resolved = params.model_dump(mode="json", exclude={"variants"})
-        write_text(outputs.model_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+@dataclass
+class _Progress:
+    """Everything an epoch advances; the resumable state (checkpoint.py) stores it."""
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val_top1": -1.0, "epoch": 0})
+    step: int = 0
+    images_seen: int = 0
+    train_seconds: float = 0.0
+    epoch: int = 0  # the last finished epoch
+    run_id: str | None = None
+
+
+class _Trainer:
+    """One training run in phases: data, model, loaders, restore, then per epoch train + validate + checkpoint, and
+    finish. The order of the phases is the order the random streams are drawn in: keep it."""
+
+    def __init__(self, params: Params, split_manifest: Path, image_root: Path, outputs: TrainOutputs, root: Path,
+                 d: Dist, device: torch.device, hooks: _Hooks):
+        self.params, self.cfg, self.base = params, params.train, params.base
+        self.split_manifest, self.image_root, self.outputs, self.root = split_manifest, image_root, outputs, root
+        self.d, self.device, self.hooks = d, device, hooks
+        self.progress = _Progress()
+
+    def run(self) -> dict:
+        cfg, d = self.cfg, self.d
+        if cfg.batch_size % d.world:
+            raise ValueError(f"train.batch_size: {cfg.batch_size} images per step do not split evenly over {d.world} "
+                             "processes (it is the global batch)")
+        # The cores are shared by the processes of one machine.
+        seed_everything(self.base.seed, max(1, self.base.threads // d.local_world), self.device)
+        self.data = self._data()
+        self._model()
+        self.train_loader, self.val_loader = self._loaders()
+        self._optimization()
+        if d.main:
+            self._write_config()
+        split_md5 = md5_file(self.split_manifest)  # once: the run key and the MLflow tag
+        self.ckpt_dir = self.root / cfg.checkpoint_dir / run_key(self.params, split_md5, self.hooks.tags.get("variant"))
+        self._restore()
+        distributed.barrier(d)  # every rank has read the state before rank 0 may overwrite it
+        start = self.progress.epoch + 1
+        _begin_epoch(self.train_loader, self.base.seed, start, d)  # workers spawn and fill while the rest is set up
+        self.net = distributed.wrap(self.model, d, self.device, cfg.sync_bn)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        t0 = time.perf_counter()
+        with self._tracked_run(split_md5) as run:
+            for epoch in range(start, cfg.epochs + 1):
+                if epoch != start:
+                    _begin_epoch(self.train_loader, self.base.seed, epoch, d)
+                row, epoch_seconds = self._epoch(epoch)
+                self._checkpoint(row, epoch, epoch_seconds, run)
+            seconds = time.perf_counter() - t0
+            summary = self._finish()
+        distributed.barrier(d)  # the other ranks leave only once rank 0 has written everything
+        if d.main:
+            self._cleanup(seconds, run)
+        return summary
+
+    def _data(self) -> _Data:
+        df = manifest.read(self.split_manifest)
+        classes = class_names(df)
+        tr_df, va_df = df.filter(pl.col("split") == "train"), df.filter(pl.col("split") == "val")
+        if tr_df.height == 0:
+            raise ValueError(f"{self.split_manifest}: the train split is empty")
+        return _Data(classes, tr_df, va_df, df.height <= CACHE_LIMIT and self.cfg.decode_cache)
+
+    def _model(self) -> None:
+        cfg = self.cfg
+        model = build_model(cfg.method, cfg.model, len(self.data.classes), cfg.weights, cfg.img_size, root=self.root,
+                            **model_options(cfg, source_dataset(self.params.acquire)))
+        self.dcfg = {**data_config(model), **eval_resize(cfg)}  # in the checkpoint: evaluate resizes the same way
+        self.channels_last = use_channels_last(cfg.method, cfg.backbone_cnn)
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.n_params, self.n_trainable = count_params(model)
+        self.meta = {"classes": self.data.classes, "data_config": self.dcfg,
+                     "precision": cfg.precision,  # evaluate predicts as it trained
+                     "model_spec": model.spec.as_dict()}  # what load_checkpoint rebuilds
+
+    def _loaders(self) -> tuple[DeviceLoader, DeviceLoader]:
+        """(train, val) loaders over the split, on the run's device."""
+        return device_loaders(self.cfg, self.base, self.data.train, self.data.val, self.image_root, self.dcfg,
+                              self.device, self.d, self.channels_last, self.data.cache)
+
+    def _optimization(self) -> None:
+        cfg = self.cfg
+        self.optimizer, self.scheduler = make_optimizer(self.model, cfg, len(self.train_loader), self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def _write_config(self) -> None:
+        """Rank 0: what this model trained with, the variant folded into `train`, tuned values applied (the report
+        reads it)."""
+        cfg = self.cfg
+        self.outputs.model_dir.mkdir(parents=True, exist_ok=True)
+        resolved = self.params.model_dump(mode="json", exclude={"variants"})
+        write_text(self.outputs.model_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         if cfg.recipe:
             over = recipe_overrides(cfg)
             print(f"train: recipe {cfg.recipe}" + (", params.yaml overrides " + ", ".join(
                 f"{k}={v!r} (recipe {r!r})" for k, (v, r) in over.items()) if over else ""), flush=True)
 
-    split_md5 = md5_file(split_manifest)  # once: the run key and the MLflow tag
-    ckpt_dir = root / cfg.checkpoint_dir / _run_key(params, split_md5, (tags or {}).get("variant"))
-    state = checkpoint.load_state(ckpt_dir / "last.pt") if cfg.resume else None
-    history: list[dict] = []
-    best = {"val_top1": -1.0, "epoch": 0}
-    step, images_seen, train_seconds, start_epoch, run_id = 0, 0, 0.0, 1, None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+    def _restore(self) -> None:
+        """Continue a killed run from its resumable state (train.resume), if one is there."""
+        state = checkpoint.load_state(self.ckpt_dir / "last.pt") if self.cfg.resume else None
+        if state is None:
+            return
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
-        history, best, step = state["history"], state["best"], state["step"]
-        images_seen, train_seconds, run_id = state["images_seen"], state["train_seconds"], state["run_id"]
-        start_epoch = state["epoch"] + 1
-        if d.main:
-            print(f"train: resuming after epoch {state['epoch']}/{cfg.epochs} from {ckpt_dir / 'last.pt'}",
+        self.progress = _Progress(state["history"], state["best"], state["step"], state["images_seen"],
+                                  state["train_seconds"], state["epoch"], state["run_id"])
+        if self.d.main:
+            print(f"train: resuming after epoch {state['epoch']}/{self.cfg.epochs} from {self.ckpt_dir / 'last.pt'}",
                   flush=True)
-    distributed.barrier(d)  # every rank has read the state before rank 0 may overwrite it
-    _begin_epoch(train_loader, base.seed, start_epoch, d)  # workers spawn and fill while the rest is set up
-    net = distributed.wrap(model, d, device, cfg.sync_bn)
-    if cfg.compile:
-        net = torch.compile(net)
 
-    experiment_id = tracking.setup(base, root) if d.main else None
-    t0 = time.perf_counter()
-    tracked = _mlflow_run(mlflow, experiment_id, run_id, run_name or f"{cfg.method}-{cfg.model}") if d.main \
-        else contextlib.nullcontext()
-    with tracked as run:
-        if d.main and run_id is None:
-            mlflow.log_params({k: v for k, v in flatten(params).items() if not k.startswith("variants.")})
-            mlflow.set_tags({"git_commit": tracking.git_commit(root), "split_manifest_md5": split_md5,
-                             "device": str(device), "torch": torch.__version__, "timm": _timm_version(),
-                             "stage": "train", "method": cfg.method, "model": cfg.model,
-                             "recipe": cfg.recipe or "none", "processes": str(d.world),
-                             "weights": describe_weights(cfg.model, cfg.weights, cfg.backbone_cnn), **(tags or {})})
-            tracking.tag_provenance(root, tracking.stage_name("train", tags), split_manifest)
-            mlflow.log_params({"params_total": n_params, "params_trainable": n_trainable,
-                               "num_classes": len(classes)})
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            if epoch != start_epoch:
-                _begin_epoch(train_loader, base.seed, epoch, d)
-            net.train(not frozen)  # a linear probe keeps BatchNorm statistics and dropout of the backbone fixed
-            te = time.perf_counter()
-            loss_sum, correct, seen, step = _train_epoch(net, train_loader, optimizer, scheduler, loss_fn, device,
-                                                         cfg, step, scaler, channels_last, d, epoch)
-            synchronize(device)
-            pass_seconds = time.perf_counter() - te
-            loss_sum, correct, seen = distributed.sum_all([loss_sum, correct, seen], d, device)
-            images_seen, train_seconds = images_seen + int(seen), train_seconds + time.perf_counter() - te
-            if on_timing is not None and d.main:
-                on_timing({"epoch": epoch, "train_seconds": pass_seconds, "images": int(seen)})
-            row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
-                   "lr": optimizer.param_groups[0]["lr"]}
-            epoch_seconds = time.perf_counter() - te
-            distributed.sync_buffers(model, d)  # one set of BatchNorm statistics for validation and checkpoints
-            if va_df.height:
-                row |= _validate(model, val_loader, va_df.height, len(classes), cfg.precision, device, d,
-                                 params.evaluate.top_k)
-            history.append(row)
-            score = row.get("val_top1", float(epoch))  # without a val split the last epoch is kept
-            improved = score > best["val_top1"]
-            if improved:
-                best = {"val_top1": score, "epoch": epoch}
-            if d.main:
-                # Seconds go to MLflow only: in the DVC outputs they would change every rerun's hashes.
-                mlflow.log_metrics({**{k: v for k, v in row.items() if k != "epoch"},
-                                    "epoch_seconds": epoch_seconds}, step=epoch)
-                if improved:
-                    save_checkpoint(ckpt_dir / "best.pt", model, {**meta, "epoch": epoch})
-                checkpoint.save_state(ckpt_dir / "last.pt", model=model.state_dict(),
-                                      optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                      scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch,
-                                      step=step, history=history, best=best, images_seen=images_seen,
-                                      train_seconds=train_seconds, run_id=run.info.run_id)
-                print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.3f}  train {row['train_top1']:.3f}"
-                      + (f"  val {row['val_top1']:.3f}" if "val_top1" in row else "")
-                      + f"  ({epoch_seconds:.1f}s)", flush=True)
-                if on_epoch is not None:
-                    on_epoch(row)
+    def _tracked_run(self, split_md5: str):
+        """Rank 0's MLflow run (a resumed run continues its own), tagged once; other ranks track nothing."""
+        if not self.d.main:
+            return contextlib.nullcontext()
+        cfg, p = self.cfg, self.progress
+        experiment_id = tracking.setup(self.base, self.root)
+        run = tracking.start_or_resume_run(experiment_id, p.run_id, self.hooks.run_name or f"{cfg.method}-{cfg.model}")
+        if p.run_id is None:
+            tracking.log_params({k: v for k, v in flatten(self.params).items() if not k.startswith("variants.")})
+            tracking.set_tags({
+                "git_commit": tracking.git_commit(self.root), "split_manifest_md5": split_md5,
+                "device": str(self.device), "torch": torch.__version__, "timm": _timm_version(), "stage": "train",
+                "method": cfg.method, "model": cfg.model, "recipe": cfg.recipe or "none",
+                "processes": str(self.d.world),
+                "weights": describe_weights(cfg.model, cfg.weights, cfg.backbone_cnn), **self.hooks.tags})
+            tracking.tag_provenance(self.root, tracking.stage_name("train", self.hooks.tags), self.split_manifest)
+            tracking.log_params({"params_total": self.n_params, "params_trainable": self.n_trainable,
+                                 "num_classes": len(self.data.classes)})
+        return run
 
-        seconds = time.perf_counter() - t0
-        # The summary is a DVC metrics file: only what the same inputs reproduce. Timings go to MLflow.
-        summary = {"best_epoch": best["epoch"], "epochs": cfg.epochs, "train_images": tr_df.height,
-                   "val_images": va_df.height, "num_classes": len(classes), "params_total": n_params,
-                   "params_trainable": n_trainable, "processes": d.world}
-        if va_df.height:
-            summary["best_val_top1"] = best["val_top1"]
-        timings = {"train_seconds": round(train_seconds, 2),
-                   "train_img_per_s": round(images_seen / max(train_seconds, 1e-9), 2)}
-        if d.main:
-            _finish(mlflow, ckpt_dir, outputs, history, summary, timings)
-    distributed.barrier(d)  # the other ranks leave only once rank 0 has written everything
-    if d.main:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the resumable state has served its purpose
-        print(f"train: {cfg.method}/{cfg.model} {len(classes)} classes, best epoch {best['epoch']}"
-              + (f" val top-1 {best['val_top1']:.3f}" if va_df.height else "")
-              + f", {seconds:.0f}s" + (f" on {d.world} processes" if d.enabled else "")
+    def _epoch(self, epoch: int) -> tuple[dict, float]:
+        """Train one epoch, then validate: (history row, seconds)."""
+        d, p, device = self.d, self.progress, self.device
+        self.net.train(not getattr(self.model, "frozen_backbone", False))  # a linear probe keeps BatchNorm
+        # statistics and dropout of the backbone fixed
+        te = time.perf_counter()
+        loss_sum, correct, seen, p.step = _train_epoch(self.net, self.train_loader, self.optimizer, self.scheduler,
+                                                       self.loss_fn, device, self.cfg, p.step, self.scaler,
+                                                       self.channels_last, d, epoch)
+        synchronize(device)
+        pass_seconds = time.perf_counter() - te
+        loss_sum, correct, seen = distributed.sum_all([loss_sum, correct, seen], d, device)
+        p.images_seen, p.train_seconds = p.images_seen + int(seen), p.train_seconds + time.perf_counter() - te
+        if self.hooks.on_timing is not None and d.main:
+            self.hooks.on_timing({"epoch": epoch, "train_seconds": pass_seconds, "images": int(seen)})
+        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
+               "lr": self.optimizer.param_groups[0]["lr"]}
+        epoch_seconds = time.perf_counter() - te
+        distributed.sync_buffers(self.model, d)  # one set of BatchNorm statistics for validation and checkpoints
+        if self.data.val.height:
+            row |= validate(self.model, self.val_loader, self.data.val.height, len(self.data.classes),
+                            self.cfg.precision, device, d, self.params.evaluate.top_k)
+        return row, epoch_seconds
+
+    def _checkpoint(self, row: dict, epoch: int, epoch_seconds: float, run) -> None:
+        """Record the epoch: history, best epoch (val top-1), and on rank 0 MLflow, best.pt and the resumable
+        state."""
+        p = self.progress
+        p.history.append(row)
+        p.epoch = epoch
+        score = row.get("val_top1", float(epoch))  # without a val split the last epoch is kept
+        improved = score > p.best["val_top1"]
+        if improved:
+            p.best = {"val_top1": score, "epoch": epoch}
+        if not self.d.main:
+            return
+        # Seconds go to MLflow only: in the DVC outputs they would change every rerun's hashes.
+        tracking.log_metrics({**{k: v for k, v in row.items() if k != "epoch"}, "epoch_seconds": epoch_seconds},
+                             step=epoch)
+        if improved:
+            save_checkpoint(self.ckpt_dir / "best.pt", self.model, {**self.meta, "epoch": epoch})
+        checkpoint.save_state(self.ckpt_dir / "last.pt", model=self.model.state_dict(),
+                              optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                              scaler=self.scaler.state_dict() if self.scaler is not None else None, epoch=epoch,
+                              step=p.step, history=p.history, best=p.best, images_seen=p.images_seen,
+                              train_seconds=p.train_seconds, run_id=run.info.run_id)
+        print(f"epoch {epoch}/{self.cfg.epochs}  loss {row['train_loss']:.3f}  train {row['train_top1']:.3f}"
+              + (f"  val {row['val_top1']:.3f}" if "val_top1" in row else "") + f"  ({epoch_seconds:.1f}s)",
+              flush=True)
+        if self.hooks.on_epoch is not None:
+            self.hooks.on_epoch(row)
+
+    def _finish(self) -> dict:
+        """The summary (a DVC metrics file: only what the same inputs reproduce; timings go to MLflow) and, on rank
+        0, the DVC outputs and their MLflow copies."""
+        p, data = self.progress, self.data
+        summary = {"best_epoch": p.best["epoch"], "epochs": self.cfg.epochs, "train_images": data.train.height,
+                   "val_images": data.val.height, "num_classes": len(data.classes), "params_total": self.n_params,
+                   "params_trainable": self.n_trainable, "processes": self.d.world}
+        if data.val.height:
+            summary["best_val_top1"] = p.best["val_top1"]
+        timings = {"train_seconds": round(p.train_seconds, 2),
+                   "train_img_per_s": round(p.images_seen / max(p.train_seconds, 1e-9), 2)}
+        if self.d.main:
+            _write_outputs(self.ckpt_dir, self.outputs, p.history, summary, timings)
+        return summary
+
+    def _cleanup(self, seconds: float, run) -> None:
+        """Rank 0, finished: the resumable state has served its purpose."""
+        cfg, best = self.cfg, self.progress.best
+        shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        print(f"train: {cfg.method}/{cfg.model} {len(self.data.classes)} classes, best epoch {best['epoch']}"
+              + (f" val top-1 {best['val_top1']:.3f}" if self.data.val.height else "")
+              + f", {seconds:.0f}s" + (f" on {self.d.world} processes" if self.d.enabled else "")
               + f", MLflow run {run.info.run_id}")
-    return summary
 
 
 def _begin_epoch(loader: DeviceLoader, seed: int, epoch: int, d: Dist) -> None:
@@ -387,7 +480,7 @@ def _train_epoch(net: nn.Module, loader: DeviceLoader, optimizer, scheduler, los
     return loss_sum.item(), int(correct.item()), seen, step
 
 
-def _validate(model: nn.Module, loader: DataLoader, n: int, num_classes: int, precision: str,
+def validate(model: nn.Module, loader: DataLoader, n: int, num_classes: int, precision: str,
               device: torch.device, d: Dist, top_k: int = 5) -> dict:
     """Val loss/top-1/top-k (evaluate.top_k) over the whole val split: each rank predicts its shard, all ranks get
     all logits."""
@@ -398,40 +491,19 @@ def _validate(model: nn.Module, loader: DataLoader, n: int, num_classes: int, pr
     return {"val_loss": float(loss), "val_top1": s["top1"], f"val_top{top_k}": s[f"top{top_k}"]}
 
 
-def _finish(mlflow, ckpt_dir: Path, outputs: TrainOutputs, history: list[dict], summary: dict,
-            timings: dict) -> None:
+def _write_outputs(ckpt_dir: Path, outputs: TrainOutputs, history: list[dict], summary: dict,
+                   timings: dict) -> None:
     """Rank 0: the DVC outputs (best checkpoint, history, metrics) and their MLflow copies. The run is tagged with
     the checkpoint's md5, which is how evaluate, report and predict find it (no run id in the DVC outputs)."""
-    from pipeline import tracking
-
     shutil.copyfile(ckpt_dir / "best.pt", outputs.model_dir / "model.pt")
     _write_history(outputs.history_file, history)
     write_json(outputs.metrics_file, summary)
-    mlflow.set_tag(tracking.MODEL_MD5_TAG, md5_file(outputs.model_dir / "model.pt"))
-    mlflow.log_metrics({k: float(v) for k, v in {**summary, **timings}.items()
-                        if k in ("best_val_top1", "train_seconds", "train_img_per_s")})
+    tracking.set_tags({tracking.MODEL_MD5_TAG: md5_file(outputs.model_dir / "model.pt")})
+    tracking.log_metrics({k: float(v) for k, v in {**summary, **timings}.items()
+                          if k in ("best_val_top1", "train_seconds", "train_img_per_s")})
     tracking.log_artifacts_as({"config.yaml": outputs.model_dir / "config.yaml",
                                "model.pt": outputs.model_dir / "model.pt", "train_history.csv": outputs.history_file,
                                "train_metrics.json": outputs.metrics_file})
-
-
-def _mlflow_run(mlflow, experiment_id: str, run_id: str | None, run_name: str):
-    """Continue the killed run's MLflow run when it still exists in the store; otherwise start a new one.
-
-    Only "no such run" (the store was wiped or moved; the history is in the state) starts a fresh run: any other
-    error, a store that does not answer say, fails the run instead of silently splitting its history."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-
-    if run_id is not None:
-        try:
-            mlflow.get_run(run_id)
-        except MlflowException as exc:
-            if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-                raise
-        else:
-            return mlflow.start_run(run_id=run_id)
-    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

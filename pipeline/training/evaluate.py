@@ -25,9 +25,11 @@ from pipeline.data.transforms import eval_transform
 from pipeline.inference.explain import write_samples
 from pipeline.io import atomic_path, write_json
 from pipeline.models import load_checkpoint
+from pipeline.models.spec import ModelSpec
+from pipeline.runtime import resolve_device, seed_everything
 from pipeline.seeds import seed_dir, seed_params
 from pipeline.seeds import summarize as summarize_seeds
-from pipeline.training.engine import make_loader, predict, resolve_device, seed_everything, use_channels_last
+from pipeline.training.engine import make_loader, predict, use_channels_last
 from pipeline.training.metrics import GROUPS, confused_pairs, frequency_groups, group_accuracy, summarize
 
 
@@ -48,30 +50,18 @@ class EvalOutputs:
 
 def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: Path, out: EvalOutputs,
              root: Path) -> dict:
-    import mlflow
-
-    from pipeline import tracking
-
+    """Test-split metrics of model_dir/model.pt (DVC metrics + plots in `out`), logged to the run that trained it."""
     base, cfg = params.base, params.evaluate
     device = resolve_device(base.device)
     seed_everything(base.seed, base.threads, device)
     model, ckpt = load_checkpoint(model_dir / "model.pt", device)
-    spec = ckpt["model_spec"]
-    if use_channels_last(spec["method"], spec.get("options", {}).get("backbone_cnn")):  # as it trained
+    spec = ModelSpec.of(ckpt)
+    if use_channels_last(spec.method, spec.options.get("backbone_cnn")):  # as it trained
         model = model.to(memory_format=torch.channels_last)
     classes: list[str] = ckpt["classes"]
     df = manifest.read(split_manifest)
-    test = df.filter(pl.col("split") == "test")
-    if test.height == 0:
-        raise ValueError(f"{split_manifest}: the test split is empty")
-    unknown = set(test["class_name"]) - set(classes)
-    if unknown:
-        raise ValueError(f"{len(unknown)} test classes are not in the checkpoint {model_dir / 'model.pt'} "
-                         f"(e.g. {sorted(unknown)[:3]}): re-run train on this split")
-    # The manifest's class ids may differ from the checkpoint's if data changed: map by name.
-    index = {name: i for i, name in enumerate(classes)}
-    test = test.with_columns(pl.col("class_name").replace_strict(index, return_dtype=pl.Int64).alias("class_id"))
-    dataset = ManifestDataset(test, image_root, eval_transform(spec["img_size"], ckpt["data_config"]))
+    test = _test_split(df, classes, split_manifest, model_dir / "model.pt")
+    dataset = ManifestDataset(test, image_root, eval_transform(spec.img_size, ckpt["data_config"]))
     loader = make_loader(dataset, cfg.batch_size, False, base.seed, 0, device)
     # The precision it trained and was selected with (a variant may set its own); fp32 for older checkpoints.
     logits, labels = predict(model, loader, device, ckpt.get("precision", "fp32"), desc="test")
@@ -83,13 +73,13 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     metrics = {"test_top1": s["top1"], f"test_top{cfg.top_k}": s[f"top{cfg.top_k}"],
                "test_macro_acc": s["macro_acc"], "test_class_acc_std": s["class_acc_std"], "test_images": s["n"],
                "test_classes": int(test["class_id"].n_unique()), "chance_top1": 1.0 / len(classes),
-               "checkpoint_epoch": int(ckpt.get("epoch", 0))} | _cost(model, spec["img_size"], device)
+               "checkpoint_epoch": int(ckpt.get("epoch", 0))} | _cost(model, spec.img_size, device)
     for g in GROUPS:  # a group without test classes is left out (JSON has no NaN), its class count is 0
         if g in by_group:
             metrics[f"test_{g}_acc"] = by_group[g]["acc"]
         metrics[f"test_{g}_classes"] = by_group.get(g, {}).get("classes", 0)
     write_json(out.metrics, metrics)
-    img_per_s = forward_throughput(model, spec["img_size"], cfg.batch_size, device)  # MLflow only: differs every run
+    img_per_s = forward_throughput(model, spec.img_size, cfg.batch_size, device)  # MLflow only: differs every run
 
     pred, confidence = logits.argmax(1), torch.from_numpy(logits).softmax(1).max(1).values.numpy()
     _write_predictions(out.predictions, test["image_id"].to_list(), labels, pred, confidence, classes)
@@ -104,26 +94,46 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
                                                             replace=False))
     write_samples(out.samples, model, dataset, picks, test["image_id"].to_list(), classes, pred[picks],
                   confidence[picks], ckpt["data_config"], device)
-
-    experiment_id = tracking.setup(base, root)
-    run = tracking.train_run_of(model_dir / "model.pt", experiment_id)
-    if run is None:  # trained elsewhere (another store): the results get a run of their own
-        print(f"evaluate: no train run in MLflow wrote {model_dir / 'model.pt'}; logging to a new run",
-              file=sys.stderr)
-    with (mlflow.start_run(run_id=run.info.run_id) if run is not None else
-          mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{model_dir.name}",
-                           tags={"stage": "evaluate"})):
-        # On the train run the evaluate stage's own provenance is namespaced: the run's plain tags are train's.
-        tracking.tag_provenance(root, f"evaluate@{model_dir.name}", split_manifest,
-                                prefix="evaluate." if run is not None else "")
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()} | {"test_img_per_s": img_per_s})
-        tracking.log_artifacts_as({"test_metrics.json": out.metrics, "per_class.csv": out.per_class,
-                                   "confused_pairs.csv": out.confused_pairs})
+    _track(params, root, model_dir, split_manifest, out, metrics | {"test_img_per_s": img_per_s})
     print(f"evaluate: test top-1 {metrics['test_top1']:.3f}, top-{cfg.top_k} {metrics[f'test_top{cfg.top_k}']:.3f} "
           f"on {metrics['test_images']} images ({len(classes)} classes, chance {metrics['chance_top1']:.4f}); "
           f"macro {metrics['test_macro_acc']:.3f} +- {metrics['test_class_acc_std']:.3f}; "
           + ", ".join(f"{g} {by_group[g]['acc']:.3f} ({by_group[g]['classes']} classes)" for g in by_group))
     return metrics
+
+
+def _test_split(df: pl.DataFrame, classes: list[str], split_manifest: Path, model_file: Path) -> pl.DataFrame:
+    """The test rows, their class ids mapped to the checkpoint's by name (the manifest's may differ if data
+    changed)."""
+    test = df.filter(pl.col("split") == "test")
+    if test.height == 0:
+        raise ValueError(f"{split_manifest}: the test split is empty")
+    unknown = set(test["class_name"]) - set(classes)
+    if unknown:
+        raise ValueError(f"{len(unknown)} test classes are not in the checkpoint {model_file} "
+                         f"(e.g. {sorted(unknown)[:3]}): re-run train on this split")
+    index = {name: i for i, name in enumerate(classes)}
+    return test.with_columns(pl.col("class_name").replace_strict(index, return_dtype=pl.Int64).alias("class_id"))
+
+
+def _track(params: Params, root: Path, model_dir: Path, split_manifest: Path, out: EvalOutputs,
+           metrics: dict) -> None:
+    """Log the metrics and files to the MLflow run that trained the model (found by the checkpoint's md5)."""
+    from pipeline import tracking
+
+    experiment_id = tracking.setup(params.base, root)
+    run = tracking.train_run_of(model_dir / "model.pt", experiment_id)
+    if run is None:  # trained elsewhere (another store): the results get a run of their own
+        print(f"evaluate: no train run in MLflow wrote {model_dir / 'model.pt'}; logging to a new run",
+              file=sys.stderr)
+    with tracking.start_run(experiment_id, run.info.run_id if run is not None else None,
+                            run_name=f"evaluate-{model_dir.name}", tags={"stage": "evaluate"}):
+        # On the train run the evaluate stage's own provenance is namespaced: the run's plain tags are train's.
+        tracking.tag_provenance(root, f"evaluate@{model_dir.name}", split_manifest,
+                                prefix="evaluate." if run is not None else "")
+        tracking.log_metrics({k: float(v) for k, v in metrics.items()})
+        tracking.log_artifacts_as({"test_metrics.json": out.metrics, "per_class.csv": out.per_class,
+                                   "confused_pairs.csv": out.confused_pairs})
 
 
 def _cost(model, img_size: int, device: torch.device) -> dict:

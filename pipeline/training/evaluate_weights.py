@@ -42,12 +42,12 @@ def add_evaluate_weights_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from pipeline.data import manifest
-    from pipeline.inference.predict import _load_params
+    from pipeline.inference.predict import load_params_and_root
     from pipeline.models import build_model, save_checkpoint
     from pipeline.models.weights import read_weights
     from pipeline.training.evaluate import EvalOutputs, evaluate
 
-    params, root = _load_params(args.params)
+    params, root = load_params_and_root(args.params)
     state, config, _ = read_weights(args.weights, Path.cwd())
     saved = (config or {}).get("authors_glsim") or (config or {}).get("authors_ila") or {}
     variant = (config or {}).get("variant")  # the ILA authors' checkpoints: ila / ila+ / ila++ / vit

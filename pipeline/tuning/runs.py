@@ -18,7 +18,7 @@ from ray import tune
 
 from pipeline import tracking
 from pipeline.config import BaseParams, Params, flatten
-from pipeline.tuning.space import plain
+from pipeline.search_space import plain
 
 
 def parent_run(client: MlflowClient, experiment_id: str, name: str, params: Params, root: Path) -> str:

@@ -22,14 +22,14 @@ from pathlib import Path
 from mlflow import MlflowClient
 from ray import tune
 
+from pipeline import search_space as tune_space
 from pipeline import tracking
 from pipeline.config import Params, TrainParams, flatten, validate_section
 from pipeline.io import md5_file, write_json
+from pipeline.search_space import plain
 from pipeline.training import checkpoint
-from pipeline.tuning import space as tune_space
 from pipeline.tuning.best import write_best
 from pipeline.tuning.runs import TrialRuns, finish_parent, parent_run
-from pipeline.tuning.space import plain
 
 # Besides checkpoint.NOT_IN_RUN_KEY, params that do not change a sweep's results; everything else in train/tune (and
 # the seed and device) names it.
@@ -90,9 +90,9 @@ def check_trial_device(device: str, gpu_share: float, gpu_ids: list[str]) -> Non
 
 def train_trial(config: dict, inputs: SweepInputs) -> None:
     """One trial = one engine run; every epoch's row goes to Tune (the scheduler decides on `tune.metric`)."""
-    from pipeline.training.engine import TrainOutputs, train
-
     import ray
+
+    from pipeline.training.engine import TrainOutputs, train
 
     trial_id = tune.get_context().get_trial_id()
     folder = inputs.trials_dir / trial_id
@@ -114,10 +114,8 @@ def _report(row: dict, epochs: int) -> None:
         # Tune ends a trial its scheduler stopped by raising SystemExit in report(). End the MLflow run here as a
         # normal finish; otherwise the engine's `with mlflow.start_run()` would record the stop as a failure.
         # (ASHA may also "stop" a trial at its last epoch, when it has nothing left to train.)
-        import mlflow
-
-        mlflow.set_tag("tune_outcome", "completed" if row["epoch"] >= epochs else "stopped_early")
-        mlflow.end_run("FINISHED")
+        tracking.set_tags({"tune_outcome": "completed" if row["epoch"] >= epochs else "stopped_early"})
+        tracking.end_run("FINISHED")
         raise
 
 

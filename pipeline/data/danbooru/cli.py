@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.data_config import DanbooruSource
 from pipeline.data.danbooru.client import ENV_API_KEY, ENV_LOGIN
+from pipeline.data_config import DanbooruSource
 
 CLI_HELP = (f"crawl the Danbooru JSON API (credentials, optional: {ENV_LOGIN}/{ENV_API_KEY} or the "
             "credentials file; never a flag)")

@@ -14,9 +14,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlencode, urlsplit
 
 import urllib3
@@ -185,7 +186,7 @@ class Client:
         """Why this URL may not be downloaded (None: it may)."""
         try:
             parts = urlsplit(url)
-            parts.port
+            _ = parts.port  # raises on a malformed port
         except ValueError:
             return "unparsable URL"
         if parts.scheme not in ("http", "https"):

@@ -8,20 +8,29 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import polars as pl
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
-from pipeline.data_config import DanbooruSource
 from pipeline.data import manifest
 from pipeline.data.danbooru.client import Client, FetchError, check_transport, load_credentials
 from pipeline.data.danbooru.journal import Journal
-from pipeline.data.danbooru.posts import (IMAGES, MISMATCH_REASONS, Download, Post, Rejected, plan_download, save_image,
-                                          skip_reason)
+from pipeline.data.danbooru.posts import (
+    IMAGES,
+    MISMATCH_REASONS,
+    Download,
+    Post,
+    Rejected,
+    plan_download,
+    save_image,
+    skip_reason,
+)
+from pipeline.data_config import DanbooruSource
 from pipeline.io import write_parquet
 from pipeline.progress import progress
 
@@ -92,7 +101,7 @@ class _Crawl:
         self.bar = progress(desc="danbooru", unit="post")
         self.pool = ThreadPoolExecutor(cfg.max_connections, thread_name_prefix="danbooru")
 
-    def __enter__(self) -> "_Crawl":
+    def __enter__(self) -> _Crawl:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -189,7 +198,7 @@ class _Crawl:
         """Fetch what the journal does not have (concurrently), then commit in order. Returns the number kept."""
         pending = [self._from_journal(dl) or self.pool.submit(self._fetch, dl) for _, dl in batch]
         kept = 0
-        for (post, dl), outcome in zip(batch, pending):
+        for (post, _dl), outcome in zip(batch, pending):
             kept += self._commit(post, outcome.result() if isinstance(outcome, Future) else outcome, character)
         return kept
 

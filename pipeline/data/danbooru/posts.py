@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 import urllib3
 from PIL import Image
 
-from pipeline.data_config import DanbooruSource
 from pipeline.data.danbooru.client import Client
+from pipeline.data_config import DanbooruSource
 from pipeline.io import atomic_path
 
 IMAGES = "images"
@@ -62,7 +62,7 @@ class Post:
     score: int | None
 
     @classmethod
-    def parse(cls, d: Any) -> "Post | None":
+    def parse(cls, d: Any) -> Post | None:
         """None when the entry has no usable id (nothing can be named or saved after it)."""
         if not isinstance(d, dict) or (_int(d, "id") or 0) <= 0:
             return None

@@ -14,17 +14,14 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import polars as pl
+from matplotlib.figure import Figure  # the object API: no pyplot state, no global backend switch (headless-safe)
+from matplotlib.ticker import FuncFormatter
 
-matplotlib.use("Agg")  # headless: no display on CI or servers
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-
-from pipeline.data import images, manifest  # noqa: E402
-from pipeline.fonts import use_cjk_fallback  # noqa: E402
-from pipeline.io import write_text  # noqa: E402
+from pipeline.data import images, manifest
+from pipeline.fonts import use_cjk_fallback
+from pipeline.io import write_text
 
 use_cjk_fallback()  # class names in Japanese, Chinese or Korean get their glyphs, not empty boxes
 
@@ -141,13 +138,13 @@ def _quarantine(ax, by_reason: dict[str, int]) -> None:
 
 
 def plot_overview(df: pl.DataFrame, by_reason: dict[str, int], group_col: str, out: Path) -> None:
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.4), gridspec_kw={"width_ratios": [1.3, 1, 0.9]})
+    fig = Figure(figsize=(16, 4.4))
+    a, b, c = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.3, 1, 0.9]})
     _long_tail(a, df)
     _per_group(b, df, group_col)
     _quarantine(c, by_reason)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 def _sample_classes(df: pl.DataFrame, n: int, seed: int) -> list[str]:
@@ -178,8 +175,8 @@ def plot_sample_grid(df: pl.DataFrame, image_root: Path, n_classes: int, seed: i
     widths = {s: min(per_split, int(shown.filter(pl.col("split") == s).group_by("class_name").len()["len"].max() or 0))
               for s in manifest.SPLITS}
     cols = [(s, j) for s in manifest.SPLITS for j in range(widths[s])]
-    fig, axes = plt.subplots(len(classes), len(cols), figsize=(1.5 * len(cols) + 1.8, 1.55 * len(classes) + 0.5),
-                             squeeze=False)
+    fig = Figure(figsize=(1.5 * len(cols) + 1.8, 1.55 * len(classes) + 0.5))
+    axes = fig.subplots(len(classes), len(cols), squeeze=False)
     for i, name in enumerate(classes):
         rows = df.filter(pl.col("class_name") == name)
         for j, (s, k) in enumerate(cols):
@@ -207,7 +204,6 @@ def plot_sample_grid(df: pl.DataFrame, image_root: Path, n_classes: int, seed: i
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 # --- markdown -----------------------------------------------------------------------------------------------------
