@@ -23,7 +23,6 @@ from torch.utils.data import Dataset, Sampler
 from pipeline.data import images
 from pipeline.data.batch_augment import BatchAugment
 
-
 STREAM_AUGMENT, STREAM_ORDER, STREAM_TORCH, STREAM_DEVICE = 0, 1, 2, 3  # independent random streams of one seed
 
 

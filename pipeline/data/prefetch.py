@@ -12,7 +12,8 @@ compiles, opens its MLflow run, ... (the first epoch otherwise waits for all of 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader

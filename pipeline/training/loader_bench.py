@@ -101,10 +101,9 @@ def run(images: int = 96, img_size: int = 224, rounds: int = 5, batch: int = 32,
         image_root: Path | None = None) -> dict:
     """img/s of one worker per recipe and of the reference loop at that recipe's resize size, with their ratio."""
     import cv2
+    import torch
 
     from pipeline.data.synthetic import write_jpeg_shards
-
-    import torch
 
     cv2.setNumThreads(1)  # as in a DataLoader worker (engine's worker init; torch sets its own threads to 1 there)
     torch.set_num_threads(1)
