@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Sampler
 from pipeline.data import images
 from pipeline.data.batch_augment import BatchAugment
 
-STREAM_AUGMENT, STREAM_ORDER, STREAM_TORCH, STREAM_DEVICE = 0, 1, 2, 3  # independent random streams of one seed
+STREAM_AUGMENT, STREAM_ORDER, STREAM_TORCH = 0, 1, 2  # independent random streams of one seed
 
 
 def _as_tensor(x: np.ndarray) -> torch.Tensor:
@@ -37,6 +37,13 @@ def _as_tensor(x: np.ndarray) -> torch.Tensor:
 def sample_seed(seed: int, epoch: int, index: int = 0, stream: int = STREAM_AUGMENT) -> int:
     """A well-mixed 32-bit seed for one (run seed, stream, epoch, image); NumPy's SeedSequence does the mixing."""
     return int(np.random.SeedSequence([seed, stream, epoch, index]).generate_state(1)[0])
+
+
+def image_seeds(seed: int, epoch: int, index: int) -> tuple[int, int]:
+    """(CPU transform seed, device-parameter seed) of one image: two words of one SeedSequence (the first equals
+    `sample_seed`'s), one hash instead of two in the worker's per-image budget."""
+    words = np.random.SeedSequence([seed, STREAM_AUGMENT, epoch, index]).generate_state(2)
+    return int(words[0]), int(words[1])
 
 
 class EpochSampler(Sampler):
@@ -95,12 +102,14 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple:
         i, epoch = key if isinstance(key, tuple) else (key, None)
+        keyed = epoch is not None or self.device_params is not None  # evaluation items draw nothing
+        transform_seed, device_seed = image_seeds(self.seed, epoch or 0, i) if keyed else (0, 0)
         if epoch is not None and hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(sample_seed(self.seed, epoch, i))
+            self.transform.set_random_seed(transform_seed)
         x = self.transform(image=self.load(i))["image"]
         if isinstance(x, np.ndarray):  # a uint8 HWC crop for the device to normalise
             x = _as_tensor(x)
         if self.device_params is None:
             return x, self.labels[i]
-        rng = np.random.default_rng(sample_seed(self.seed, epoch or 0, i, stream=STREAM_DEVICE))
+        rng = np.random.default_rng(device_seed)
         return x, self.labels[i], torch.from_numpy(self.device_params.draw(rng, x.shape[0], x.shape[1]))

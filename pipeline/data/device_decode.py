@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from pipeline.data import images
 from pipeline.data.batch_augment import BatchAugment
-from pipeline.data.dataset import STREAM_DEVICE, sample_seed
+from pipeline.data.dataset import image_seeds
 from pipeline.data.transforms import PaperAugment
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -42,11 +42,12 @@ class EncodedDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple:
         i, epoch = key
-        self.crop.set_random_seed(sample_seed(self.seed, epoch, i))
+        transform_seed, device_seed = image_seeds(self.seed, epoch, i)
+        self.crop.set_random_seed(transform_seed)
         top, left, flip = self.crop.draw()
         data = torch.frombuffer(bytearray(images.read_bytes(self.root, self.paths[i])), dtype=torch.uint8)
         size = self.crop.size
-        rng = np.random.default_rng(sample_seed(self.seed, epoch, i, stream=STREAM_DEVICE))
+        rng = np.random.default_rng(device_seed)
         params = torch.from_numpy(self.augment.draw(rng, size, size)) if self.augment.needs_params else None
         return data, self.labels[i], torch.tensor([top, left, int(flip)]), params
 

@@ -47,11 +47,13 @@ OPS = tuple(SPACE)
 
 
 def draw(rng: np.random.Generator) -> tuple[str, float]:
-    """(op, signed magnitude): an op uniformly, then a bin uniformly (ops with bins), then a fair sign (signed ops)."""
-    op = OPS[int(rng.integers(len(OPS)))]
+    """(op, signed magnitude): an op uniformly, a bin uniformly (ops with bins), a fair sign (signed ops), all three
+    from one call of the generator (three uniforms: a worker draws this per image)."""
+    u_op, u_bin, u_sign = rng.random(3).tolist()
+    op = OPS[int(u_op * len(OPS))]
     mags, signed = SPACE[op]
-    magnitude = mags[int(rng.integers(len(mags)))] if len(mags) > 1 else mags[0]
-    if signed and rng.integers(2):
+    magnitude = mags[int(u_bin * len(mags))]
+    if signed and u_sign < 0.5:
         magnitude = -magnitude
     return op, magnitude
 
