@@ -1,7 +1,7 @@
 # Two commands for a fresh machine (Python 3.11 and pip needed; see README):
 #   make repro   installs into .venv if needed, then runs the pipeline (dvc repro)
 #   make test    installs into .venv if needed, then runs the test suite
-#   make lint    ruff check (pyproject.toml [tool.ruff]); .ci/run runs it before the tests
+#   make lint    ruff check + ruff format --check (pyproject.toml [tool.ruff]); .ci/run runs it before the tests
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -27,6 +27,7 @@ repro: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadscope --durations=15

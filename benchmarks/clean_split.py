@@ -98,12 +98,12 @@ def synthetic_manifest(n_rows: int, n_classes: int, hamming: int, seed: int = 0)
     for src, dup in zip(sources[:n_exact], copies[:n_exact]):  # re-uploads into the same class
         md5[dup], phash[dup], class_id[dup] = md5[src], phash[src], class_id[src]
         planted.exact[image_id[dup]] = image_id[src]
-    for src, dup in zip(sources[n_exact:n_exact + n_conflict], copies[n_exact:n_exact + n_conflict]):
+    for src, dup in zip(sources[n_exact : n_exact + n_conflict], copies[n_exact : n_exact + n_conflict]):
         class_id[dup] = (class_id[src] + 1) % n_classes  # the same bytes labelled as another class
         md5[dup], phash[dup] = md5[src], phash[src]
         planted.conflicts[image_id[dup]] = image_id[src]
     if hamming:
-        for src, dup in zip(sources[n_exact + n_conflict:], copies[n_exact + n_conflict:]):
+        for src, dup in zip(sources[n_exact + n_conflict :], copies[n_exact + n_conflict :]):
             phash[dup] = _flip_bits(rng, phash[src], hamming)
             planted.near[image_id[dup]] = image_id[src]
     names = np.array([f"character_{c:04d}" for c in range(n_classes)])[class_id]
@@ -112,13 +112,28 @@ def synthetic_manifest(n_rows: int, n_classes: int, hamming: int, seed: int = 0)
     respelt[np.isin(image_id, list(planted.exact) + list(planted.conflicts))] = False  # keep the planted labels
     names[respelt] = np.char.add("Character ", np.char.zfill(class_id[respelt].astype(str), 4))
     planted.renamed_classes = int(np.unique(class_id[respelt]).size)
-    df = pl.DataFrame({
-        "image_id": image_id, "path": np.char.add(np.char.add("shards/", image_id), ".tar/x.jpg"),
-        "class_id": class_id.astype(np.int64), "class_name": names, "source": "synthetic",
-        "group": image_id, "md5": md5, "width": 256, "height": 256, "split": None,
-        "post_id": np.arange(n, dtype=np.int64), "phash": phash})
-    df = df.with_columns(pl.col("width").cast(pl.Int64), pl.col("height").cast(pl.Int64),
-                         pl.col("split").cast(pl.String), pl.col("phash").cast(pl.UInt64))
+    df = pl.DataFrame(
+        {
+            "image_id": image_id,
+            "path": np.char.add(np.char.add("shards/", image_id), ".tar/x.jpg"),
+            "class_id": class_id.astype(np.int64),
+            "class_name": names,
+            "source": "synthetic",
+            "group": image_id,
+            "md5": md5,
+            "width": 256,
+            "height": 256,
+            "split": None,
+            "post_id": np.arange(n, dtype=np.int64),
+            "phash": phash,
+        }
+    )
+    df = df.with_columns(
+        pl.col("width").cast(pl.Int64),
+        pl.col("height").cast(pl.Int64),
+        pl.col("split").cast(pl.String),
+        pl.col("phash").cast(pl.UInt64),
+    )
     return manifest.validate(df, "synthetic manifest"), planted
 
 
@@ -126,15 +141,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def run(n_rows: int = DAFRE_ROWS, n_classes: int = DAFRE_CLASSES, hamming: int = 4, seed: int = 0,
-        action: str = "group") -> dict:
+def run(
+    n_rows: int = DAFRE_ROWS, n_classes: int = DAFRE_CLASSES, hamming: int = 4, seed: int = 0, action: str = "group"
+) -> dict:
     """Generate, clean (metadata) and split; returns the frames, counts, planted cases and seconds per phase."""
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     df, planted = synthetic_manifest(n_rows, n_classes, hamming, seed)
     seconds["generate manifest"] = time.perf_counter() - t
-    cfg = CleanParams(min_per_class=20, max_per_class=5000, normalize_class_names=True, near_dup_hamming=hamming,
-                      near_dup_action=action)
+    cfg = CleanParams(
+        min_per_class=20,
+        max_per_class=5000,
+        normalize_class_names=True,
+        near_dup_hamming=hamming,
+        near_dup_action=action,
+    )
     clean_steps: dict[str, float] = {}
     t = time.perf_counter()
     kept, quarantine, counts = select(df, cfg, timings=clean_steps)
@@ -142,27 +163,40 @@ def run(n_rows: int = DAFRE_ROWS, n_classes: int = DAFRE_CLASSES, hamming: int =
     t = time.perf_counter()
     out, split_counts = split(kept, SplitParams(strategy="per_class"), seed)
     seconds["split per_class + check"] = time.perf_counter() - t
-    return dict(rows=df.height, classes=n_classes, seconds=seconds, clean_steps=clean_steps, kept=kept,
-                quarantine=quarantine, counts=counts, split=out, split_counts=split_counts, planted=planted,
-                peak_rss_mb=peak_rss_mb())
+    return dict(
+        rows=df.height,
+        classes=n_classes,
+        seconds=seconds,
+        clean_steps=clean_steps,
+        kept=kept,
+        quarantine=quarantine,
+        counts=counts,
+        split=out,
+        split_counts=split_counts,
+        planted=planted,
+        peak_rss_mb=peak_rss_mb(),
+    )
 
 
 def report(result: dict) -> str:
     s, c = result["seconds"], result["counts"]
     work = s["clean (metadata)"] + s["split per_class + check"]
-    lines = [f"rows {result['rows']:,}, classes {result['classes']:,}", "",
-             f"{'phase':<32}{'seconds':>10}", "-" * 42]
+    lines = [f"rows {result['rows']:,}, classes {result['classes']:,}", "", f"{'phase':<32}{'seconds':>10}", "-" * 42]
     for k, v in s.items():
         lines.append(f"{k:<32}{v:>10.2f}")
         if k.startswith("clean"):
             lines += [f"  {step:<30}{sec:>10.2f}" for step, sec in result["clean_steps"].items()]
-    lines += ["-" * 42, f"{'clean + split':<32}{work:>10.2f}", f"{'peak RSS (MB)':<32}{result['peak_rss_mb']:>10.0f}",
-              "", f"kept {c['kept']:,}, quarantined {c['quarantined']:,} {c['by_reason']}",
-              f"near-duplicates: {c['near_dup']}; class names merged: {c['class_names_merged']}",
-              f"split: {result['split_counts']['images']}, dup-group rows moved "
-              f"{result['split_counts']['dup_group_moves']}",
-              f"candidate pairs {c['near_dup']['candidate_pairs']:,} vs all pairs {result['rows'] ** 2 // 2:,} "
-              f"({c['near_dup']['candidate_pairs'] / max(result['rows'] ** 2 // 2, 1):.2e})"]
+    lines += [
+        "-" * 42,
+        f"{'clean + split':<32}{work:>10.2f}",
+        f"{'peak RSS (MB)':<32}{result['peak_rss_mb']:>10.0f}",
+        "",
+        f"kept {c['kept']:,}, quarantined {c['quarantined']:,} {c['by_reason']}",
+        f"near-duplicates: {c['near_dup']}; class names merged: {c['class_names_merged']}",
+        f"split: {result['split_counts']['images']}, dup-group rows moved {result['split_counts']['dup_group_moves']}",
+        f"candidate pairs {c['near_dup']['candidate_pairs']:,} vs all pairs {result['rows'] ** 2 // 2:,} "
+        f"({c['near_dup']['candidate_pairs'] / max(result['rows'] ** 2 // 2, 1):.2e})",
+    ]
     return "\n".join(lines)
 
 

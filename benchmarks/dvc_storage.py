@@ -39,8 +39,12 @@ def _dvc(args: list[str], cwd: Path) -> float:
 
 
 def _git(args: list[str], cwd: Path) -> None:
-    subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@example.invalid", *args], cwd=cwd, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=b", "-c", "user.email=b@example.invalid", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+    )
 
 
 def measure(n: int, shard_size: int | None, work: Path) -> dict[str, float]:

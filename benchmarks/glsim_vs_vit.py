@@ -23,8 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.models import build_model  # noqa: E402
 from pipeline.models.profile import count_flops, measure_throughput  # noqa: E402
 
-MODELS = (("vit", "vit", {}), ("glsim", "glsim", {}), ("ila", "ila", {"ila_variant": "ila"}),
-          ("ila+", "ila", {"ila_variant": "ila+"}), ("ila++", "ila", {"ila_variant": "ila++"}))
+MODELS = (
+    ("vit", "vit", {}),
+    ("glsim", "glsim", {}),
+    ("ila", "ila", {"ila_variant": "ila"}),
+    ("ila+", "ila", {"ila_variant": "ila+"}),
+    ("ila++", "ila", {"ila_variant": "ila++"}),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    models = {name: build_model(method, args.model, 200, "none", args.img_size, **opts).to(device).eval()
-              for name, method, opts in MODELS}
+    models = {
+        name: build_model(method, args.model, 200, "none", args.img_size, **opts).to(device).eval()
+        for name, method, opts in MODELS
+    }
     x1 = torch.randn(1, 3, args.img_size, args.img_size, device=device)
     flops = {name: count_flops(m, x1) for name, m in models.items()}
     best = dict.fromkeys(models, 0.0)
@@ -56,19 +63,35 @@ def main(argv: list[str] | None = None) -> int:
             best[name] = max(best[name], ips)
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"{args.model} at {args.img_size}px, batch {args.batch_size}, forward only, {where}, "
-          f"torch {torch.__version__}")
+    print(
+        f"{args.model} at {args.img_size}px, batch {args.batch_size}, forward only, {where}, torch {torch.__version__}"
+    )
     print(f"{'method':<8} {'img/s':>9} {'vs vit':>7} {'GFLOPs':>8} {'vs vit':>7}")
     for name in models:
-        print(f"{name:<8} {best[name]:>9.2f} {best[name] / best['vit']:>7.2f} {flops[name] / 1e9:>8.2f} "
-              f"{flops[name] / flops['vit']:>7.3f}")
+        print(
+            f"{name:<8} {best[name]:>9.2f} {best[name] / best['vit']:>7.2f} {flops[name] / 1e9:>8.2f} "
+            f"{flops[name] / flops['vit']:>7.3f}"
+        )
     ratio = best["glsim"] / best["vit"]
-    print(f"\nGLSim/ViT throughput ratio: {ratio:.2f} (GLSim runs the encoder twice; FLOP ratio "
-          f"{flops['glsim'] / flops['vit']:.3f}). FLOPs: torch FLOP counter, batch 1, multiply-add = 2.")
+    print(
+        f"\nGLSim/ViT throughput ratio: {ratio:.2f} (GLSim runs the encoder twice; FLOP ratio "
+        f"{flops['glsim'] / flops['vit']:.3f}). FLOPs: torch FLOP counter, batch 1, multiply-add = 2."
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "img_size": args.img_size, "device": where,
-                                               "batch_size": args.batch_size, "img_per_s": best, "flops": flops,
-                                               "glsim_vit_ratio": ratio}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "img_size": args.img_size,
+                    "device": where,
+                    "batch_size": args.batch_size,
+                    "img_per_s": best,
+                    "flops": flops,
+                    "glsim_vit_ratio": ratio,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

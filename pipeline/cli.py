@@ -22,8 +22,9 @@ def _acquire(args: argparse.Namespace) -> int:
     from pipeline.data.acquire import acquire
 
     section = args.section_from_cli(args)
-    cfg = validate_section(AcquireParams, {"source": args.source, args.source: section}, "the command line",
-                           prefix="acquire.")
+    cfg = validate_section(
+        AcquireParams, {"source": args.source, args.source: section}, "the command line", prefix="acquire."
+    )
     root = Path.cwd()
     path = getattr(getattr(cfg, args.source), "path", None)
     if path is not None and not (root / path).is_dir():
@@ -40,8 +41,13 @@ def _add_acquire_parsers(sub) -> None:
 
     p = sub.add_parser("acquire", help="run one acquisition source into a folder (images + manifest.parquet)")
     sources = p.add_subparsers(dest="source", required=True)
-    for name, module in (("embedded", "acquire"), ("folder", "acquire"), ("csv", "labelcsv"), ("dafre", "dafre"),
-                         ("danbooru", "danbooru")):
+    for name, module in (
+        ("embedded", "acquire"),
+        ("folder", "acquire"),
+        ("csv", "labelcsv"),
+        ("dafre", "dafre"),
+        ("danbooru", "danbooru"),
+    ):
         try:
             mod = importlib.import_module(f"pipeline.data.{module}")
         except ModuleNotFoundError as exc:  # a source still being built is simply not offered

@@ -54,24 +54,53 @@ from pipeline.methods import ILA_VARIANTS, METHOD_NAMES
 PAPER_MODEL = "vit_base_patch16_224.orig_in21k"
 # Architectures whose original Google ImageNet-21k weights timm tags `orig_in21k` (timm.list_pretrained
 # ("*.orig_in21k") of the pinned timm): under a recipe their bare name gets the tag.
-ORIG_IN21K = frozenset({"vit_base_patch16_224", "vit_base_patch32_224", "vit_base_r50_s16_224",
-                        "vit_large_patch16_224", "vit_large_patch32_224", "vit_huge_patch14_224"})
-_PAPER_TRAINER = dict(model=PAPER_MODEL, weights="hub",  # or file:ViT-B_16.npz, the original Google release
-                      optimizer="sgd",  # timm "sgd": SGD with Nesterov momentum 0.9
-                      weight_decay=0.0, batch_size=8, epochs=50, warmup_steps=500, min_lr=1.0e-5, grad_clip=1.0,
-                      resize_ratio=1.34, hflip=0.5,
-                      layer_norm_eps=1.0e-12,  # the authors' ViT (timm's: 1e-6)
-                      init="paper",  # Xavier-uniform weights, N(0, 1e-6) biases for the new layers
-                      drop_path_rule="constant")  # the authors' DropPath(sd) has one rate in every block
+ORIG_IN21K = frozenset(
+    {
+        "vit_base_patch16_224",
+        "vit_base_patch32_224",
+        "vit_base_r50_s16_224",
+        "vit_large_patch16_224",
+        "vit_large_patch32_224",
+        "vit_huge_patch14_224",
+    }
+)
+_PAPER_TRAINER = dict(
+    model=PAPER_MODEL,
+    weights="hub",  # or file:ViT-B_16.npz, the original Google release
+    optimizer="sgd",  # timm "sgd": SGD with Nesterov momentum 0.9
+    weight_decay=0.0,
+    batch_size=8,
+    epochs=50,
+    warmup_steps=500,
+    min_lr=1.0e-5,
+    grad_clip=1.0,
+    resize_ratio=1.34,
+    hflip=0.5,
+    layer_norm_eps=1.0e-12,  # the authors' ViT (timm's: 1e-6)
+    init="paper",  # Xavier-uniform weights, N(0, 1e-6) biases for the new layers
+    drop_path_rule="constant",
+)  # the authors' DropPath(sd) has one rate in every block
 RECIPES: dict[str, dict] = {
     # GLSim README command: lr 0.01, medaugs = flip + TrivialAugmentWide + random erasing 0.3 + LS 0.1 + SD 0.1.
     # With stochastic depth on, the authors' blocks use DropPath *instead of* their hidden dropout: no dropout.
-    "glsim": {**_PAPER_TRAINER, "lr": 0.01, "augment": "med", "label_smoothing": 0.1, "drop_path_rate": 0.1,
-              "proj_drop_rate": 0.0},
+    "glsim": {
+        **_PAPER_TRAINER,
+        "lr": 0.01,
+        "augment": "med",
+        "label_smoothing": 0.1,
+        "drop_path_rate": 0.1,
+        "proj_drop_rate": 0.0,
+    },
     # ILA README commands: frozen backbone, lr 0.1, weakaugs = flip only (no label smoothing, no stochastic depth),
     # so the blocks keep hidden_dropout_prob 0.1, also in the frozen backbone while training
-    "ila": {**_PAPER_TRAINER, "lr": 0.1, "augment": "weak", "label_smoothing": 0.0, "drop_path_rate": 0.0,
-            "proj_drop_rate": 0.1},
+    "ila": {
+        **_PAPER_TRAINER,
+        "lr": 0.1,
+        "augment": "weak",
+        "label_smoothing": 0.0,
+        "drop_path_rate": 0.0,
+        "proj_drop_rate": 0.1,
+    },
 }
 
 
@@ -137,8 +166,10 @@ class TrainParams(_Section):
     @classmethod
     def _decode(cls, v: str, info: ValidationInfo) -> str:
         if v == "device" and info.data.get("augment") not in ("weak", "med"):
-            raise ValueError(f"decode 'device' runs the weak/med recipes' crop on the device; train.augment is "
-                             f"{info.data.get('augment')!r} (use decode 'cpu', or augment weak or med)")
+            raise ValueError(
+                f"decode 'device' runs the weak/med recipes' crop on the device; train.augment is "
+                f"{info.data.get('augment')!r} (use decode 'cpu', or augment weak or med)"
+            )
         return v
 
     @field_validator("weights")
@@ -146,8 +177,10 @@ class TrainParams(_Section):
     def _weights(cls, v: str) -> str:
         hub_id = r"hf-hub:[\w.-]+/[\w.-]+(@[\w./-]+)?"  # ORG/NAME[@REVISION], as timm's hf-hub: names
         if not re.fullmatch(rf"none|hub|{hub_id}|local-dir:.+|file:.+|package:efficientnet_lite0", v):
-            raise ValueError("must be none, hub, hf-hub:ORG/NAME, local-dir:PATH, file:PATH or "
-                             f"package:efficientnet_lite0, got {v!r}")
+            raise ValueError(
+                "must be none, hub, hf-hub:ORG/NAME, local-dir:PATH, file:PATH or "
+                f"package:efficientnet_lite0, got {v!r}"
+            )
         return v
 
     @field_validator("patch_size", "backbone_cnn")
@@ -334,8 +367,11 @@ class Params(DataParams):
         if not v:
             raise ValueError("must name at least one model to train, e.g. {cnn: {}}")
         train = info.data.get("train")
-        bad_names = [((name,), "a variant name is letters, digits, '_' and '-' (it names folders and DVC stages)")
-                     for name in v if not VARIANT_NAME.fullmatch(name)]
+        bad_names = [
+            ((name,), "a variant name is letters, digits, '_' and '-' (it names folders and DVC stages)")
+            for name in v
+            if not VARIANT_NAME.fullmatch(name)
+        ]
         if bad_names:
             raise _keyed_errors(bad_names, v)
         nested: list[InitErrorDetails] = []
@@ -345,8 +381,10 @@ class Params(DataParams):
             try:
                 TrainParams.model_validate(variant_train(train, overrides))
             except ValidationError as exc:  # re-raised under variants.<name>, with their own kinds and messages
-                nested += [InitErrorDetails(type=e["type"], loc=(name, *e["loc"]), input=e["input"],
-                                            ctx=e.get("ctx", {})) for e in exc.errors()]
+                nested += [
+                    InitErrorDetails(type=e["type"], loc=(name, *e["loc"]), input=e["input"], ctx=e.get("ctx", {}))
+                    for e in exc.errors()
+                ]
         if nested:
             raise ValidationError.from_exception_data("params", nested)
         return v
@@ -355,8 +393,9 @@ class Params(DataParams):
         """These params with the train section of variant `name` (what the train stage trains for it)."""
         if name not in self.variants:
             raise ParamsError(f"variants.{name}: no such variant in params.yaml (have {', '.join(self.variants)})")
-        train = validate_section(TrainParams, variant_train(self.train, self.variants[name]), "params.yaml",
-                                 prefix=f"variants.{name}.")
+        train = validate_section(
+            TrainParams, variant_train(self.train, self.variants[name]), "params.yaml", prefix=f"variants.{name}."
+        )
         return self.model_copy(update={"train": train})
 
     @field_validator("tune")

@@ -148,8 +148,9 @@ class DanbooruSource(_Section):
         except ValueError as exc:
             raise ValueError(f"not a valid URL ({exc})") from None
         if parts.username or parts.password:  # checked first: the URL holds a secret, so it is never echoed
-            raise ValueError("must not contain a login; use DANBOORU_LOGIN/DANBOORU_API_KEY or "
-                             "acquire.danbooru.credentials_file")
+            raise ValueError(
+                "must not contain a login; use DANBOORU_LOGIN/DANBOORU_API_KEY or acquire.danbooru.credentials_file"
+            )
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{v!r} is not an http(s) URL (expected e.g. https://danbooru.donmai.us)")
         if parts.query or parts.fragment:
@@ -248,8 +249,10 @@ class SplitParams(_Section):
 
 def _keyed_errors(errors: list[tuple[tuple, str]], value) -> ValidationError:
     """A ValidationError whose locations go below the field (e.g. tune.space.lr), so messages name the exact key."""
-    return ValidationError.from_exception_data("params", [
-        InitErrorDetails(type=PydanticCustomError("value_error", msg), loc=loc, input=value) for loc, msg in errors])
+    return ValidationError.from_exception_data(
+        "params",
+        [InitErrorDetails(type=PydanticCustomError("value_error", msg), loc=loc, input=value) for loc, msg in errors],
+    )
 
 
 def validate_section(model: type[BaseModel], data: dict, source: str, prefix: str = ""):
@@ -312,8 +315,10 @@ class _ParamsLoader(yaml.SafeLoader):
 
 
 _ParamsLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def read_raw(path: str | Path) -> dict:
@@ -362,7 +367,6 @@ def load_data_params(path: str | Path = "params.yaml") -> DataParams:
     if errors:
         raise ParamsError(f"invalid parameters in {path}:\n" + "\n".join(errors))
     return data
-
 
 
 def _set_dotted(d: dict, dotted: str, value) -> None:

@@ -55,7 +55,7 @@ def _first_missing(raw: dict, dotted: str) -> str | None:
     node, parts = raw, dotted.split(".")
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
-            return ".".join(parts[:i + 1])
+            return ".".join(parts[: i + 1])
         node = node[part]
     return None
 
@@ -67,6 +67,8 @@ def missing_keys(raw: dict, dvc_yaml: Path) -> list[str]:
         prefix = _first_missing(raw, key)
         if prefix is not None:
             gone.setdefault(prefix, set()).update(stages)
-    return [f"  - {prefix}: missing from {PARAMS_FILE}, but dvc.yaml's stage(s) {', '.join(sorted(stages))} declare "
-            "it (DVC would delete their outputs, then stop); restore it (defaults: pipeline/config.py)"
-            for prefix, stages in sorted(gone.items())]
+    return [
+        f"  - {prefix}: missing from {PARAMS_FILE}, but dvc.yaml's stage(s) {', '.join(sorted(stages))} declare "
+        "it (DVC would delete their outputs, then stop); restore it (defaults: pipeline/config.py)"
+        for prefix, stages in sorted(gone.items())
+    ]

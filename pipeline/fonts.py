@@ -34,5 +34,6 @@ def _register() -> None:
         font_manager.fontManager.addfont(path)
         # A variable font registers its default instance (weight 100): declared normal, or every lookup logs a
         # "failed to find font weight normal" line.
-        font_manager.fontManager.ttflist = [dataclasses.replace(e, weight=400) if e.fname == path else e
-                                            for e in font_manager.fontManager.ttflist]
+        font_manager.fontManager.ttflist = [
+            dataclasses.replace(e, weight=400) if e.fname == path else e for e in font_manager.fontManager.ttflist
+        ]

@@ -35,9 +35,22 @@ from pathlib import Path
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets, matched against
 # torch.cuda.get_device_name() in this order (first match wins).
-PEAK_BF16_TFLOPS = (("H200", 989.4), ("GH200", 989.4), ("H100 PCIe", 756.5), ("H100 NVL", 835.0), ("H100", 989.4),
-                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("A10G", 125.0),
-                    ("A10", 125.0), ("L4", 121.0), ("RTX 4090", 165.2), ("RTX 6000 Ada", 364.2))
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("H100 PCIe", 756.5),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("A10G", 125.0),
+    ("A10", 125.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.2),
+    ("RTX 6000 Ada", 364.2),
+)
 VIT_B = "vit_base_patch16_224"
 ALL_PARTS = ("train_step", "glsim_vs_vit", "ila_vs_frozen_vit", "loader", "engine_e2e", "sweep", "evaluate")
 H100_VIT_B_IMG_PER_S = 2500  # the issue's ViT-B/16 bf16 training consumption on an H100, for the loader's target
@@ -46,6 +59,7 @@ H100_VIT_B_IMG_PER_S = 2500  # the issue's ViT-B/16 bf16 training consumption on
 @dataclass(frozen=True)
 class Sizes:
     """How big each part runs: the GPU check, or its reduced CPU form."""
+
     model: str
     img_size: int
     batch_size: int
@@ -67,8 +81,26 @@ class Sizes:
 
 
 GPU = Sizes(VIT_B, 224, 128, 10, 3, 3072, min(16, os.cpu_count() or 1), 224, 64, 2.0, 0.25, 3)
-CPU = Sizes("test_vit", 96, 4, 2, 1, 48, 1, 224, 8, 0.5, 0.0, 1, e2e_train=24, e2e_val=8, e2e_epochs=2,
-            e2e_classes=4, e2e_workers=1, e2e_decode_device=("ila",))
+CPU = Sizes(
+    "test_vit",
+    96,
+    4,
+    2,
+    1,
+    48,
+    1,
+    224,
+    8,
+    0.5,
+    0.0,
+    1,
+    e2e_train=24,
+    e2e_val=8,
+    e2e_epochs=2,
+    e2e_classes=4,
+    e2e_workers=1,
+    e2e_decode_device=("ila",),
+)
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -80,8 +112,18 @@ def peak_tflops(device_name: str) -> float | None:
 
 # ------------------------------------------------------------------------------------------------ training step
 
-def _step_fn(method: str, sizes: Sizes, device, channels_last: bool = False, compile_: bool = False,
-             train: bool = True, num_classes: int = 200, fused: bool = False, sdpa: str | None = None):
+
+def _step_fn(
+    method: str,
+    sizes: Sizes,
+    device,
+    channels_last: bool = False,
+    compile_: bool = False,
+    train: bool = True,
+    num_classes: int = 200,
+    fused: bool = False,
+    sdpa: str | None = None,
+):
     """A closure running one engine train_step (or one forward) of `method` on a fixed synthetic batch; `fused`: the
     fused optimiser kernel (CUDA), `sdpa`: force one attention backend (FLASH_ATTENTION, CUDNN_ATTENTION, ...)."""
     import torch
@@ -106,6 +148,7 @@ def _step_fn(method: str, sizes: Sizes, device, channels_last: bool = False, com
         def forward():
             with torch.no_grad(), autocast(device, precision):
                 net(x)
+
         return forward, model, x
     model.train()
     kernel = {"fused": True} if fused else {"foreach": True}
@@ -116,6 +159,7 @@ def _step_fn(method: str, sizes: Sizes, device, channels_last: bool = False, com
     def step():
         with backend():
             train_step(net, x, y, opt, loss_fn, device, precision, grad_clip=1.0)
+
     return step, model, x
 
 
@@ -151,8 +195,14 @@ def train_flops_per_image(model, x) -> int:
 def check_train_step(sizes: Sizes, device, peak: float | None, compile_: bool) -> dict:
     import torch
 
-    out: dict = {"model": sizes.model, "img_size": sizes.img_size, "batch_size": sizes.batch_size,
-                 "precision": "bf16", "optimizer": "sgd (GLSim recipe)", "peak_bf16_tflops": peak}
+    out: dict = {
+        "model": sizes.model,
+        "img_size": sizes.img_size,
+        "batch_size": sizes.batch_size,
+        "precision": "bf16",
+        "optimizer": "sgd (GLSim recipe)",
+        "peak_bf16_tflops": peak,
+    }
     step, model, x = _step_fn("vit", sizes, device)
     flops = train_flops_per_image(model, x)
     out["train_gflops_per_image"] = round(flops / 1e9, 2)
@@ -165,14 +215,18 @@ def check_train_step(sizes: Sizes, device, peak: float | None, compile_: bool) -
         except RuntimeError as exc:  # a forced attention backend this GPU or shape lacks
             runs[name] = {"unavailable": str(exc)[:200]}
             continue
-        runs[name] = {"img_per_s": round(ips, 1), "seconds": round(time.perf_counter() - t0, 1),
-                      "mfu": round(ips * flops / (peak * 1e12), 4) if peak else None}
+        runs[name] = {
+            "img_per_s": round(ips, 1),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "mfu": round(ips * flops / (peak * 1e12), 4) if peak else None,
+        }
         del step, model, x
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if not compile_:
-        runs["compile"] = {"skipped": "--skip-compile" if device.type == "cuda"
-                           else "CPU form: compiling takes ~1 min on 2 cores"}
+        runs["compile"] = {
+            "skipped": "--skip-compile" if device.type == "cuda" else "CPU form: compiling takes ~1 min on 2 cores"
+        }
     out["runs"] = runs
     best = max((k for k in runs if "img_per_s" in runs[k]), key=lambda k: runs[k]["img_per_s"])
     out |= {"best": best, "best_img_per_s": runs[best]["img_per_s"], "best_mfu": runs[best]["mfu"]}
@@ -185,8 +239,10 @@ def _step_configs(device, compile_: bool) -> dict[str, dict]:
     configs: dict[str, dict] = {"eager": {}, "channels_last": {"channels_last": True}}
     if device.type == "cuda":
         configs |= {"eager_fused": {"fused": True}}
-        configs |= {f"sdpa_{b.split('_')[0].lower()}": {"fused": True, "sdpa": b}
-                    for b in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")}
+        configs |= {
+            f"sdpa_{b.split('_')[0].lower()}": {"fused": True, "sdpa": b}
+            for b in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
+        }
     if compile_:
         configs["compile"] = {"compile_": True, "fused": device.type == "cuda"}
     return configs
@@ -205,15 +261,26 @@ def check_ratio(a: str, b: str, sizes: Sizes, device) -> dict:
             del fn, model, x
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        out |= {f"{mode}_{a}_img_per_s": round(ips[a], 1), f"{mode}_{b}_img_per_s": round(ips[b], 1),
-                f"{mode}_ratio": round(ips[a] / ips[b], 3)}
+        out |= {
+            f"{mode}_{a}_img_per_s": round(ips[a], 1),
+            f"{mode}_{b}_img_per_s": round(ips[b], 1),
+            f"{mode}_ratio": round(ips[a] / ips[b], 3),
+        }
     return out
 
 
 # ------------------------------------------------------------------------------------------------------- loader
 
-def time_loader(df, image_root: Path, img_size: int, workers: int, batch_size: int = 64, max_batches: int | None = None,
-                seed: int = 0) -> dict:
+
+def time_loader(
+    df,
+    image_root: Path,
+    img_size: int,
+    workers: int,
+    batch_size: int = 64,
+    max_batches: int | None = None,
+    seed: int = 0,
+) -> dict:
     """img/s of the engine's training DataLoader (ManifestDataset + GLSim medaugs, EpochSampler, no decode cache)
     over one pass of `df` (or `max_batches` batches), after the workers have started and sent their first batch."""
     import torch
@@ -225,8 +292,9 @@ def time_loader(df, image_root: Path, img_size: int, workers: int, batch_size: i
 
     cfg = TrainParams(recipe="glsim", method="vit", model=VIT_B, img_size=img_size)  # medaugs, resize 1.34
     dcfg = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
-    ds = ManifestDataset(df, image_root, train_transform(cfg, dcfg, seed), cache=False, seed=seed,
-                         device_params=batch_augment(cfg, dcfg))
+    ds = ManifestDataset(
+        df, image_root, train_transform(cfg, dcfg, seed), cache=False, seed=seed, device_params=batch_augment(cfg, dcfg)
+    )
     loader = make_loader(ds, batch_size, True, seed, workers, torch.device("cpu"))
     loader.sampler.set_epoch(1)
     it = iter(loader)
@@ -241,8 +309,14 @@ def time_loader(df, image_root: Path, img_size: int, workers: int, batch_size: i
     seconds = time.perf_counter() - t0
     del it, loader
     ips = n / seconds if seconds > 0 else 0.0
-    return {"workers": workers, "images": n, "seconds": round(seconds, 2), "img_per_s": round(ips, 1),
-            "img_per_s_per_worker": round(ips / max(workers, 1), 1), "first_batch_s": round(first, 2)}
+    return {
+        "workers": workers,
+        "images": n,
+        "seconds": round(seconds, 2),
+        "img_per_s": round(ips, 1),
+        "img_per_s_per_worker": round(ips / max(workers, 1), 1),
+        "first_batch_s": round(first, 2),
+    }
 
 
 def check_loader(sizes: Sizes, tmp: Path, model_img_per_s: float | None) -> dict:
@@ -251,20 +325,32 @@ def check_loader(sizes: Sizes, tmp: Path, model_img_per_s: float | None) -> dict
     t0 = time.perf_counter()
     df = write_jpeg_shards(tmp / "shards", sizes.loader_images, processes=os.cpu_count() or 1)
     made = time.perf_counter() - t0
-    one = time_loader(df, tmp / "shards", sizes.loader_img_size, 1, sizes.loader_batch,
-                      max_batches=6 if sizes is GPU else None)
-    many = (time_loader(df, tmp / "shards", sizes.loader_img_size, sizes.loader_workers, sizes.loader_batch)
-            if sizes.loader_workers > 1 else one)
+    one = time_loader(
+        df, tmp / "shards", sizes.loader_img_size, 1, sizes.loader_batch, max_batches=6 if sizes is GPU else None
+    )
+    many = (
+        time_loader(df, tmp / "shards", sizes.loader_img_size, sizes.loader_workers, sizes.loader_batch)
+        if sizes.loader_workers > 1
+        else one
+    )
     per_worker = one["img_per_s"]
-    out = {"img_size": sizes.loader_img_size, "augment": "med (GLSim medaugs; CPU half: uint8)",
-           "format": "JPEG 256x320 in tar shards",
-           "images": sizes.loader_images, "write_seconds": round(made, 1), "one_worker": one,
-           "n_workers": many, "cpu_count": os.cpu_count(),
-           "workers_for_2500_img_per_s": math.ceil(H100_VIT_B_IMG_PER_S / per_worker) if per_worker else None}
+    out = {
+        "img_size": sizes.loader_img_size,
+        "augment": "med (GLSim medaugs; CPU half: uint8)",
+        "format": "JPEG 256x320 in tar shards",
+        "images": sizes.loader_images,
+        "write_seconds": round(made, 1),
+        "one_worker": one,
+        "n_workers": many,
+        "cpu_count": os.cpu_count(),
+        "workers_for_2500_img_per_s": math.ceil(H100_VIT_B_IMG_PER_S / per_worker) if per_worker else None,
+    }
     if model_img_per_s:
-        out |= {"model_img_per_s": model_img_per_s,
-                "workers_for_model": math.ceil(model_img_per_s / per_worker) if per_worker else None,
-                "keeps_up": many["img_per_s"] >= model_img_per_s}
+        out |= {
+            "model_img_per_s": model_img_per_s,
+            "workers_for_model": math.ceil(model_img_per_s / per_worker) if per_worker else None,
+            "keeps_up": many["img_per_s"] >= model_img_per_s,
+        }
     return out
 
 
@@ -283,10 +369,16 @@ def _e2e_project(sizes: Sizes, tmp: Path, device: str):
     n = sizes.e2e_train + sizes.e2e_val
     df = write_jpeg_shards(tmp / "e2e", n, classes=sizes.e2e_classes, processes=os.cpu_count() or 1)
     ids = [f"{i:07d}" for i in range(n)]
-    df = df.with_columns(pl.Series("image_id", ids), pl.format("c{}", pl.col("class_id")).alias("class_name"),
-                         pl.lit("synthetic").alias("source"), pl.Series("group", ids), pl.Series("md5", ids),
-                         pl.lit(320, pl.Int64).alias("width"), pl.lit(256, pl.Int64).alias("height"),
-                         pl.Series("split", ["train"] * sizes.e2e_train + ["val"] * sizes.e2e_val))
+    df = df.with_columns(
+        pl.Series("image_id", ids),
+        pl.format("c{}", pl.col("class_id")).alias("class_name"),
+        pl.lit("synthetic").alias("source"),
+        pl.Series("group", ids),
+        pl.Series("md5", ids),
+        pl.lit(320, pl.Int64).alias("width"),
+        pl.lit(256, pl.Int64).alias("height"),
+        pl.Series("split", ["train"] * sizes.e2e_train + ["val"] * sizes.e2e_val),
+    )
     manifest.write(df, tmp / "e2e_split")
     return tmp / "e2e_split" / manifest.MANIFEST, tmp / "e2e"
 
@@ -295,16 +387,35 @@ def _e2e_params(method: str, sizes: Sizes, device: str, compile_: bool = False, 
     from pipeline.config import Params
 
     emoji = Path(__file__).resolve().parents[1] / "datasets" / "emoji"
-    return Params.model_validate({
-        "base": {"device": device, "threads": os.cpu_count() if device == "cuda" else 1, "mlflow_dir": "mlflow",
-                 "experiment": "e2e"},
-        "acquire": {"source": "embedded", "embedded": {"path": str(emoji)}},
-        "train": {"recipe": E2E_RECIPES[method], "method": method, "model": sizes.model, "weights": "none",
-                  "backbone_cnn": None, "img_size": sizes.img_size,
-                  "batch_size": sizes.batch_size, "epochs": sizes.e2e_epochs,
-                  "precision": "bf16", "num_workers": sizes.e2e_workers, "decode_cache": False, "resume": False,
-                  "compile": compile_, "warmup_steps": 10, "decode": decode},
-        "variants": {"x": {}}})
+    return Params.model_validate(
+        {
+            "base": {
+                "device": device,
+                "threads": os.cpu_count() if device == "cuda" else 1,
+                "mlflow_dir": "mlflow",
+                "experiment": "e2e",
+            },
+            "acquire": {"source": "embedded", "embedded": {"path": str(emoji)}},
+            "train": {
+                "recipe": E2E_RECIPES[method],
+                "method": method,
+                "model": sizes.model,
+                "weights": "none",
+                "backbone_cnn": None,
+                "img_size": sizes.img_size,
+                "batch_size": sizes.batch_size,
+                "epochs": sizes.e2e_epochs,
+                "precision": "bf16",
+                "num_workers": sizes.e2e_workers,
+                "decode_cache": False,
+                "resume": False,
+                "compile": compile_,
+                "warmup_steps": 10,
+                "decode": decode,
+            },
+            "variants": {"x": {}},
+        }
+    )
 
 
 def engine_step_alone(params, num_classes: int, device) -> float:
@@ -319,8 +430,14 @@ def engine_step_alone(params, num_classes: int, device) -> float:
     from pipeline.training.engine import make_optimizer, train_step, use_channels_last
 
     cfg = params.train
-    model = build_model(cfg.method, cfg.model, num_classes, cfg.weights, cfg.img_size,
-                        **model_options(cfg, source_dataset(params.acquire))).to(device)
+    model = build_model(
+        cfg.method,
+        cfg.model,
+        num_classes,
+        cfg.weights,
+        cfg.img_size,
+        **model_options(cfg, source_dataset(params.acquire)),
+    ).to(device)
     fmt = torch.channels_last if use_channels_last(cfg.method, cfg.backbone_cnn) else torch.contiguous_format
     model = model.to(memory_format=fmt).train(not getattr(model, "frozen_backbone", False))
     optimizer, scheduler = make_optimizer(model, cfg, 1000, device)
@@ -331,14 +448,24 @@ def engine_step_alone(params, num_classes: int, device) -> float:
 
     def step():
         train_step(net, x, y, optimizer, loss_fn, device, cfg.precision, cfg.grad_clip)
+
     time_calls(step, 3, device)
     steps = 10 if device.type == "cuda" else 2
     seconds = sorted(time_calls(step, steps, device) for _ in range(3))[1]
     return steps * cfg.batch_size / seconds
 
 
-def _e2e_one(method: str, sizes: Sizes, tmp: Path, split: Path, images: Path, device, compile_: bool,
-             decode: str = "cpu", step_ips: float | None = None) -> dict:
+def _e2e_one(
+    method: str,
+    sizes: Sizes,
+    tmp: Path,
+    split: Path,
+    images: Path,
+    device,
+    compile_: bool,
+    decode: str = "cpu",
+    step_ips: float | None = None,
+) -> dict:
     """One train() run; `step_ips`: the step alone already measured for this method (the decode path differs only
     in its input pipeline)."""
     import torch
@@ -358,23 +485,39 @@ def _e2e_one(method: str, sizes: Sizes, tmp: Path, split: Path, images: Path, de
     steady = epochs[1:]
     steady_ips = sum(e["images"] for e in steady) / sum(e["train_seconds"] for e in steady)
     steady_s = statistics.mean(e["train_seconds"] for e in steady)
-    return {"recipe": params.train.recipe, "augment": params.train.augment, "batch_size": params.train.batch_size,
-            "compile": compile_, "decode": decode, "epoch_seconds": [round(e["train_seconds"], 2) for e in epochs],
-            "steady_img_per_s": round(steady_ips, 1), "step_alone_img_per_s": round(step_ips, 1),
-            "engine_over_step": round(steady_ips / step_ips, 3),
-            "first_epoch_over_steady": round(epochs[0]["train_seconds"] / steady_s, 3),
-            "wall_seconds": round(wall, 1)}
+    return {
+        "recipe": params.train.recipe,
+        "augment": params.train.augment,
+        "batch_size": params.train.batch_size,
+        "compile": compile_,
+        "decode": decode,
+        "epoch_seconds": [round(e["train_seconds"], 2) for e in epochs],
+        "steady_img_per_s": round(steady_ips, 1),
+        "step_alone_img_per_s": round(step_ips, 1),
+        "engine_over_step": round(steady_ips / step_ips, 3),
+        "first_epoch_over_steady": round(epochs[0]["train_seconds"] / steady_s, 3),
+        "wall_seconds": round(wall, 1),
+    }
 
 
-def check_engine_e2e(sizes: Sizes, tmp: Path, device, methods=("vit", "glsim", "ila"),
-                     compile_methods: tuple[str, ...] = ()) -> dict:
+def check_engine_e2e(
+    sizes: Sizes, tmp: Path, device, methods=("vit", "glsim", "ila"), compile_methods: tuple[str, ...] = ()
+) -> dict:
     """train() end to end per method (plus compiled runs for `compile_methods`), each against its step alone."""
     t0 = time.perf_counter()
     split, images = _e2e_project(sizes, tmp, device.type)
-    out: dict = {"model": sizes.model, "img_size": sizes.img_size, "precision": "bf16",
-                 "train_images": sizes.e2e_train, "val_images": sizes.e2e_val, "epochs": sizes.e2e_epochs,
-                 "workers": sizes.e2e_workers, "decode_cache": False, "format": "JPEG 256x320 in tar shards",
-                 "write_seconds": round(time.perf_counter() - t0, 1)}
+    out: dict = {
+        "model": sizes.model,
+        "img_size": sizes.img_size,
+        "precision": "bf16",
+        "train_images": sizes.e2e_train,
+        "val_images": sizes.e2e_val,
+        "epochs": sizes.e2e_epochs,
+        "workers": sizes.e2e_workers,
+        "decode_cache": False,
+        "format": "JPEG 256x320 in tar shards",
+        "write_seconds": round(time.perf_counter() - t0, 1),
+    }
     for method in methods:
         out[method] = _e2e_one(method, sizes, tmp, split, images, device, False)
     for method in sizes.e2e_decode_device:  # the same runs with decode and crop on the device (train.decode)
@@ -386,6 +529,7 @@ def check_engine_e2e(sizes: Sizes, tmp: Path, device, methods=("vit", "glsim", "
 
 
 # -------------------------------------------------------------------------------------------- sweep, eval, predict
+
 
 def _emoji_project(root: Path, device: str, sizes: Sizes, n_classes: int = 6):
     """A tiny project on the embedded emoji set (first classes, held-out artist split), as a Params + its paths."""
@@ -400,14 +544,23 @@ def _emoji_project(root: Path, device: str, sizes: Sizes, n_classes: int = 6):
     emoji = Path(__file__).resolve().parents[1] / "datasets" / "emoji"
     if not (emoji / "index.csv").is_file():
         raise FileNotFoundError(f"the embedded dataset {emoji} is missing (run gpu-check from a project checkout)")
-    params = Params.model_validate({
-        "base": {"device": device, "threads": 1, "mlflow_dir": "mlflow", "experiment": "gpu-check"},
-        "acquire": {"source": "embedded", "embedded": {"path": str(emoji)}},
-        "train": {"img_size": 32, "epochs": 1, "batch_size": 16, "warmup_epochs": 0},
-        "tune": {"space": {"lr": ["grid", 5e-4, 1e-3, 2e-3, 4e-3]}, "num_samples": 1, "epochs": 1,
-                 "scheduler": "fifo", "max_failures": 0, "results_dir": str(root / "ray"),
-                 "resources": {"cpu": sizes.trial_cpu, "gpu": sizes.trial_gpu}},
-        "variants": {"cnn": {}}})
+    params = Params.model_validate(
+        {
+            "base": {"device": device, "threads": 1, "mlflow_dir": "mlflow", "experiment": "gpu-check"},
+            "acquire": {"source": "embedded", "embedded": {"path": str(emoji)}},
+            "train": {"img_size": 32, "epochs": 1, "batch_size": 16, "warmup_epochs": 0},
+            "tune": {
+                "space": {"lr": ["grid", 5e-4, 1e-3, 2e-3, 4e-3]},
+                "num_samples": 1,
+                "epochs": 1,
+                "scheduler": "fifo",
+                "max_failures": 0,
+                "results_dir": str(root / "ray"),
+                "resources": {"cpu": sizes.trial_cpu, "gpu": sizes.trial_gpu},
+            },
+            "variants": {"cnn": {}},
+        }
+    )
     raw = acquire(params.acquire, root, root / "data/raw")
     keep = sorted(raw["class_name"].unique().to_list())[:n_classes]
     manifest.write(raw.filter(pl.col("class_name").is_in(keep)), root / "data/raw")  # clean re-numbers the ids
@@ -419,8 +572,6 @@ def _emoji_project(root: Path, device: str, sizes: Sizes, n_classes: int = 6):
 
 def check_sweep(sizes: Sizes, tmp: Path) -> tuple[dict, dict]:
     """(the sweep's figures, what evaluate/predict need: params, split, images, best trial's model folder)."""
-    from mlflow import MlflowClient
-
     from pipeline import tracking
     from pipeline.tuning.sweep import run_sweep
 
@@ -430,20 +581,32 @@ def check_sweep(sizes: Sizes, tmp: Path) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     summary = run_sweep(params, split_file, images, root, root / "best_params.yaml", root / "metrics/tune.json")
     seconds = time.perf_counter() - t0
-    client = MlflowClient(tracking.tracking_uri(params.base, root))
-    exp = client.get_experiment_by_name(params.base.experiment)
-    runs = client.search_runs([exp.experiment_id], "tags.stage = 'tune'")
+    store = tracking.Store.of(params.base, root)
+    runs = store.runs(store.experiment_id(params.base.experiment), "tags.stage = 'tune'")
     trials = [r for r in runs if r.data.tags.get("tune_role") != "parent"]
-    out = {"trials": summary["trials"], "completed": summary["completed"], "failed": summary["failed"],
-           "gpu_per_trial": sizes.trial_gpu, "cpu_per_trial": sizes.trial_cpu, "seconds": round(seconds, 1),
-           "max_concurrent": _max_overlap([(r.info.start_time, r.info.end_time) for r in trials]),
-           "gpu_ids": sorted({r.data.tags.get("tune_gpu_ids", "none") for r in trials}),
-           "trial_devices": sorted({r.data.tags.get("device", "?") for r in trials}),
-           "mlflow_runs": len(runs), "mlflow_trial_runs_finished": sum(r.info.status == "FINISHED" for r in trials),
-           "mlflow_uri_kind": tracking.tracking_uri(params.base, root).split(":", 1)[0]}
+    out = {
+        "trials": summary["trials"],
+        "completed": summary["completed"],
+        "failed": summary["failed"],
+        "gpu_per_trial": sizes.trial_gpu,
+        "cpu_per_trial": sizes.trial_cpu,
+        "seconds": round(seconds, 1),
+        "max_concurrent": _max_overlap([(r.info.start_time, r.info.end_time) for r in trials]),
+        "gpu_ids": sorted({r.data.tags.get("tune_gpu_ids", "none") for r in trials}),
+        "trial_devices": sorted({r.data.tags.get("device", "?") for r in trials}),
+        "mlflow_runs": len(runs),
+        "mlflow_trial_runs_finished": sum(r.info.status == "FINISHED" for r in trials),
+        "mlflow_uri_kind": tracking.tracking_uri(params.base, root).split(":", 1)[0],
+    }
     best = max(trials, key=lambda r: r.data.metrics.get("val_top1", -1.0))
-    model_dir = root / params.tune.results_dir / best.data.tags["tune_sweep"] / "trials" / \
-        best.data.tags["tune_trial_id"] / "model"
+    model_dir = (
+        root
+        / params.tune.results_dir
+        / best.data.tags["tune_sweep"]
+        / "trials"
+        / best.data.tags["tune_trial_id"]
+        / "model"
+    )
     return out, {"params": params, "split": split_file, "images": images, "model_dir": model_dir, "root": root}
 
 
@@ -474,42 +637,57 @@ def check_evaluate_predict(ctx: dict, tmp: Path) -> tuple[dict, dict]:
     test = manifest.read(ctx["split"]).filter(pl.col("split") == "test")
     model, ckpt = load_checkpoint(ctx["model_dir"] / "model.pt", device)
     img_per_s = forward_throughput(model, ckpt["model_spec"]["img_size"], params.evaluate.batch_size, device)
-    ev = {"device": str(device), "test_top1": round(metrics["test_top1"], 4), "test_images": metrics["test_images"],
-          "test_img_per_s": round(img_per_s, 1), "seconds": round(seconds, 1)}
+    ev = {
+        "device": str(device),
+        "test_top1": round(metrics["test_top1"], 4),
+        "test_images": metrics["test_images"],
+        "test_img_per_s": round(img_per_s, 1),
+        "seconds": round(seconds, 1),
+    }
 
     predictor = Predictor(model, ckpt, device, params.clean)
     paths = [ctx["images"] / p for p in test["path"]]
     t0 = time.perf_counter()
-    results = [r for i in range(0, len(paths), 32) for r in predictor.predict(paths[i:i + 32], 1)]
+    results = [r for i in range(0, len(paths), 32) for r in predictor.predict(paths[i : i + 32], 1)]
     seconds = time.perf_counter() - t0
     by_id = dict(pl.read_csv(out.predictions).select("image_id", "predicted").iter_rows())
     agree = sum(r["top_k"][0]["class_name"] == by_id[i] for r, i in zip(results, test["image_id"]))
-    pr = {"device": str(next(model.parameters()).device), "images": len(results), "seconds": round(seconds, 2),
-          "img_per_s": round(len(results) / seconds, 1), "agrees_with_evaluate": round(agree / len(results), 4)}
+    pr = {
+        "device": str(next(model.parameters()).device),
+        "images": len(results),
+        "seconds": round(seconds, 2),
+        "img_per_s": round(len(results) / seconds, 1),
+        "agrees_with_evaluate": round(agree / len(results), 4),
+    }
     return ev, pr
 
 
 # ---------------------------------------------------------------------------------------------------- the check
 
-def run(skip_compile: bool = False, force_cpu: bool = False, peak: float | None = None,
-        parts: tuple[str, ...] | None = None, json_out: Path | None = None) -> dict:
-    import torch
 
+# The parts whose CPU figures say nothing about a GPU (listed as needs_gpu in a CPU run's summary).
+NEEDS_GPU = (
+    "train_step",
+    "glsim_vs_vit",
+    "ila_vs_frozen_vit",
+    "loader.keeps_up",
+    "engine_e2e",
+    "sweep",
+    "evaluate",
+    "predict",
+)
+
+
+def run(
+    skip_compile: bool = False,
+    force_cpu: bool = False,
+    peak: float | None = None,
+    parts: tuple[str, ...] | None = None,
+    json_out: Path | None = None,
+) -> dict:
     t_all = time.perf_counter()
-    cuda = torch.cuda.is_available() and not force_cpu
-    device = torch.device("cuda" if cuda else "cpu")
-    sizes = GPU if cuda else CPU
-    name = torch.cuda.get_device_name(0) if cuda else None
-    peak = peak or (peak_tflops(name) if name else None)
-    if not cuda:
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    summary: dict = {"device": str(device), "gpu": name, "cpu_reduced": not cuda, "torch": torch.__version__,
-                     "needs_gpu": [] if cuda else ["train_step", "glsim_vs_vit", "ila_vs_frozen_vit",
-                                                   "loader.keeps_up", "engine_e2e", "sweep", "evaluate", "predict"]}
-    wanted = set(parts or ALL_PARTS)
+    device, peak, summary = _setup(force_cpu, peak)
+    cuda = device.type == "cuda"
 
     def part(key: str, fn):
         t0 = time.perf_counter()
@@ -522,34 +700,63 @@ def run(skip_compile: bool = False, force_cpu: bool = False, peak: float | None 
         _write_summary(json_out, summary | {"seconds": round(time.perf_counter() - t_all, 1), "partial": True})
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp_name:
-        tmp = Path(tmp_name)
-        if "engine_e2e" in wanted:  # first: the figures issue 20 is about, before any compile can run long
-            compiled = ("vit",) if cuda and not skip_compile and "engine_e2e_compile" in wanted else ()
-            part("engine_e2e", lambda: check_engine_e2e(sizes, tmp, device, compile_methods=compiled))
-        if "train_step" in wanted:
-            part("train_step", lambda: check_train_step(sizes, device, peak, cuda and not skip_compile))
-        if "glsim_vs_vit" in wanted:
-            part("glsim_vs_vit", lambda: check_ratio("glsim", "vit", sizes, device) | {"paper_ratio": 0.75})
-        if "ila_vs_frozen_vit" in wanted:
-            part("ila_vs_frozen_vit", lambda: check_ratio("ila", "linear", sizes, device))
-        if "loader" in wanted:
-            consumption = (summary.get("train_step") or {}).get("best_img_per_s")
-            part("loader", lambda: check_loader(sizes, tmp, consumption))
-        if "sweep" in wanted or "evaluate" in wanted:
-            ctx: dict = {}
-
-            def sweep():
-                figures, found = check_sweep(sizes, tmp)
-                ctx.update(found)
-                return figures
-            part("sweep", sweep)
-            if ctx and "evaluate" in wanted:
-                pair: dict = {}
-                part("evaluate", lambda: pair.setdefault("x", check_evaluate_predict(ctx, tmp))[0])
-                summary["predict"] = pair["x"][1] if "x" in pair else {"error": "evaluate failed"}
+        _run_parts(set(parts or ALL_PARTS), part, summary, Path(tmp_name), device, peak, cuda and not skip_compile)
     summary["seconds"] = round(time.perf_counter() - t_all, 1)
     _write_summary(json_out, summary)
     return summary
+
+
+def _setup(force_cpu: bool, peak: float | None):
+    """The device (CUDA unless forced off), its peak TFLOP/s and the summary's header; TF32 on CUDA, 2 CPU threads."""
+    import torch
+
+    cuda = torch.cuda.is_available() and not force_cpu
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name(0) if cuda else None
+    peak = peak or (peak_tflops(name) if name else None)
+    if not cuda:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    summary = {
+        "device": str(device),
+        "gpu": name,
+        "cpu_reduced": not cuda,
+        "torch": torch.__version__,
+        "needs_gpu": [] if cuda else list(NEEDS_GPU),
+    }
+    return device, peak, summary
+
+
+def _run_parts(wanted: set, part, summary: dict, tmp: Path, device, peak: float | None, compile_: bool) -> None:
+    """Each wanted part in order, through `part` (which records its figures or its error in the summary)."""
+    sizes = GPU if device.type == "cuda" else CPU
+    if "engine_e2e" in wanted:  # first: the figures issue 20 is about, before any compile can run long
+        compiled = ("vit",) if compile_ and "engine_e2e_compile" in wanted else ()
+        part("engine_e2e", lambda: check_engine_e2e(sizes, tmp, device, compile_methods=compiled))
+    if "train_step" in wanted:
+        part("train_step", lambda: check_train_step(sizes, device, peak, compile_))
+    if "glsim_vs_vit" in wanted:
+        part("glsim_vs_vit", lambda: check_ratio("glsim", "vit", sizes, device) | {"paper_ratio": 0.75})
+    if "ila_vs_frozen_vit" in wanted:
+        part("ila_vs_frozen_vit", lambda: check_ratio("ila", "linear", sizes, device))
+    if "loader" in wanted:
+        consumption = (summary.get("train_step") or {}).get("best_img_per_s")
+        part("loader", lambda: check_loader(sizes, tmp, consumption))
+    if "sweep" in wanted or "evaluate" in wanted:
+        ctx: dict = {}
+
+        def sweep():
+            figures, found = check_sweep(sizes, tmp)
+            ctx.update(found)
+            return figures
+
+        part("sweep", sweep)
+        if ctx and "evaluate" in wanted:
+            pair: dict = {}
+            part("evaluate", lambda: pair.setdefault("x", check_evaluate_predict(ctx, tmp))[0])
+            summary["predict"] = pair["x"][1] if "x" in pair else {"error": "evaluate failed"}
 
 
 def _write_summary(path: Path | None, summary: dict) -> None:
@@ -560,14 +767,21 @@ def _write_summary(path: Path | None, summary: dict) -> None:
 
 
 def add_gpu_check_parser(sub) -> None:
-    p = sub.add_parser("gpu-check", help="GPU readiness: train-step img/s + MFU, ratios, loader, sweep, eval",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "gpu-check",
+        help="GPU readiness: train-step img/s + MFU, ratios, loader, sweep, eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line (progress on stderr)")
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile runs (~1-2 min)")
     p.add_argument("--cpu", action="store_true", help="the reduced CPU form even where CUDA is available")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (default: from its name)")
-    p.add_argument("--parts", help="comma-separated subset: " + ",".join(ALL_PARTS) + " (evaluate includes "
-                                   "predict and needs the sweep; engine_e2e_compile adds a compiled vit to engine_e2e)")
+    p.add_argument(
+        "--parts",
+        help="comma-separated subset: " + ",".join(ALL_PARTS) + " (evaluate includes "
+        "predict and needs the sweep; engine_e2e_compile adds a compiled vit to engine_e2e)",
+    )
     p.add_argument("--json-out", type=Path, help="also write the summary to this file, after every part")
     p.set_defaults(fn=_main)
 

@@ -44,20 +44,52 @@ def get(name: str) -> Method:
         raise ValueError(f"train.method: unknown method {name!r}, expected one of {tuple(METHODS)}") from None
 
 
-register(Method("cnn", "any timm model, fully fine-tuned", None, needs_vit=False, options=(),
-                profile="one forward pass"))
-register(Method("linear", "a frozen timm backbone, only the classifier trains (linear probe)",
-                "pipeline.models.factory:linear_probe", needs_vit=False, options=(),
-                profile="one forward pass"))
-register(Method("vit", "a timm VisionTransformer, fully fine-tuned (img_size and patch_size resampled by timm)", None,
-                needs_vit=False, options=(), profile="one forward pass, token grid"))
-register(Method("glsim", "GLSim: global-local similarity crop, re-encoded by the same ViT (docs/methods.md#glsim)",
-                "pipeline.models.glsim:build", needs_vit=True, options=("glsim_top_k", "glsim_box"),
-                compared_with_vit=True, profile="two encoder passes, selection FLOPs (counted and the paper's)"))
-register(Method("ila", "ILA: down-sampling inter-layer adapters on a frozen ViT (docs/methods.md#ila)",
-                "pipeline.models.ila:build", needs_vit=True, options=("ila_variant",),
-                variants=("ila", "ila+", "ila++"), compared_with_vit=True,
-                profile="one encoder pass over a shrinking token grid"))
+register(
+    Method("cnn", "any timm model, fully fine-tuned", None, needs_vit=False, options=(), profile="one forward pass")
+)
+register(
+    Method(
+        "linear",
+        "a frozen timm backbone, only the classifier trains (linear probe)",
+        "pipeline.models.factory:linear_probe",
+        needs_vit=False,
+        options=(),
+        profile="one forward pass",
+    )
+)
+register(
+    Method(
+        "vit",
+        "a timm VisionTransformer, fully fine-tuned (img_size and patch_size resampled by timm)",
+        None,
+        needs_vit=False,
+        options=(),
+        profile="one forward pass, token grid",
+    )
+)
+register(
+    Method(
+        "glsim",
+        "GLSim: global-local similarity crop, re-encoded by the same ViT (docs/methods.md#glsim)",
+        "pipeline.models.glsim:build",
+        needs_vit=True,
+        options=("glsim_top_k", "glsim_box"),
+        compared_with_vit=True,
+        profile="two encoder passes, selection FLOPs (counted and the paper's)",
+    )
+)
+register(
+    Method(
+        "ila",
+        "ILA: down-sampling inter-layer adapters on a frozen ViT (docs/methods.md#ila)",
+        "pipeline.models.ila:build",
+        needs_vit=True,
+        options=("ila_variant",),
+        variants=("ila", "ila+", "ila++"),
+        compared_with_vit=True,
+        profile="one encoder pass over a shrinking token grid",
+    )
+)
 
 METHOD_NAMES = tuple(METHODS)
 ILA_VARIANTS = METHODS["ila"].variants

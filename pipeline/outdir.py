@@ -63,8 +63,9 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def check_writable(out: Path, stage: str, *, project: Path | None = None, inputs: Iterable[tuple[str, Path]] = ()) \
-        -> None:
+def check_writable(
+    out: Path, stage: str, *, project: Path | None = None, inputs: Iterable[tuple[str, Path]] = ()
+) -> None:
     """Refuse an output folder whose replacement could delete something the project did not write.
 
     `project` (the project root) must not be inside `out`; no input (name, path) may overlap `out`; an existing
@@ -73,24 +74,32 @@ def check_writable(out: Path, stage: str, *, project: Path | None = None, inputs
     out = Path(out)
     dest = out.resolve()
     if project is not None and (dest == project.resolve() or dest in project.resolve().parents):
-        raise OutputFolderError(f"{stage}: output folder {out} contains the project ({project.resolve()}); "
-                                "it is replaced on every run, so choose a folder inside it, e.g. data/raw")
+        raise OutputFolderError(
+            f"{stage}: output folder {out} contains the project ({project.resolve()}); "
+            "it is replaced on every run, so choose a folder inside it, e.g. data/raw"
+        )
     for name, path in inputs:
         if _overlaps(dest, Path(path).resolve()):
-            raise OutputFolderError(f"{stage}: output folder {out} overlaps the input {name} ({path}); the output is "
-                                    "replaced on every run, so choose another folder")
+            raise OutputFolderError(
+                f"{stage}: output folder {out} overlaps the input {name} ({path}); the output is "
+                "replaced on every run, so choose another folder"
+            )
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise OutputFolderError(f"{stage}: output {out} exists and is not a folder; remove it or choose another")
     if out.is_dir() and any(out.iterdir()) and not is_ours(out):
-        raise OutputFolderError(f"{stage}: output folder {out} is not empty and was not written by this project "
-                                f"(no {MARKER} file in it), so it is left untouched; choose an empty or new folder, "
-                                "or move its files away yourself")
+        raise OutputFolderError(
+            f"{stage}: output folder {out} is not empty and was not written by this project "
+            f"(no {MARKER} file in it), so it is left untouched; choose an empty or new folder, "
+            "or move its files away yourself"
+        )
     foreign = foreign_entries(out) if out.is_dir() else []
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise OutputFolderError(f"{stage}: output folder {out} holds {len(foreign)} entries the project did not "
-                                f"write ({shown}); a re-run replaces the whole folder, so nothing was changed: move "
-                                "them elsewhere, then run again")
+        raise OutputFolderError(
+            f"{stage}: output folder {out} holds {len(foreign)} entries the project did not "
+            f"write ({shown}); a re-run replaces the whole folder, so nothing was changed: move "
+            "them elsewhere, then run again"
+        )
 
 
 def claim(out: Path, stage: str) -> None:
@@ -100,8 +109,9 @@ def claim(out: Path, stage: str) -> None:
 
 
 @contextmanager
-def replace_folder(out: Path, stage: str, *, project: Path | None = None,
-                   inputs: Iterable[tuple[str, Path]] = ()) -> Iterator[Path]:
+def replace_folder(
+    out: Path, stage: str, *, project: Path | None = None, inputs: Iterable[tuple[str, Path]] = ()
+) -> Iterator[Path]:
     """Yield an empty temporary sibling of `out` to write into; it replaces `out` only if the block succeeds.
 
     On any error (or interrupt) the temporary folder is removed and `out` is exactly as before.

@@ -43,12 +43,19 @@ def machine() -> dict[str, str]:
     import timm
     import torch
 
-    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            if torch.cuda.is_available() else [])
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    return {"cpu": _cpu_model(), "gpu": ", ".join(gpus) or "none", "torch": torch.__version__,
-            "timm": timm.__version__, "cuda": torch.version.cuda or "none (CPU build of torch)",
-            "cudnn": str(cudnn or "none"), "python": platform.python_version()}
+    return {
+        "cpu": _cpu_model(),
+        "gpu": ", ".join(gpus) or "none",
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "cuda": torch.version.cuda or "none (CPU build of torch)",
+        "cudnn": str(cudnn or "none"),
+        "python": platform.python_version(),
+    }
 
 
 def _cpu_model() -> str:
@@ -76,8 +83,12 @@ def dvc_deps(root: Path, stage: str) -> dict[str, str]:
     recorded = {d["path"]: d.get("md5") for d in entry.get("deps", [])}
     current = {path: _current_hash(root / path, produced.get(path)) for path in recorded}
     changed = sorted(p for p in recorded if current[p] != recorded[p])
-    return {"dvc_stage": stage, "deps_md5": _digest(current), "dvc_lock_deps_md5": _digest(recorded),
-            "dvc_lock_current": "true" if not changed else f"false ({len(changed)} changed: {', '.join(changed[:5])})"}
+    return {
+        "dvc_stage": stage,
+        "deps_md5": _digest(current),
+        "dvc_lock_deps_md5": _digest(recorded),
+        "dvc_lock_current": "true" if not changed else f"false ({len(changed)} changed: {', '.join(changed[:5])})",
+    }
 
 
 def _current_hash(path: Path, produced: str | None) -> str | None:
@@ -90,8 +101,11 @@ def _current_hash(path: Path, produced: str | None) -> str | None:
 
 def dir_md5(folder: Path) -> str:
     """DVC's hash of a folder: md5 of the JSON list of {md5, relpath} of its files, sorted by relpath, + ".dir"."""
-    entries = [{"md5": md5_file(f), "relpath": f.relative_to(folder).as_posix()}
-               for f in sorted(folder.rglob("*")) if f.is_file()]
+    entries = [
+        {"md5": md5_file(f), "relpath": f.relative_to(folder).as_posix()}
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    ]
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 

@@ -31,8 +31,10 @@ NOT_TUNABLE = {
 def parse(spec: object) -> tuple[str, list]:
     """(distribution, arguments) of one entry; ValueError saying what is wrong with it."""
     if not isinstance(spec, (list, tuple)) or not spec or not isinstance(spec[0], str):
-        raise ValueError(f"must be a list [distribution, arguments...] with distribution one of "
-                         f"{', '.join(DISTRIBUTIONS)}, got {spec!r}")
+        raise ValueError(
+            f"must be a list [distribution, arguments...] with distribution one of "
+            f"{', '.join(DISTRIBUTIONS)}, got {spec!r}"
+        )
     name, args = spec[0], list(spec[1:])
     if name not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {name!r} (one of {', '.join(DISTRIBUTIONS)})")

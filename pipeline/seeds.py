@@ -78,8 +78,10 @@ class Paired:
 
 def paired(a: dict, b: dict, key: str = "test_top1") -> Paired | None:
     """a[key] - b[key] seed by seed (the `<key>_seeds` lists, matched on `seeds`); None when no seed is shared."""
-    va, vb = dict(zip(a.get("seeds", []), a.get(f"{key}_seeds", []))), dict(zip(b.get("seeds", []),
-                                                                              b.get(f"{key}_seeds", [])))
+    va, vb = (
+        dict(zip(a.get("seeds", []), a.get(f"{key}_seeds", []))),
+        dict(zip(b.get("seeds", []), b.get(f"{key}_seeds", []))),
+    )
     shared = sorted(set(va) & set(vb))
     if not shared:
         return None

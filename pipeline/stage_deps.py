@@ -127,8 +127,12 @@ def derived_deps(root: Path, stage: Stage) -> list[str]:
 def _package_data(code: set[Path]) -> set[Path]:
     """Data folders inside the packages the code comes from (pipeline/report/papers: the tables the report reads)."""
     folders = {p.parent for p in code if p.name == "__init__.py"}
-    return {sub for folder in folders for sub in folder.iterdir()
-            if sub.is_dir() and not (sub / "__init__.py").exists() and sub.name != "__pycache__"}
+    return {
+        sub
+        for folder in folders
+        for sub in folder.iterdir()
+        if sub.is_dir() and not (sub / "__init__.py").exists() and sub.name != "__pycache__"
+    }
 
 
 def _covers(dep: str, path: str) -> bool:

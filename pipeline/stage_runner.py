@@ -30,8 +30,12 @@ def stage_parser(description: str, reads_split: bool = False) -> argparse.Argume
     return p
 
 
-def run(main: Callable[[argparse.Namespace, Any, Path], object], parser: argparse.ArgumentParser,
-        load: Callable[[str], Any], argv: list[str] | None = None) -> int:
+def run(
+    main: Callable[[argparse.Namespace, Any, Path], object],
+    parser: argparse.ArgumentParser,
+    load: Callable[[str], Any],
+    argv: list[str] | None = None,
+) -> int:
     """Parse args, load + validate params with `load` (before any work), call main(args, params, project_root).
 
     `load` is the stage's own loader: pipeline.config.load_params (the whole file) for the training side,

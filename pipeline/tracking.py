@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from pipeline.data_config import BaseParams
@@ -142,9 +143,13 @@ def train_run_of(model_file: Path, experiment_id: str):
 
     md5 = md5_file(model_file)
     for stage in ("train", "tune"):
-        runs = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list", max_results=1,
-                                  filter_string=f"tags.{MODEL_MD5_TAG} = '{md5}' and tags.stage = '{stage}'",
-                                  order_by=["attributes.start_time DESC"])
+        runs = mlflow.search_runs(
+            experiment_ids=[experiment_id],
+            output_format="list",
+            max_results=1,
+            filter_string=f"tags.{MODEL_MD5_TAG} = '{md5}' and tags.stage = '{stage}'",
+            order_by=["attributes.start_time DESC"],
+        )
         if runs:
             return runs[0]
     return None
@@ -159,9 +164,13 @@ def seed_group_run(base: BaseParams, root: Path, name: str, group: str, tags: di
     import mlflow
 
     experiment_id = setup(base, root)
-    found = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list", max_results=1,
-                               filter_string=f"tags.{SEED_GROUP_TAG} = '{group}'",
-                               order_by=["attributes.start_time DESC"])
+    found = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        output_format="list",
+        max_results=1,
+        filter_string=f"tags.{SEED_GROUP_TAG} = '{group}'",
+        order_by=["attributes.start_time DESC"],
+    )
     if found:
         return found[0].info.run_id
     client = mlflow.MlflowClient()
@@ -248,9 +257,16 @@ def model_origin(base: BaseParams, root: Path, model_file: Path, run_id: str | N
             run = client.get_run(run_id)
         else:
             exp = client.get_experiment_by_name(base.experiment)
-            found = [] if exp is None else client.search_runs(
-                [exp.experiment_id], f"tags.{MODEL_MD5_TAG} = '{md5_file(model_file)}' and tags.stage = 'train'",
-                max_results=1, order_by=["attributes.start_time DESC"])
+            found = (
+                []
+                if exp is None
+                else client.search_runs(
+                    [exp.experiment_id],
+                    f"tags.{MODEL_MD5_TAG} = '{md5_file(model_file)}' and tags.stage = 'train'",
+                    max_results=1,
+                    order_by=["attributes.start_time DESC"],
+                )
+            )
             run = found[0] if found else None
     except MlflowException:
         return None
@@ -258,5 +274,82 @@ def model_origin(base: BaseParams, root: Path, model_file: Path, run_id: str | N
         return None
     t = run.data.tags
     keys = ("data_version", "git_commit", "git_dirty", "dvc_stage", "deps_md5")
-    return {"run_id": run.info.run_id, "run_name": run.info.run_name,
-            **{k: t.get(k) for k in keys}, "data_version": t.get("data_version") or t.get("split_manifest_md5")}
+    return {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        **{k: t.get(k) for k in keys},
+        "data_version": t.get("data_version") or t.get("split_manifest_md5"),
+    }
+
+
+class ArtifactError(Exception):
+    """An artifact the store cannot deliver (no such run or path, store unreachable); the message says why."""
+
+
+def download_artifact(uri: str, store: str, dest: Path) -> Path:
+    """A runs:/ artifact of `store` into dest; ArtifactError names what went wrong (first line of MLflow's reason)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=store))
+    except (MlflowException, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(reason) from None
+
+
+class Store:
+    """Runs addressed by id in one tracking store, without an active run: the sweep driver, its Ray callbacks (which
+    are pickled, so they keep params and build a Store when called) and checks that read runs back."""
+
+    def __init__(self, uri: str) -> None:
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self._client = MlflowClient(uri)
+
+    @classmethod
+    def of(cls, base: BaseParams, root: Path) -> Store:
+        return cls(tracking_uri(base, root))
+
+    def experiment_id(self, name: str) -> str:
+        return self._client.get_experiment_by_name(name).experiment_id
+
+    def runs(self, experiment_id: str, filter_string: str, max_results: int | None = None) -> list:
+        """Matching runs (MLflow's filter syntax, e.g. "tags.stage = 'tune'"), newest first."""
+        if max_results is None:
+            return self._client.search_runs([experiment_id], filter_string)
+        return self._client.search_runs([experiment_id], filter_string, max_results=max_results)
+
+    def get_run(self, run_id: str):
+        return self._client.get_run(run_id)
+
+    def create_run(self, experiment_id: str, name: str, tags: dict[str, str], params: dict | None = None) -> str:
+        """A new run with its tags and params (in batches: MLflow takes at most 100 per call); returns its id."""
+        from mlflow.entities import Param
+
+        run_id = self._client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        flat = [Param(k, str(v)) for k, v in (params or {}).items()]
+        for i in range(0, len(flat), 100):
+            self._client.log_batch(run_id, params=flat[i : i + 100])
+        return run_id
+
+    def log(self, run_id: str, metrics: dict[str, float] | None = None, tags: dict | None = None) -> None:
+        """Metrics (at step 0, timestamped now) and tags (values as text) in one batch."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+        )
+
+    def log_artifact(self, run_id: str, path: Path) -> None:
+        self._client.log_artifact(run_id, str(path))
+
+    def reopen(self, run_id: str) -> None:
+        self._client.update_run(run_id, status="RUNNING")
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self._client.set_terminated(run_id, status)

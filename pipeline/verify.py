@@ -36,12 +36,21 @@ def environment() -> dict:
     import timm
     import torch
 
-    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
-                 platform.processor() or "unknown")
-    return {"cpu": model, "machine": platform.machine(), "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": numpy.__version__, "onednn": _onednn_version(torch),
-            "pinned": {k: os.environ[k] for k in NUMERICS_ENV if k in os.environ}}
+    model = next(
+        (line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+        platform.processor() or "unknown",
+    )
+    return {
+        "cpu": model,
+        "machine": platform.machine(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "onednn": _onednn_version(torch),
+        "pinned": {k: os.environ[k] for k in NUMERICS_ENV if k in os.environ},
+    }
 
 
 def _cpuinfo() -> list[str]:
@@ -64,8 +73,9 @@ def tolerance(a: dict, b: dict, key: str = KEY) -> float:
     floor = 1.0 / max(a.get("test_images", 1), 1)
     if na + nb < 3:
         return floor
-    pooled = math.sqrt(((na - 1) * a.get(f"{key}_std", 0.0) ** 2 + (nb - 1) * b.get(f"{key}_std", 0.0) ** 2)
-                       / (na + nb - 2))
+    pooled = math.sqrt(
+        ((na - 1) * a.get(f"{key}_std", 0.0) ** 2 + (nb - 1) * b.get(f"{key}_std", 0.0) ** 2) / (na + nb - 2)
+    )
     return max(float(stats.t.ppf(0.975, na + nb - 2)) * pooled * math.sqrt(1 / na + 1 / nb), floor)
 
 
@@ -118,14 +128,29 @@ def _main(args: argparse.Namespace) -> int:
     if not rows:
         print(f"verify-results: no results in {args.metrics_dir} (run `dvc repro` first)", file=sys.stderr)
         return 2
-    print(md_table(["variant", f"committed ({args.ref})", "this run", "difference (points)", "tolerance",
-                    "verdict"], rows))
+    print(
+        md_table(
+            ["variant", f"committed ({args.ref})", "this run", "difference (points)", "tolerance", "verdict"], rows
+        )
+    )
     made_on, here = committed_json(root, args.ref, ENVIRONMENT_FILE), environment()
     if made_on is not None:
         differ = {k: (made_on.get(k), v) for k, v in here.items() if made_on.get(k) != v}
-        print("\nmachine: " + ("the same CPU type and software as the committed run: results should be identical"
-                               if not differ else "differs from the committed run's: "
-                               + "; ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items())))
-    print("\n" + ("OK: every variant is identical or within its interval" if ok else
-                  "FAILED: a difference beyond the seed noise (not a different CPU): check code, data and params"))
+        print(
+            "\nmachine: "
+            + (
+                "the same CPU type and software as the committed run: results should be identical"
+                if not differ
+                else "differs from the committed run's: "
+                + "; ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items())
+            )
+        )
+    print(
+        "\n"
+        + (
+            "OK: every variant is identical or within its interval"
+            if ok
+            else "FAILED: a difference beyond the seed noise (not a different CPU): check code, data and params"
+        )
+    )
     return 0 if ok else 1

@@ -10,8 +10,10 @@ from pipeline.stage_runner import run, stage_parser
 
 def main(args, params, root):
     df = acquire(params.acquire, root, Path(args.out))
-    print(f"acquire: {df.height} images of {df['class_name'].n_unique()} classes from '{params.acquire.source}' "
-          f"-> {args.out}")
+    print(
+        f"acquire: {df.height} images of {df['class_name'].n_unique()} classes from '{params.acquire.source}' "
+        f"-> {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -10,8 +10,14 @@ from pipeline.training.evaluate import EvalSeedOutputs, evaluate_seeds
 
 
 def main(args, params, root):
-    out = EvalSeedOutputs(Path(args.metrics), Path(args.seed_metrics), Path(args.predictions), Path(args.per_class),
-                          Path(args.confused_pairs), Path(args.samples))
+    out = EvalSeedOutputs(
+        Path(args.metrics),
+        Path(args.seed_metrics),
+        Path(args.predictions),
+        Path(args.per_class),
+        Path(args.confused_pairs),
+        Path(args.samples),
+    )
     evaluate_seeds(params, Path(args.split), Path(args.images), Path(args.model), out, root)
 
 

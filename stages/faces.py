@@ -15,14 +15,17 @@ def main(args, params, root):
     if not metrics["enabled"]:
         print(f"faces: disabled, passed {metrics['input']} images through (hard links)")
         return
-    print(f"faces: kept {metrics['kept']} of {metrics['input']} images ({metrics['faces_kept']} face crops), "
-          f"rejected {metrics['rejected']} {metrics['by_reason']}, {metrics['mean_detect_s']} s/image detection")
+    print(
+        f"faces: kept {metrics['kept']} of {metrics['input']} images ({metrics['faces_kept']} face crops), "
+        f"rejected {metrics['rejected']} {metrics['by_reason']}, {metrics['mean_detect_s']} s/image detection"
+    )
 
 
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
     parser.add_argument("--raw", required=True, help="acquire output folder")
-    parser.add_argument("--out", required=True, help="output folder (images or shards, manifest.parquet, "
-                                                     "rejected.parquet)")
+    parser.add_argument(
+        "--out", required=True, help="output folder (images or shards, manifest.parquet, rejected.parquet)"
+    )
     parser.add_argument("--metrics", required=True, help="counts, rejections by reason, timing (DVC metrics json)")
     sys.exit(run(main, parser, load_data_params))

@@ -11,8 +11,9 @@ from pipeline.verify import environment
 
 
 def main(args, params, root):
-    inputs = ReportInputs(Path(args.split), Path(args.images), Path(args.models), Path(args.metrics_dir),
-                          Path(args.plots))
+    inputs = ReportInputs(
+        Path(args.split), Path(args.images), Path(args.models), Path(args.metrics_dir), Path(args.plots)
+    )
     out, results = build_report(params, inputs, Path(args.out))
     write_json(Path(args.environment), environment())  # the machine the committed results were made on
     run_id = log_to_mlflow(params, Path(args.out), results, root)

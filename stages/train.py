@@ -29,6 +29,7 @@ if __name__ == "__main__":
     parser.add_argument("--metrics", required=True, help="DVC metrics json: the mean over seeds, and per seed")
     parser.add_argument("--seed-metrics", required=True, help="folder: one seed<N>.json metrics file per seed")
     parser.add_argument("--history", required=True, help="folder: one seed<N>.csv per-epoch history per seed")
-    parser.add_argument("--tuned", default="best_params.yaml",
-                        help="the tune stage's best values, used when tune.apply is true")
+    parser.add_argument(
+        "--tuned", default="best_params.yaml", help="the tune stage's best values, used when tune.apply is true"
+    )
     sys.exit(run(main, parser, load_params))

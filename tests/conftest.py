@@ -37,8 +37,13 @@ def make_tiny_emoji(dest: Path, n_classes: int = 12) -> Path:
 def copy_repo(dest: Path, n_classes: int = 10) -> Path:
     """A copy of the repository's tracked and untracked-but-not-ignored files, with datasets/emoji shrunk to the
     first n classes (for an end-to-end run in a temporary folder)."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.splitlines()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     for f in files:
         if f.startswith("datasets/emoji/") or not (REPO / f).is_file():
             continue
@@ -51,8 +56,10 @@ def copy_repo(dest: Path, n_classes: int = 10) -> Path:
 def git_commit_all(project: Path, message: str = "init", init: bool = False) -> None:
     """`git add -A` and commit (git init -b main first when `init`), as a throwaway identity."""
     cmds = [["git", "init", "-q", "-b", "main"]] if init else []
-    cmds += [["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm",
-                                    message]]
+    cmds += [
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", message],
+    ]
     for cmd in cmds:
         subprocess.run(cmd, cwd=project, check=True, capture_output=True)
 
@@ -99,8 +106,10 @@ def train_run(db: Path, model_file: Path):
     from pipeline.io import md5_file
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              f"tags.model_md5 = '{md5_file(model_file)}' and tags.stage = 'train'")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.model_md5 = '{md5_file(model_file)}' and tags.stage = 'train'",
+    )
     assert runs, f"no train run wrote {model_file}"
     return runs[0]
 
@@ -143,8 +152,7 @@ _CACHE_PARTS = ("__pycache__", ".pytest_cache")  # Python's own byte-code caches
 def _repo_entries() -> set[str]:
     """Every path git reports as changed, untracked or ignored (a new folder as one entry: on a fresh clone, where
     CI runs, any output folder a test creates, ./mlruns or data/, is new)."""
-    out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True).stdout
     return {line[3:] for line in out.splitlines() if not any(part in line for part in _CACHE_PARTS)}
 
 
@@ -161,5 +169,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     if written:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         shown = "\n  ".join(written[:20])
-        print(f"\nerror: the tests wrote into the repository ({len(written)} paths); tests must use tmp_path:\n  "
-              f"{shown}", file=sys.stderr)
+        print(
+            f"\nerror: the tests wrote into the repository ({len(written)} paths); tests must use tmp_path:\n  {shown}",
+            file=sys.stderr,
+        )

@@ -52,6 +52,7 @@ TEST_FILTERS = {"ratings": ("g", "s"), "exclude_tags": ("comic",), "single_chara
 
 # ------------------------------------------------------------------------------------------------------------ images
 
+
 def _image_bytes(seed: int, size: tuple[int, int], fmt: str) -> bytes:
     """A small, decodable picture that differs per seed (so md5s differ)."""
     im = Image.new("RGB", size, ((seed * 67) % 256, (seed * 131) % 256, (seed * 29) % 256))
@@ -66,6 +67,7 @@ def _md5(data: bytes) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------- posts
+
 
 @dataclass
 class FakePost:
@@ -187,6 +189,7 @@ POSTS: list[FakePost] = _make_posts()
 
 
 # ------------------------------------------------------------------------------------------------------------ server
+
 
 @dataclass
 class Fault:
@@ -338,9 +341,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         split = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
-        req = LoggedRequest(start=time.monotonic(), host=(self.headers.get("Host") or "").rsplit(":", 1)[0],
-                            target=unquote(self.path), path=unquote(split.path), query=query,
-                            auth=self.headers.get("Authorization"))
+        req = LoggedRequest(
+            start=time.monotonic(),
+            host=(self.headers.get("Host") or "").rsplit(":", 1)[0],
+            target=unquote(self.path),
+            path=unquote(split.path),
+            query=query,
+            auth=self.headers.get("Authorization"),
+        )
         with self.state.lock:
             self.state.log.append(req)
             self.state.in_flight += 1
@@ -366,8 +374,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return fault
         return None
 
-    def _send(self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None,
-              length: int | None = None) -> int:
+    def _send(
+        self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None, length: int | None = None
+    ) -> int:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -384,8 +393,12 @@ class _Handler(BaseHTTPRequestHandler):
     # -- faults
     def _fault(self, fault: Fault) -> int:
         if fault.kind == "429":
-            return self._send(429, b'{"success":false,"message":"Too many requests"}', "application/json",
-                              {"Retry-After": f"{fault.retry_after:g}"})
+            return self._send(
+                429,
+                b'{"success":false,"message":"Too many requests"}',
+                "application/json",
+                {"Retry-After": f"{fault.retry_after:g}"},
+            )
         if fault.kind in ("500", "503"):
             headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.kind == "503" else {}
             return self._send(int(fault.kind), b"<html>upstream error</html>", "text/html", headers)
@@ -400,7 +413,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.kind == "corrupt":  # every byte arrives, one of them wrong: only a checksum can tell
             body, ctype = self._file_for(unquote(urlsplit(self.path).path))
             mid = len(body) // 2
-            return self._send(200, body[:mid] + bytes([body[mid] ^ 0xFF]) + body[mid + 1:], ctype)
+            return self._send(200, body[:mid] + bytes([body[mid] ^ 0xFF]) + body[mid + 1 :], ctype)
         # badjson: a 200 whose body is not JSON (what a proxy error page looks like to the client)
         return self._send(200, b'[{"id": 1, "md5": "abc", ', "application/json")
 
@@ -431,8 +444,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _image(self, path: str) -> int:
         for p in self.state.posts:
-            for file_path, body, ctype in ((p.original_path, p.original, p.original_type),
-                                           (p.sample_path, p.sample, p.sample_type)):
+            for file_path, body, ctype in (
+                (p.original_path, p.original, p.original_type),
+                (p.sample_path, p.sample, p.sample_type),
+            ):
                 if path == file_path:
                     if self.state.image_delay:
                         time.sleep(self.state.image_delay)
@@ -451,7 +466,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif page.startswith("a"):
             posts = [p for p in posts if p.id > int(page[1:])][-limit:]
         elif page.isdigit() and 1 <= int(page) <= 1000:
-            posts = posts[(int(page) - 1) * limit:int(page) * limit]
+            posts = posts[(int(page) - 1) * limit : int(page) * limit]
         else:
             return self._json({"success": False, "message": "You cannot go beyond page 1000."}, 410)
         return self._json([self._render(p) for p in posts])
@@ -463,13 +478,23 @@ class _Handler(BaseHTTPRequestHandler):
         names = sorted(counts, key=(lambda t: (-counts[t], t)) if q.get("search[order]") == "count" else None)
         limit, page = min(int(q.get("limit") or 20), 1000), int(q.get("page") or 1)
         rows = [{"id": i, "name": n, "post_count": counts[n], "category": 4} for i, n in enumerate(names)]
-        return self._json(rows[(page - 1) * limit:page * limit])
+        return self._json(rows[(page - 1) * limit : page * limit])
 
     def _render(self, p: FakePost) -> dict:
-        d = {"id": p.id, "rating": p.rating, "score": p.score, "tag_string": " ".join(sorted(p.tags)),
-             "tag_string_character": " ".join(p.characters), "tag_string_artist": " ".join(p.artists),
-             "tag_string_general": " ".join(p.general_tags), "image_width": p.size[0], "image_height": p.size[1],
-             "file_ext": p.original_ext, "file_size": len(p.original), "is_deleted": p.kind == "deleted"}
+        d = {
+            "id": p.id,
+            "rating": p.rating,
+            "score": p.score,
+            "tag_string": " ".join(sorted(p.tags)),
+            "tag_string_character": " ".join(p.characters),
+            "tag_string_artist": " ".join(p.artists),
+            "tag_string_general": " ".join(p.general_tags),
+            "image_width": p.size[0],
+            "image_height": p.size[1],
+            "file_ext": p.original_ext,
+            "file_size": len(p.original),
+            "is_deleted": p.kind == "deleted",
+        }
         if p.kind != "deleted":  # Danbooru hides the file of deleted/banned posts
             base = _base(self.state, p.host)
             d.update(md5=p.md5, file_url=base + p.original_path, large_file_url=base + p.sample_path)

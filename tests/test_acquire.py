@@ -46,6 +46,7 @@ def emoji_all(tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------------------- embedded
 
+
 def test_embedded_all_categories_932_rows(emoji_all) -> None:
     df, _ = emoji_all
     assert df.height == 932
@@ -96,11 +97,15 @@ def test_embedded_style_filter(tmp_path: Path) -> None:
     assert sorted(df["group"].unique()) == ["noto", "twemoji"]
 
 
-@pytest.mark.parametrize("kw,key,bad", [
-    (dict(categories=("Smileyz",)), "acquire.embedded.categories", "Smileyz"),
-    (dict(categories=("People & Body", "Smileyz")), "acquire.embedded.categories", "Smileyz"),  # among good ones
-    (dict(categories=ALL_CATEGORIES, styles=("noto", "apple")), "acquire.embedded.styles", "apple"),
-], ids=["only_unknown", "unknown_among_known", "unknown_style"])
+@pytest.mark.parametrize(
+    "kw,key,bad",
+    [
+        (dict(categories=("Smileyz",)), "acquire.embedded.categories", "Smileyz"),
+        (dict(categories=("People & Body", "Smileyz")), "acquire.embedded.categories", "Smileyz"),  # among good ones
+        (dict(categories=ALL_CATEGORIES, styles=("noto", "apple")), "acquire.embedded.styles", "apple"),
+    ],
+    ids=["only_unknown", "unknown_among_known", "unknown_style"],
+)
 def test_embedded_unknown_category_or_style_is_a_clear_error(tmp_path: Path, kw, key, bad) -> None:
     with pytest.raises(ValueError) as info:
         acquire(embedded(**kw), REPO, tmp_path / "raw")
@@ -122,6 +127,7 @@ def test_acquire_replaces_its_own_earlier_output(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------ folder
+
 
 def make_tree(root: Path) -> None:
     png(root / "cat" / "b.png", (1, 2, 3), size=(20, 10))
@@ -168,10 +174,16 @@ def test_acquire_refuses_to_delete_its_source(tmp_path: Path, out: str) -> None:
 
 # --------------------------------------------------------------------------------------------------------------- CLI
 
+
 def test_cli_acquire_folder_subprocess(tmp_path: Path) -> None:
     make_tree(tmp_path / "src")
-    res = subprocess.run([sys.executable, "-m", "pipeline", "acquire", "folder", "--path", "src", "--out", "Y"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", "acquire", "folder", "--path", "src", "--out", "Y"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     assert "5 images, 2 classes" in res.stdout
     df = manifest.read(tmp_path / "Y" / "manifest.parquet")

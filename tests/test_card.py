@@ -43,15 +43,30 @@ def small_dataset(root: Path, shard_size: int | None) -> pl.DataFrame:
         for c in range(5):
             for k, artist in enumerate(ARTISTS):
                 path = writer.write(f"{artist}/{c}.png", png((40 * c, 60 * k, 100)))
-                rows.append(dict(image_id=f"{artist}-{c}", path=path, class_id=c, class_name=f"emoji {c}",
-                                 source="embedded", group=artist, md5=f"{c}{k}", width=24, height=24,
-                                 split=SPLIT_OF[artist], dup_group=f"{artist}-{c}"))
+                rows.append(
+                    dict(
+                        image_id=f"{artist}-{c}",
+                        path=path,
+                        class_id=c,
+                        class_name=f"emoji {c}",
+                        source="embedded",
+                        group=artist,
+                        md5=f"{c}{k}",
+                        width=24,
+                        height=24,
+                        split=SPLIT_OF[artist],
+                        dup_group=f"{artist}-{c}",
+                    )
+                )
     return pl.DataFrame(rows, schema={**manifest.SCHEMA, "dup_group": pl.String})
 
 
 def quarantine(reasons: dict[str, int]) -> pl.DataFrame:
-    rows = [dict(image_id=f"{r}{i}", path=f"images/{r}{i}.png", class_name="x", reason=r, detail="d",
-                 duplicate_of=None) for r, n in reasons.items() for i in range(n)]
+    rows = [
+        dict(image_id=f"{r}{i}", path=f"images/{r}{i}.png", class_name="x", reason=r, detail="d", duplicate_of=None)
+        for r, n in reasons.items()
+        for i in range(n)
+    ]
     return pl.DataFrame(rows, schema=QUARANTINE_SCHEMA)
 
 
@@ -59,8 +74,16 @@ def quarantine(reasons: dict[str, int]) -> pl.DataFrame:
 def test_card_files_numbers_and_markdown(tmp_path: Path, shard_size: int | None) -> None:
     df = small_dataset(tmp_path / "clean", shard_size)
     q = quarantine({"corrupt": 2, "duplicate": 1})
-    card = write_card(df, q, tmp_path / "clean", tmp_path / "reports", group_col="group", grid_classes=3, seed=0,
-                      clean_counts={"input": 23, "kept": 20})
+    card = write_card(
+        df,
+        q,
+        tmp_path / "clean",
+        tmp_path / "reports",
+        group_col="group",
+        grid_classes=3,
+        seed=0,
+        clean_counts={"input": 23, "kept": 20},
+    )
     for name in (DATASET_FIGURE, SAMPLES_FIGURE):
         assert (tmp_path / "reports" / "figures" / name).read_bytes()[:8] == PNG
     figs = tmp_path / "reports/figures"
@@ -91,9 +114,25 @@ def test_sample_grid_shows_images_from_every_split(tmp_path: Path) -> None:
 
 
 def test_empty_quarantine_and_near_duplicate_groups() -> None:
-    df = pl.DataFrame([dict(image_id=str(i), path=f"{i}.png", class_id=0, class_name="a", source="s", group="g",
-                            md5=str(i), width=1, height=1, split="train", dup_group="0" if i < 3 else str(i))
-                       for i in range(5)], schema={**manifest.SCHEMA, "dup_group": pl.String})
+    df = pl.DataFrame(
+        [
+            dict(
+                image_id=str(i),
+                path=f"{i}.png",
+                class_id=0,
+                class_name="a",
+                source="s",
+                group="g",
+                md5=str(i),
+                width=1,
+                height=1,
+                split="train",
+                dup_group="0" if i < 3 else str(i),
+            )
+            for i in range(5)
+        ],
+        schema={**manifest.SCHEMA, "dup_group": pl.String},
+    )
     s = card_stats(df, pl.DataFrame(), "group")
     assert s["quarantine"] == {"total": 0, "by_reason": {}}
     assert s["near_duplicate_groups"] == {"groups": 1, "images": 3}
@@ -107,13 +146,19 @@ def test_card_at_dafre_scale_is_fast_and_readable(tmp_path: Path) -> None:
     cls = np.repeat(np.arange(len(sizes)), sizes)
     rank = np.concatenate([np.arange(n) for n in sizes])
     n_per = np.repeat(sizes, sizes)
-    split = np.where(rank < (0.7 * n_per).astype(int), "train", np.where(rank < (0.8 * n_per).astype(int), "val",
-                                                                           "test"))
+    split = np.where(
+        rank < (0.7 * n_per).astype(int), "train", np.where(rank < (0.8 * n_per).astype(int), "val", "test")
+    )
     df = pl.DataFrame({"image_id": np.arange(len(cls)).astype(str), "class_id": cls, "split": split}).with_columns(
-        pl.format("shards/{}.tar/x.jpg", "image_id").alias("path"), pl.format("character_{}", "class_id")
-        .alias("class_name"), pl.lit("dafre").alias("source"), pl.col("image_id").alias("group"),
-        pl.col("image_id").alias("md5"), pl.lit(256, pl.Int64).alias("width"), pl.lit(256, pl.Int64).alias("height"),
-        pl.col("class_id").cast(pl.Int64))
+        pl.format("shards/{}.tar/x.jpg", "image_id").alias("path"),
+        pl.format("character_{}", "class_id").alias("class_name"),
+        pl.lit("dafre").alias("source"),
+        pl.col("image_id").alias("group"),
+        pl.col("image_id").alias("md5"),
+        pl.lit(256, pl.Int64).alias("width"),
+        pl.lit(256, pl.Int64).alias("height"),
+        pl.col("class_id").cast(pl.Int64),
+    )
     q = quarantine({"too_few_in_class": 300, "duplicate": 40, "corrupt": 3})
     start = time.perf_counter()
     card = write_card(df, q, tmp_path / "missing-images", tmp_path / "r", group_col="group", grid_classes=8, seed=0)

@@ -65,9 +65,14 @@ def project(tmp_path_factory) -> dict:
     paths = inputs.variant("cnn", params.base.seeds[0])
     p = params.with_variant("cnn")
     train(p, split_file, cleaned, TrainOutputs(paths.model_dir, paths.train_metrics, paths.history), root)
-    evaluate(p, split_file, cleaned, paths.model_dir, EvalOutputs(paths.eval_metrics, paths.predictions,
-                                                                  paths.per_class, paths.confused_pairs,
-                                                                  paths.samples), root)
+    evaluate(
+        p,
+        split_file,
+        cleaned,
+        paths.model_dir,
+        EvalOutputs(paths.eval_metrics, paths.predictions, paths.per_class, paths.confused_pairs, paths.samples),
+        root,
+    )
     report, _ = build_report(params, inputs, root / "reports")
     return dict(root=root, report=report, paths=paths, split=df)
 
@@ -79,8 +84,11 @@ def test_every_name_survives_acquire_clean_split(project):
 
 def test_report_reads_class_columns_as_the_exact_strings(project):
     result = load_variant("cnn", project["paths"])
-    for table, cols in ((result.per_class, ["class_name"]), (result.predictions, ["actual", "predicted"]),
-                        (result.confused_pairs, ["actual", "predicted"])):
+    for table, cols in (
+        (result.per_class, ["class_name"]),
+        (result.predictions, ["actual", "predicted"]),
+        (result.confused_pairs, ["actual", "predicted"]),
+    ):
         for col in cols:
             assert table.schema[col] == pl.String
             assert set(table[col]) <= set(NAMES)
@@ -95,6 +103,11 @@ def test_report_renders_every_figure_with_the_right_names(project):
     actual, predicted = result.confused_pairs.row(0)[:2]
     assert f"| {actual} | {predicted} |" in text  # the confusion table names the exact classes
     figures = project["root"] / "reports/figures"
-    for name in ("accuracy_vs_gflops.png", "training_curves.png", "per_class_vs_frequency.png", "confused_cnn.png",
-                 "dataset.png"):
+    for name in (
+        "accuracy_vs_gflops.png",
+        "training_curves.png",
+        "per_class_vs_frequency.png",
+        "confused_cnn.png",
+        "dataset.png",
+    ):
         assert (figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

@@ -30,6 +30,7 @@ SIZE = 32  # valid images are 32x32 = 1024 pixels; max_image_pixels below is 200
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 
+
 def png_bytes(im: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG", **kw)
@@ -60,7 +61,7 @@ def p_with_transparency() -> Image.Image:
 def la_image() -> Image.Image:
     arr = np.zeros((SIZE, SIZE, 2), np.uint8)
     arr[..., 0] = 50
-    arr[:, SIZE // 2:, 1] = 255  # left half alpha 0, right half opaque grey 50
+    arr[:, SIZE // 2 :, 1] = 255  # left half alpha 0, right half opaque grey 50
     return Image.fromarray(arr, "LA")
 
 
@@ -68,8 +69,8 @@ def rgba_image() -> Image.Image:
     arr = np.zeros((SIZE, SIZE, 4), np.uint8)
     arr[..., 2] = 255  # blue everywhere
     arr[:, : SIZE // 2, 3] = 0  # left half fully transparent
-    arr[:, SIZE // 2:, 3] = 255  # right half opaque
-    arr[:4, SIZE // 2:, 3] = 128  # a half-transparent band on top of the right half
+    arr[:, SIZE // 2 :, 3] = 255  # right half opaque
+    arr[:4, SIZE // 2 :, 3] = 128  # a half-transparent band on top of the right half
     return Image.fromarray(arr, "RGBA")
 
 
@@ -89,14 +90,22 @@ def png16(arr: np.ndarray, color_type: int) -> bytes:
     """A 16-bit PNG written by hand (Pillow cannot save 16-bit RGB or LA): color_type 2 = RGB, 4 = grey + alpha."""
     h, w = arr.shape[:2]
     rows = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
-            + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def png_bomb(width: int, height: int) -> bytes:
     """A decompression bomb's header: a valid PNG that claims width x height pixels, with a tiny body."""
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -112,10 +121,19 @@ def acquire_folder(src: Path, out: Path) -> pl.DataFrame:
 # --------------------------------------------------------------------------------------------------------- the corpus
 
 VALID_ALPHA = {  # image_id -> expected mode when opened before cleaning
-    "alpha/cmyk.jpg": "CMYK", "alpha/i16.png": "I;16", "alpha/l.png": "L", "alpha/la.png": "LA",
-    "alpha/p_trans.png": "P", "alpha/rgb.jpg": "RGB", "alpha/rgba.png": "RGBA",
-    "alpha/gif_trans.gif": "P", "alpha/la16.png": "RGBA", "alpha/one_bit.png": "1", "alpha/p_plain.png": "P",
-    "alpha/rgb16.png": "RGB", "alpha/rgba.webp": "RGBA",
+    "alpha/cmyk.jpg": "CMYK",
+    "alpha/i16.png": "I;16",
+    "alpha/l.png": "L",
+    "alpha/la.png": "LA",
+    "alpha/p_trans.png": "P",
+    "alpha/rgb.jpg": "RGB",
+    "alpha/rgba.png": "RGBA",
+    "alpha/gif_trans.gif": "P",
+    "alpha/la16.png": "RGBA",
+    "alpha/one_bit.png": "1",
+    "alpha/p_plain.png": "P",
+    "alpha/rgb16.png": "RGB",
+    "alpha/rgba.webp": "RGBA",
 }
 BAD_REASONS = {
     "alpha/big.png": "too_many_pixels",
@@ -162,7 +180,7 @@ def make_corpus(src: Path) -> None:
     write(a / "rgb16.png", png16(red16, 2))
     grey_alpha16 = np.zeros((SIZE, SIZE, 2), np.uint16)
     grey_alpha16[..., 0] = 20000
-    grey_alpha16[:, SIZE // 2:, 1] = 65535  # left half transparent
+    grey_alpha16[:, SIZE // 2 :, 1] = 65535  # left half transparent
     write(a / "la16.png", png16(grey_alpha16, 4))
     pal = Image.new("P", (SIZE, SIZE), 1)
     pal.putpalette([0, 0, 0, 10, 20, 30] + [0, 0, 0] * 254)
@@ -201,6 +219,7 @@ def cleaned(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------------------- tests
+
 
 def test_corpus_is_what_it_claims(cleaned) -> None:
     """Guard for the test itself: the valid files really have the modes under test."""
@@ -244,9 +263,18 @@ def test_no_valid_image_dropped(cleaned) -> None:
 
 def test_counts_by_reason(cleaned) -> None:
     assert cleaned["counts"] == {
-        "input": 30, "kept": 17, "classes": 2, "quarantined": 13,
-        "by_reason": {"corrupt": 4, "duplicate": 1, "empty_file": 1, "not_an_image": 3, "too_few_in_class": 2,
-                      "too_many_pixels": 2},
+        "input": 30,
+        "kept": 17,
+        "classes": 2,
+        "quarantined": 13,
+        "by_reason": {
+            "corrupt": 4,
+            "duplicate": 1,
+            "empty_file": 1,
+            "not_an_image": 3,
+            "too_few_in_class": 2,
+            "too_many_pixels": 2,
+        },
         "class_names_merged": 0,
         "near_dup": {"groups": 0, "images": 0, "candidate_pairs": 0, "capped_buckets": 0},
     }
@@ -399,6 +427,7 @@ def test_resize_short_side(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------- regressions of fixed bugs
 
+
 def test_converted_name_does_not_collide_with_existing_png(tmp_path: Path) -> None:
     """x.jpg (converted to PNG) and x.png (converted too) in one class folder must stay two files."""
     from pipeline.data.clean import clean
@@ -444,6 +473,7 @@ def test_rejected_propagates_through_context_manager() -> None:
 
 # ------------------------------------------------------------------------------------------------ regressions
 
+
 def test_load_clean_leaves_pillow_limit_alone(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # restored after the test whatever happens
     small = write(tmp_path / "small.png", png_bytes(solid_rgb((1, 2, 3), size=10)))
@@ -455,11 +485,27 @@ def test_load_clean_leaves_pillow_limit_alone(tmp_path: Path, monkeypatch) -> No
 
 # ------------------------------------------------------------------------------------------- sharded input (DAF:re)
 
+
 def manifest_rows(entries: list[dict]) -> pl.DataFrame:
     """A raw manifest for hand-placed files; extra source columns (post_id, artist, split, face_score) included."""
-    rows = [dict(image_id=e["id"], path=e["path"], class_id=e["class_id"], class_name=f"c{e['class_id']}",
-                 source="dafre", group=str(e["post_id"]), md5=None, width=None, height=None, split=e["split"],
-                 post_id=e["post_id"], artist=f"artist{e['post_id'] % 3}", face_score=0.9) for e in entries]
+    rows = [
+        dict(
+            image_id=e["id"],
+            path=e["path"],
+            class_id=e["class_id"],
+            class_name=f"c{e['class_id']}",
+            source="dafre",
+            group=str(e["post_id"]),
+            md5=None,
+            width=None,
+            height=None,
+            split=e["split"],
+            post_id=e["post_id"],
+            artist=f"artist{e['post_id'] % 3}",
+            face_score=0.9,
+        )
+        for e in entries
+    ]
     schema = {**manifest.SCHEMA, "post_id": pl.Int64, "artist": pl.String, "face_score": pl.Float64}
     return pl.DataFrame(rows, schema=schema)
 
@@ -476,17 +522,40 @@ def sharded(tmp_path_factory):
     entries = []
     with images.ImageWriter(raw, shard_size=3) as writer:
         for i in range(8):
-            data = jpeg_bytes(noise_rgb(100 + i)) if i % 2 else png_bytes(rgba_image() if i == 2 else
-                                                                          noise_rgb(100 + i))
-            entries.append(dict(id=f"img{i}", path=writer.write(f"{i % 4:04d}/{1000 + i}.jpg", data), class_id=i % 2,
-                                post_id=1000 + i, split=splits[i % 4]))
+            data = (
+                jpeg_bytes(noise_rgb(100 + i)) if i % 2 else png_bytes(rgba_image() if i == 2 else noise_rgb(100 + i))
+            )
+            entries.append(
+                dict(
+                    id=f"img{i}",
+                    path=writer.write(f"{i % 4:04d}/{1000 + i}.jpg", data),
+                    class_id=i % 2,
+                    post_id=1000 + i,
+                    split=splits[i % 4],
+                )
+            )
         # Same member name as img0, in a later shard: both must survive, under distinct names.
-        entries.append(dict(id="same_name", path=writer.write("0000/1000.jpg", png_bytes(noise_rgb(7))),
-                            class_id=0, post_id=2000, split="train"))
-        entries.append(dict(id="empty", path=writer.write("0001/empty.jpg", b""), class_id=1, post_id=3000,
-                            split="test"))
-        entries.append(dict(id="trunc", path=writer.write("0001/trunc.jpg", truncated(jpeg_bytes(noise_rgb(9)))),
-                            class_id=1, post_id=3001, split="test"))
+        entries.append(
+            dict(
+                id="same_name",
+                path=writer.write("0000/1000.jpg", png_bytes(noise_rgb(7))),
+                class_id=0,
+                post_id=2000,
+                split="train",
+            )
+        )
+        entries.append(
+            dict(id="empty", path=writer.write("0001/empty.jpg", b""), class_id=1, post_id=3000, split="test")
+        )
+        entries.append(
+            dict(
+                id="trunc",
+                path=writer.write("0001/trunc.jpg", truncated(jpeg_bytes(noise_rgb(9)))),
+                class_id=1,
+                post_id=3001,
+                split="test",
+            )
+        )
     entries.append(dict(id="gone", path="shards/00000.tar/0009/gone.jpg", class_id=0, post_id=4000, split="val"))
     entries.append(dict(id="escape", path="../outside.jpg", class_id=0, post_id=4001, split="val"))
     manifest.write(manifest_rows(entries), raw)
@@ -535,17 +604,42 @@ def hashlib_md5(data: bytes) -> str:
 
 # ---------------------------------------------------------------------------------------- metadata rules (select)
 
+
 def meta_frame(rows: list[tuple[str, int, str, str | None]]) -> pl.DataFrame:
     """(image_id, class_id, class_name, md5) rows -> a manifest for clean.select (no images needed)."""
-    return pl.DataFrame([dict(image_id=i, path=f"images/{i}.png", class_id=c, class_name=n, source="t", group=i,
-                              md5=m, width=8, height=8, split=None) for i, c, n, m in rows], schema=manifest.SCHEMA)
+    return pl.DataFrame(
+        [
+            dict(
+                image_id=i,
+                path=f"images/{i}.png",
+                class_id=c,
+                class_name=n,
+                source="t",
+                group=i,
+                md5=m,
+                width=8,
+                height=8,
+                split=None,
+            )
+            for i, c, n, m in rows
+        ],
+        schema=manifest.SCHEMA,
+    )
 
 
 def test_class_name_normalisation_merges_spellings() -> None:
     from pipeline.data.clean import select
 
-    df = meta_frame([("a", 0, "Hatsune Miku", "1"), ("b", 1, "hatsune_miku", "2"), ("c", 2, " HATSUNE  MIKU ", "3"),
-                     ("d", 3, "Ｒｅｉ", "4"), ("e", 4, "rei", "5"), ("f", 5, "a__b", "6")])
+    df = meta_frame(
+        [
+            ("a", 0, "Hatsune Miku", "1"),
+            ("b", 1, "hatsune_miku", "2"),
+            ("c", 2, " HATSUNE  MIKU ", "3"),
+            ("d", 3, "Ｒｅｉ", "4"),
+            ("e", 4, "rei", "5"),
+            ("f", 5, "a__b", "6"),
+        ]
+    )
     kept, q, counts = select(df, CleanParams(min_per_class=1, normalize_class_names=True))
     assert kept["class_name"].to_list() == ["hatsune_miku"] * 3 + ["rei", "rei", "a_b"]
     assert kept["class_id"].to_list() == [0, 0, 0, 1, 1, 2]  # contiguous, in the order of the original ids
@@ -568,15 +662,25 @@ def test_exact_duplicate_across_classes_is_a_label_conflict() -> None:
     quarantine as label_conflict, naming both classes; a duplicate within one class keeps its first copy."""
     from pipeline.data.clean import select
 
-    df = meta_frame([("a", 0, "x", "same"), ("b", 1, "y", "other"), ("c", 1, "y", "same"), ("d", 0, "x", None),
-                     ("e", 0, "x", None), ("f", 0, "x", "same"), ("g", 1, "y", "other")])
+    df = meta_frame(
+        [
+            ("a", 0, "x", "same"),
+            ("b", 1, "y", "other"),
+            ("c", 1, "y", "same"),
+            ("d", 0, "x", None),
+            ("e", 0, "x", None),
+            ("f", 0, "x", "same"),
+            ("g", 1, "y", "other"),
+        ]
+    )
     kept, q, counts = select(df, CleanParams(min_per_class=1))
     assert kept["image_id"].to_list() == ["b", "d", "e"]  # unknown md5s are never duplicates of each other
     assert q.select("image_id", "reason", "detail", "duplicate_of").rows() == [
         ("a", "label_conflict", "the same bytes are labelled with 2 classes: x, y", None),
         ("c", "label_conflict", "the same bytes are labelled with 2 classes: x, y", "a"),
         ("f", "label_conflict", "the same bytes are labelled with 2 classes: x, y", "a"),
-        ("g", "duplicate", "same md5 as b", "b")]
+        ("g", "duplicate", "same md5 as b", "b"),
+    ]
     assert counts["by_reason"] == {"duplicate": 1, "label_conflict": 3}
 
 
@@ -590,6 +694,7 @@ def test_original_class_ids_kept_when_nothing_is_dropped() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ near-duplicates
+
 
 def smooth_image(seed: int, size: int = 128) -> Image.Image:
     """A photo-like image: low-frequency structure, so a perceptual hash is stable under re-encoding and resizing."""
@@ -606,7 +711,12 @@ def near_dup_raw(tmp_path_factory) -> Path:
     src = base / "src"
     a = smooth_image(1)
     write(src / "x" / "a.png", png_bytes(a))
-    write(src / "x" / "a_jpeg.jpg", jpeg_bytes(a.copy(), ))  # re-encoded
+    write(
+        src / "x" / "a_jpeg.jpg",
+        jpeg_bytes(
+            a.copy(),
+        ),
+    )  # re-encoded
     write(src / "x" / "a_small.png", png_bytes(a.resize((100, 100), Image.Resampling.LANCZOS)))  # resized
     write(src / "x" / "b.png", png_bytes(smooth_image(2)))
     write(src / "y" / "a_cross_class.jpg", jpeg_bytes(a.resize((90, 90))))  # same picture, labelled y
@@ -624,15 +734,18 @@ def test_near_dup_corpus_is_what_it_claims(near_dup_raw) -> None:
             hashes[p.relative_to(near_dup_raw / "images").as_posix()] = phash64(im.convert("RGB"))
     dist = lambda i, j: bin(hashes[i] ^ hashes[j]).count("1")  # noqa: E731
     assert all(dist(dup, first) <= 4 for dup, first in NEAR_DUPS.items())
-    assert min(dist(i, j) for i in ("x/a.png", "x/b.png", "y/c.png") for j in ("x/a.png", "x/b.png", "y/c.png")
-               if i < j) > 12
+    assert (
+        min(dist(i, j) for i in ("x/a.png", "x/b.png", "y/c.png") for j in ("x/a.png", "x/b.png", "y/c.png") if i < j)
+        > 12
+    )
 
 
 def test_near_duplicates_dropped_name_the_image_they_duplicate(near_dup_raw, tmp_path) -> None:
     from pipeline.data.clean import clean
 
-    df, q, counts = clean(CleanParams(min_per_class=1, near_dup_hamming=4, near_dup_action="drop"), near_dup_raw,
-                          tmp_path / "out")
+    df, q, counts = clean(
+        CleanParams(min_per_class=1, near_dup_hamming=4, near_dup_action="drop"), near_dup_raw, tmp_path / "out"
+    )
     assert df["image_id"].to_list() == ["x/a.png", "x/b.png", "y/c.png"]
     assert dict(zip(q["image_id"], q["duplicate_of"])) == NEAR_DUPS
     assert set(q["reason"]) == {"near_duplicate"}
@@ -648,8 +761,12 @@ def test_near_duplicates_grouped_keep_every_image(near_dup_raw, tmp_path) -> Non
     assert q.height == 0 and df.height == 6
     groups = dict(zip(df["image_id"], df["dup_group"]))
     assert groups == {**NEAR_DUPS, "x/a.png": "x/a.png", "x/b.png": "x/b.png", "y/c.png": "y/c.png"}
-    assert counts["near_dup"] == {"groups": 1, "images": 4, "candidate_pairs": counts["near_dup"]["candidate_pairs"],
-                                  "capped_buckets": 0}
+    assert counts["near_dup"] == {
+        "groups": 1,
+        "images": 4,
+        "candidate_pairs": counts["near_dup"]["candidate_pairs"],
+        "capped_buckets": 0,
+    }
 
 
 def test_worker_processes_give_the_same_result(near_dup_raw, tmp_path) -> None:
@@ -670,8 +787,11 @@ def test_resize_and_jpeg_reencode(tmp_path: Path) -> None:
     write(src / "a" / "wide.png", png_bytes(smooth_image(4).resize((300, 200))))
     write(src / "a" / "small.jpg", jpeg_bytes(noise_rgb(8)))  # 32 px, below the short side: copied byte for byte
     acquire_folder(src, tmp_path / "raw")
-    df, _, _ = clean(CleanParams(min_per_class=1, resize_short_side=100, reencode="jpeg", jpeg_quality=90),
-                     tmp_path / "raw", tmp_path / "out")
+    df, _, _ = clean(
+        CleanParams(min_per_class=1, resize_short_side=100, reencode="jpeg", jpeg_quality=90),
+        tmp_path / "raw",
+        tmp_path / "out",
+    )
     rows = {r["image_id"]: r for r in df.iter_rows(named=True)}
     assert rows["a/wide.png"]["path"] == "images/a/wide.png.jpg"
     assert (rows["a/wide.png"]["width"], rows["a/wide.png"]["height"]) == (150, 100)

@@ -27,6 +27,7 @@ SPLIT_STAGE = REPO / "stages" / "split.py"
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 
+
 def repo_raw() -> dict:
     """The repo's params.yaml as a dict, made usable from any folder (embedded path made absolute)."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -78,17 +79,37 @@ BAD = [
     ("variant_string_int", {"variants.ila.epochs": "10"}, "variants.ila.epochs", "valid integer"),
     ("tuple_item_type", {"clean.background": [255, "255", 0]}, "clean.background.1", "valid integer"),
     ("negative_epochs", {"train.epochs": -1}, "train.epochs", "greater than or equal to 1"),
-    ("ratio_out_of_range", {"split.ratios": {"train": 1.5, "val": -0.3, "test": -0.2}}, "split.ratios.train",
-     "less than or equal to 1"),
+    (
+        "ratio_out_of_range",
+        {"split.ratios": {"train": 1.5, "val": -0.3, "test": -0.2}},
+        "split.ratios.train",
+        "less than or equal to 1",
+    ),
     ("ratios_sum", {"split.ratios": {"train": 0.7, "val": 0.2, "test": 0.2}}, "split.ratios", "must sum to 1, got 1.1"),
-    ("patch_size", {"train.model": "vit_tiny_patch16_224", "train.img_size": 100}, "train.img_size",
-     "100 is not divisible by the patch size 16"),
-    ("weights_spec", {"train.weights": "imagenet"}, "train.weights",
-     "must be none, hub, hf-hub:ORG/NAME, local-dir:PATH, file:PATH"),
-    ("embedded_path", {"acquire.embedded.path": "no/such/dataset"}, "acquire.embedded.path",
-     "folder 'no/such/dataset' does not exist"),
-    ("folder_path", {"acquire.source": "folder", "acquire.folder.path": "missing_images"}, "acquire.folder.path",
-     "folder 'missing_images' does not exist"),
+    (
+        "patch_size",
+        {"train.model": "vit_tiny_patch16_224", "train.img_size": 100},
+        "train.img_size",
+        "100 is not divisible by the patch size 16",
+    ),
+    (
+        "weights_spec",
+        {"train.weights": "imagenet"},
+        "train.weights",
+        "must be none, hub, hf-hub:ORG/NAME, local-dir:PATH, file:PATH",
+    ),
+    (
+        "embedded_path",
+        {"acquire.embedded.path": "no/such/dataset"},
+        "acquire.embedded.path",
+        "folder 'no/such/dataset' does not exist",
+    ),
+    (
+        "folder_path",
+        {"acquire.source": "folder", "acquire.folder.path": "missing_images"},
+        "acquire.folder.path",
+        "folder 'missing_images' does not exist",
+    ),
     ("folder_path_unset", {"acquire.source": "folder"}, "acquire.folder.path", "required when acquire.source"),
     ("weights_file", {"train.weights": "file:missing.pth"}, "train.weights", "file 'missing.pth' does not exist"),
     ("variant_unknown_key", {"variants.ila.lrr": 0.1}, "variants.ila.lrr", "unknown key"),
@@ -107,6 +128,7 @@ BAD_IDS = [b[0] for b in BAD]
 
 
 # ----------------------------------------------------------------------------------------------------- library level
+
 
 def test_repo_params_load_with_expected_values() -> None:
     p = load_params(REPO / "params.yaml")
@@ -173,8 +195,9 @@ def test_every_problem_listed_in_one_message(tmp_path: Path) -> None:
 def test_relative_paths_resolve_against_params_folder(tmp_path: Path) -> None:
     (tmp_path / "imgs").mkdir()
     (tmp_path / "w.pth").write_bytes(b"x")
-    path = params_with(tmp_path, {"acquire.source": "folder", "acquire.folder.path": "imgs",
-                                  "train.weights": "file:w.pth"})
+    path = params_with(
+        tmp_path, {"acquire.source": "folder", "acquire.folder.path": "imgs", "train.weights": "file:w.pth"}
+    )
     p = load_params(path)  # cwd is not tmp_path, so this only passes if paths resolve against the file's folder
     assert p.acquire.folder.path == "imgs" and p.train.weights == "file:w.pth"
 
@@ -232,14 +255,26 @@ def test_flatten_gives_dotted_keys() -> None:
 
 # ------------------------------------------------------------------------------------------------------ stage level
 
+
 def clean_manifest(folder: Path) -> Path:
     """A small valid `clean` output (manifest only: split reads no image) in the emoji layout."""
     rows = []
     for cid, cls in enumerate(["a", "b", "c"]):
         for style in ("noto", "openmoji", "twemoji", "emojione"):
-            rows.append(dict(image_id=f"{style}-{cls}", path=f"images/{style}/{cls}.png", class_id=cid,
-                             class_name=cls, source="embedded", group=style, md5=f"{cid}{style}", width=64,
-                             height=64, split=None))
+            rows.append(
+                dict(
+                    image_id=f"{style}-{cls}",
+                    path=f"images/{style}/{cls}.png",
+                    class_id=cid,
+                    class_name=cls,
+                    source="embedded",
+                    group=style,
+                    md5=f"{cid}{style}",
+                    width=64,
+                    height=64,
+                    split=None,
+                )
+            )
     return manifest.write(pl.DataFrame(rows, schema=manifest.SCHEMA), folder)
 
 
@@ -272,8 +307,9 @@ def test_split_stage_valid_params_writes_outputs(tmp_path: Path, monkeypatch, ca
 
 
 @pytest.mark.parametrize("case_id,changes,key,reason", BAD, ids=BAD_IDS)
-def test_a_stage_rejects_bad_params_before_work(tmp_path: Path, monkeypatch, capsys, case_id, changes, key,
-                                                reason) -> None:
+def test_a_stage_rejects_bad_params_before_work(
+    tmp_path: Path, monkeypatch, capsys, case_id, changes, key, reason
+) -> None:
     """A data-section error stops the split stage itself; a training-section error stops check_params, the stage
     DVC runs before any other (the data stages validate only base and their own sections: pipeline/data_config.py)."""
     from pipeline.data_config import TRAINING_SECTIONS
@@ -291,8 +327,11 @@ def test_a_stage_rejects_bad_params_before_work(tmp_path: Path, monkeypatch, cap
     assert not any(p.exists() for p in outputs)
 
 
-@pytest.mark.parametrize("content,fragment", [("train: [1\n", "is not valid YAML"), (None, "does not exist")],
-                         ids=["invalid_yaml", "missing_file"])
+@pytest.mark.parametrize(
+    "content,fragment",
+    [("train: [1\n", "is not valid YAML"), (None, "does not exist")],
+    ids=["invalid_yaml", "missing_file"],
+)
 def test_split_stage_rejects_unreadable_params(tmp_path: Path, monkeypatch, capsys, content, fragment) -> None:
     params = tmp_path / "params.yaml"
     if content is not None:
@@ -319,8 +358,13 @@ def split_processes(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedPro
     for name, (changes, _, _) in SUBPROCESS_CASES.items():
         tmp = tmp_path_factory.mktemp(name)
         argv, outputs = split_argv(tmp, params_with(tmp, changes))
-        proc = subprocess.Popen([sys.executable, str(SPLIT_STAGE), *argv], cwd=REPO, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, str(SPLIT_STAGE), *argv],
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         started[name] = (proc, outputs)
     done = {}
     for name, (proc, outputs) in started.items():
@@ -341,14 +385,24 @@ def test_split_process_bad_params(split_processes, name) -> None:
 
 
 def test_check_params_cli(tmp_path: Path) -> None:
-    ok = subprocess.run([sys.executable, "-m", "pipeline", "check-params", "--params", "params.yaml"], cwd=REPO,
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, "-m", "pipeline", "check-params", "--params", "params.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("params.yaml: OK")
 
     bad = params_with(tmp_path, {"train.epochs": -1})
-    res = subprocess.run([sys.executable, "-m", "pipeline", "check-params", "--params", str(bad)], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", "check-params", "--params", str(bad)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2
     assert "greater than or equal to 1" in error_line(res.stderr, "train.epochs")
     assert res.stdout == ""
@@ -356,24 +410,39 @@ def test_check_params_cli(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------------- variants
 
+
 def test_variant_overrides_only_its_keys(tmp_path):
     params = load_params(params_with(tmp_path, {}))
     assert list(params.variants) == ["cnn", "vit", "glsim", "ila"]
     cnn, glsim = params.with_variant("cnn"), params.with_variant("glsim")
     assert cnn.train == params.train  # {}: the train section as written
     distilled = "file:weights/vit_tiny_distilled_128.safetensors"
-    assert (glsim.train.method, glsim.train.model, glsim.train.weights) == ("glsim", "vit_tiny_patch16_224",
-                                                                            distilled)
-    own = {"method": "cnn", "model": params.train.model, "weights": params.train.weights,
-           "img_size": params.train.img_size, "epochs": params.train.epochs}  # the keys glsim sets itself
+    assert (glsim.train.method, glsim.train.model, glsim.train.weights) == ("glsim", "vit_tiny_patch16_224", distilled)
+    own = {
+        "method": "cnn",
+        "model": params.train.model,
+        "weights": params.train.weights,
+        "img_size": params.train.img_size,
+        "epochs": params.train.epochs,
+    }  # the keys glsim sets itself
     assert glsim.train.model_copy(update=own) == params.train
 
 
 def test_variant_recipe_replaces_train_values_and_its_own_keys_win(tmp_path):
     from pipeline.config import RECIPES
 
-    path = params_with(tmp_path, {"variants.paper": {"method": "glsim", "model": "test_vit", "recipe": "glsim",
-                                                     "backbone_cnn": "tf_efficientnet_lite0", "epochs": 3}})
+    path = params_with(
+        tmp_path,
+        {
+            "variants.paper": {
+                "method": "glsim",
+                "model": "test_vit",
+                "recipe": "glsim",
+                "backbone_cnn": "tf_efficientnet_lite0",
+                "epochs": 3,
+            }
+        },
+    )
     train = load_params(path).with_variant("paper").train
     assert train.lr == RECIPES["glsim"]["lr"] and train.augment == "med" and train.optimizer == "sgd"
     assert train.epochs == 3  # the variant's own key, not the recipe's 50
@@ -385,6 +454,7 @@ def test_unknown_variant_is_named(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- issue 23 (params)
+
 
 def _with_line(tmp_path: Path, old: str, new: str) -> Path:
     """The repo's params.yaml as text with one line replaced (YAML scalars exactly as a user types them)."""
@@ -436,8 +506,13 @@ def test_check_params_refuses_a_section_that_a_stage_declares(tmp_path: Path, se
     (tmp_path / "dvc.yaml").write_bytes((REPO / "dvc.yaml").read_bytes())
     (tmp_path / "datasets").mkdir()
     (tmp_path / "datasets" / "emoji").symlink_to(EMOJI)  # the default path, once the acquire section is gone
-    res = subprocess.run([sys.executable, str(REPO / "stages/check_params.py"), "--out", "ok.txt"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, str(REPO / "stages/check_params.py"), "--out", "ok.txt"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2, res.stderr
     assert "missing from params.yaml" in error_line(res.stderr, section)
     assert not (tmp_path / "ok.txt").exists()
@@ -446,14 +521,32 @@ def test_check_params_refuses_a_section_that_a_stage_declares(tmp_path: Path, se
 def test_declared_keys_cover_foreach_and_matrix_bodies(tmp_path: Path) -> None:
     from pipeline import dvcparams
 
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
-        "plain": {"cmd": "x", "params": ["base.seed", {"params.yaml": ["split"]}, {"other.yaml": ["foo"]}]},
-        "each": {"foreach": "${variants}", "do": {"cmd": "x", "params": ["variants.${key}", "evaluate.top_k"]}},
-        "grid": {"matrix": {"seed": [1, 2]}, "cmd": "x", "params": ["train", "seeds.${item.seed}"]},
-        "all": {"cmd": "x", "params": [{"params.yaml": None}]}}}))
+    (tmp_path / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "plain": {"cmd": "x", "params": ["base.seed", {"params.yaml": ["split"]}, {"other.yaml": ["foo"]}]},
+                    "each": {
+                        "foreach": "${variants}",
+                        "do": {"cmd": "x", "params": ["variants.${key}", "evaluate.top_k"]},
+                    },
+                    "grid": {"matrix": {"seed": [1, 2]}, "cmd": "x", "params": ["train", "seeds.${item.seed}"]},
+                    "all": {"cmd": "x", "params": [{"params.yaml": None}]},
+                }
+            }
+        )
+    )
     declared = dvcparams.declared_keys(tmp_path / "dvc.yaml")
-    assert declared == {"base.seed": ["plain"], "split": ["plain"], "variants": ["each"], "evaluate.top_k": ["each"],
-                        "train": ["grid"], "seeds": ["grid"]}
+    assert declared == {
+        "base.seed": ["plain"],
+        "split": ["plain"],
+        "variants": ["each"],
+        "evaluate.top_k": ["each"],
+        "train": ["grid"],
+        "seeds": ["grid"],
+    }
     raw = {"base": {"seed": 1}, "split": {}, "variants": {}, "evaluate": {}, "train": {}}
-    assert [m.split(":")[0].strip() for m in dvcparams.missing_keys(raw, tmp_path / "dvc.yaml")] == \
-        ["- evaluate.top_k", "- seeds"]
+    assert [m.split(":")[0].strip() for m in dvcparams.missing_keys(raw, tmp_path / "dvc.yaml")] == [
+        "- evaluate.top_k",
+        "- seeds",
+    ]

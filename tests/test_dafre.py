@@ -29,6 +29,7 @@ VAL_ROWS, TEST_ROWS, CLASSES = 46_050, 94_440, 3_263
 EVERY = 470  # subset of rows that get an image
 SHARD = 64
 
+
 def csv_rows(path: Path) -> list[list[str]]:
     with path.open(newline="") as f:
         return list(csv.reader(f))
@@ -49,8 +50,13 @@ def run_dafre(base: Path, out: Path, **kw) -> pl.DataFrame:
     return dafre.from_dafre(DafreSource(path=str(base), **kw), Path("/"), out)
 
 
-def small_release(base: Path, splits: dict[str, list[tuple[int, str]]], header: bool = False,
-                  names: str = "0,morrigan_aensland\n1,uchiha_sasuke\n", folder: str = "faces") -> Path:
+def small_release(
+    base: Path,
+    splits: dict[str, list[tuple[int, str]]],
+    header: bool = False,
+    names: str = "0,morrigan_aensland\n1,uchiha_sasuke\n",
+    folder: str = "faces",
+) -> Path:
     """A hand-made release: the given label rows, an image for each, the given class-name file."""
     (base / "labels").mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
@@ -66,6 +72,7 @@ def small_release(base: Path, splits: dict[str, list[tuple[int, str]]], header: 
 
 # ------------------------------------------------------------------------------------------ the real label files
 
+
 @pytest.fixture(scope="module")
 def real_release(tmp_path_factory, dafre_labels: Path) -> dict:
     """Release folder with the real val/test/class-name files (no train.csv, as offline) and ~300 real JPEGs."""
@@ -74,8 +81,7 @@ def real_release(tmp_path_factory, dafre_labels: Path) -> dict:
     (base / "labels").mkdir(parents=True)
     for name in ("val.csv", "test.csv", labelcsv.CLASS_NAMES_FILE):
         shutil.copyfile(labels / name, base / "labels" / name)
-    rows = [("val", *r) for r in csv_rows(labels / "val.csv")] + \
-           [("test", *r) for r in csv_rows(labels / "test.csv")]
+    rows = [("val", *r) for r in csv_rows(labels / "val.csv")] + [("test", *r) for r in csv_rows(labels / "test.csv")]
     present = {}
     for i in range(0, len(rows), EVERY):
         split, class_id, d = rows[i]
@@ -97,9 +103,17 @@ def test_real_label_files_parse_to_full_size(dafre_labels: Path) -> None:
     assert table["split"].to_list() == ["val"] * VAL_ROWS + ["test"] * TEST_ROWS  # release order
     assert table["image_id"].n_unique() == VAL_ROWS + TEST_ROWS
     assert table.row(0, named=True) | {"file": None} == {
-        "split": "val", "file": None, "line": 1, "class_id": 0, "class_name": "morrigan_aensland",
-        "dir": "0933/194933.jpg", "post_id": 194933, "image_id": "dafre-194933", "group": "post-194933",
-        "official_class_id": 0}
+        "split": "val",
+        "file": None,
+        "line": 1,
+        "class_id": 0,
+        "class_name": "morrigan_aensland",
+        "dir": "0933/194933.jpg",
+        "post_id": 194933,
+        "image_id": "dafre-194933",
+        "group": "post-194933",
+        "official_class_id": 0,
+    }
     assert labelcsv.read_class_names(labels / labelcsv.CLASS_NAMES_FILE).height == CLASSES
 
 
@@ -154,9 +168,17 @@ def test_registry_subset_only_warns(tmp_path: Path, capsys) -> None:
 
 # ------------------------------------------------------------------------------------------- hand-made releases
 
+
 def test_glsim_header_copies_and_train_first(tmp_path: Path) -> None:
-    base = small_release(tmp_path / "rel", {"test": [(1, "0001/1001.jpg")], "val": [(0, "0002/1002.jpg")],
-                                            "train": [(1, "0003/1003.jpg"), (0, "0004/1004.jpg")]}, header=True)
+    base = small_release(
+        tmp_path / "rel",
+        {
+            "test": [(1, "0001/1001.jpg")],
+            "val": [(0, "0002/1002.jpg")],
+            "train": [(1, "0003/1003.jpg"), (0, "0004/1004.jpg")],
+        },
+        header=True,
+    )
     df = run_dafre(base, tmp_path / "out", shard_size=None)
     assert df["image_id"].to_list() == ["dafre-1003", "dafre-1004", "dafre-1002", "dafre-1001"]
     assert df["split"].to_list() == ["train", "train", "val", "test"]
@@ -184,13 +206,16 @@ def test_a_split_file_required(tmp_path: Path) -> None:
         run_dafre(base, tmp_path / "out")
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([(0, "0002/1002.jpg"), (5, "0003/1003.jpg")], r"val\.csv:2: class id 5 is not in .*classid_classname\.csv"),
-    ([(0, "0002/1002.jpg"), (1, "0002/1002.jpg")], r"val\.csv:2: duplicate image path '0002/1002.jpg'"),
-    ([(0, "0002/1002.jpg"), (1, "0102/1002.jpg")], r"val\.csv:2: duplicate image id 'dafre-1002'"),
-    ([(0, "0002/1002.jpg"), (1, "0002/abc.jpg")], r"val\.csv:2: '0002/abc.jpg' is not a DAF:re image path"),
-    ([(0, "../../etc/passwd")], r"val\.csv:1: unsafe image path '../../etc/passwd'"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([(0, "0002/1002.jpg"), (5, "0003/1003.jpg")], r"val\.csv:2: class id 5 is not in .*classid_classname\.csv"),
+        ([(0, "0002/1002.jpg"), (1, "0002/1002.jpg")], r"val\.csv:2: duplicate image path '0002/1002.jpg'"),
+        ([(0, "0002/1002.jpg"), (1, "0102/1002.jpg")], r"val\.csv:2: duplicate image id 'dafre-1002'"),
+        ([(0, "0002/1002.jpg"), (1, "0002/abc.jpg")], r"val\.csv:2: '0002/abc.jpg' is not a DAF:re image path"),
+        ([(0, "../../etc/passwd")], r"val\.csv:1: unsafe image path '../../etc/passwd'"),
+    ],
+)
 def test_bad_label_rows_name_file_and_line(tmp_path: Path, rows, message: str) -> None:
     base = small_release(tmp_path / "rel", {"val": rows})
     (base / "faces").mkdir(exist_ok=True)
@@ -208,6 +233,7 @@ def test_malformed_row(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
+
 
 def test_cli_dafre_writes_manifest(tmp_path: Path) -> None:
     base = small_release(tmp_path / "rel", {"val": [(0, "0002/1002.jpg"), (1, "0003/1003.jpg"), (1, "0004/1004.jpg")]})
@@ -246,19 +272,24 @@ def test_cli_section_only_given_keys() -> None:
 
 # ------------------------------------------------------------------ snapshots of the dataset as GLSim lays it out
 
+
 def test_glsim_layout_labels_beside_the_image_folder(tmp_path: Path) -> None:
     """GLSim's data/daf layout (its configs/datasets/dafb.yaml): train/val/test/train_val/classid_classname CSVs
     with headers next to fullMin256/. train_val.csv repeats train + val rows and must not be imported."""
     base = tmp_path / "DAFB"
-    rows = {"train": [(0, "0545/676545.jpg"), (1, "0950/1390950.jpg")], "val": [(1, "0011/11.jpg")],
-            "test": [(0, "0012/12.jpg")]}
+    rows = {
+        "train": [(0, "0545/676545.jpg"), (1, "0950/1390950.jpg")],
+        "val": [(1, "0011/11.jpg")],
+        "test": [(0, "0012/12.jpg")],
+    }
     for split, items in rows.items():
         (base).mkdir(exist_ok=True)
         (base / f"{split}.csv").write_text("class_id,dir\n" + "".join(f"{c},{d}\n" for c, d in items))
         for i, (_, d) in enumerate(items):
             jpeg(base / "fullMin256" / d, size_of(i))
-    (base / "train_val.csv").write_text("class_id,dir\n" + "".join(f"{c},{d}\n" for c, d in rows["train"] +
-                                                                   rows["val"]))
+    (base / "train_val.csv").write_text(
+        "class_id,dir\n" + "".join(f"{c},{d}\n" for c, d in rows["train"] + rows["val"])
+    )
     (base / labelcsv.CLASS_NAMES_FILE).write_text("class_id,class_name\n0,morrigan_aensland\n1,uchiha_sasuke\n")
     df = run_dafre(base, tmp_path / "out", images="fullMin256", shard_size=None)
     assert df["image_id"].to_list() == ["dafre-676545", "dafre-1390950", "dafre-11", "dafre-12"]
@@ -271,6 +302,9 @@ def test_a_snapshot_of_the_packed_release_names_the_archives(tmp_path: Path) -> 
     base.mkdir()
     for name in ("dafre_full.tar.gz", "labels.tar.gz"):
         (base / name).write_bytes(b"\x1f\x8b")
-    with pytest.raises(FileNotFoundError, match=r"holds the release archives \['dafre_full.tar.gz', "
-                                                r"'labels.tar.gz'\], not unpacked: run .*tar xzf dafre_full.tar.gz"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"holds the release archives \['dafre_full.tar.gz', "
+        r"'labels.tar.gz'\], not unpacked: run .*tar xzf dafre_full.tar.gz",
+    ):
         run_dafre(base, tmp_path / "out", images="fullMin256")

@@ -35,12 +35,20 @@ from tests.danbooru_server import OTHER_HOST, POSTS, TEST_FILTERS, FakeDanbooru,
 REPO = Path(__file__).resolve().parents[1]
 CHARACTERS = ("hatsune_miku", "kaname_madoka", "saber_(fate)")
 SECRET = "k3y-that-must-NEVER-leak-0123456789abcdef"
-SCHEMA = {**manifest.SCHEMA, "post_id": pl.Int64, "character": pl.String, "artist": pl.String,
-          "rating": pl.String, "score": pl.Int64, "source_url": pl.String}
+SCHEMA = {
+    **manifest.SCHEMA,
+    "post_id": pl.Int64,
+    "character": pl.String,
+    "artist": pl.String,
+    "rating": pl.String,
+    "score": pl.Int64,
+    "source_url": pl.String,
+}
 # Rejected by the crawler, by file kind (the mismatch post's large file is not an image at all).
-REJECTED = {"large": {122: "not_image", 125: "duplicate_md5", 127: "bad_host", 132: "not_image", 138: "bad_ext"},
-            "original": {122: "md5_mismatch", 125: "duplicate_md5", 127: "bad_host", 132: "not_image",
-                         138: "bad_ext"}}
+REJECTED = {
+    "large": {122: "not_image", 125: "duplicate_md5", 127: "bad_host", 132: "not_image", 138: "bad_ext"},
+    "original": {122: "md5_mismatch", 125: "duplicate_md5", 127: "bad_host", 132: "not_image", 138: "bad_ext"},
+}
 NEVER_FETCHED = ("dup", "other_host", "bad_ext", "deleted", "rating", "multi", "excluded")
 JUDGED_BY_BYTES = ("html", "mismatch")  # must be downloaded (once) to be refused
 
@@ -59,9 +67,18 @@ def _no_developer_credentials(monkeypatch):
 
 def config(server: FakeDanbooru, **kw) -> DanbooruSource:
     """Small pages (so paging happens), fast rates and tiny backoffs so faults cost milliseconds."""
-    base = dict(base_url=server.base_url, cdn_hosts=server.cdn_hosts, characters=CHARACTERS, page_limit=3,
-                requests_per_second=200.0, max_connections=3, timeout_s=5.0, max_retries=3, backoff_s=0.01,
-                **TEST_FILTERS)
+    base = dict(
+        base_url=server.base_url,
+        cdn_hosts=server.cdn_hosts,
+        characters=CHARACTERS,
+        page_limit=3,
+        requests_per_second=200.0,
+        max_connections=3,
+        timeout_s=5.0,
+        max_retries=3,
+        backoff_s=0.01,
+        **TEST_FILTERS,
+    )
     return DanbooruSource(**{**base, **kw})
 
 
@@ -88,12 +105,26 @@ def expected_manifest(server: FakeDanbooru, kind: str = "large", characters=CHAR
     for p in posts:
         path, body, ext = file_of(p, kind)
         artist = p.artists[0] if p.artists else None
-        rows.append(dict(image_id=f"danbooru-{p.id}", path=f"images/{p.id}.{ext}",
-                         class_id=names.index(p.characters[0]), class_name=p.characters[0], source="danbooru",
-                         group=artist or f"post-{p.id}", md5=hashlib.md5(body).hexdigest(),
-                         width=Image.open(io.BytesIO(body)).size[0], height=Image.open(io.BytesIO(body)).size[1],
-                         split=None, post_id=p.id, character=p.characters[0], artist=artist, rating=p.rating,
-                         score=p.score, source_url=server.url(p.host, path)))
+        rows.append(
+            dict(
+                image_id=f"danbooru-{p.id}",
+                path=f"images/{p.id}.{ext}",
+                class_id=names.index(p.characters[0]),
+                class_name=p.characters[0],
+                source="danbooru",
+                group=artist or f"post-{p.id}",
+                md5=hashlib.md5(body).hexdigest(),
+                width=Image.open(io.BytesIO(body)).size[0],
+                height=Image.open(io.BytesIO(body)).size[1],
+                split=None,
+                post_id=p.id,
+                character=p.characters[0],
+                artist=artist,
+                rating=p.rating,
+                score=p.score,
+                source_url=server.url(p.host, path),
+            )
+        )
     return pl.DataFrame(rows, schema=SCHEMA)
 
 
@@ -119,6 +150,7 @@ def assert_no_secret(root: Path, *texts: str, allow: tuple[Path, ...] = ()) -> N
 
 # ---------------------------------------------------------------------------------------------------- what is kept
 
+
 @pytest.mark.parametrize("kind", ["large", "original"])
 def test_crawl_downloads_each_good_post_once_and_no_bad_one(server, tmp_path, capsys, kind) -> None:
     out = tmp_path / "raw"
@@ -140,8 +172,13 @@ def test_crawl_downloads_each_good_post_once_and_no_bad_one(server, tmp_path, ca
     assert dict(zip(rejected["post_id"], rejected["reason"])) == REJECTED[kind]
     # Everything the crawl wrote is inside out/: the manifest's images, three bookkeeping files and the marker
     # that makes the folder the project's own (pipeline/outdir.py).
-    assert files_under(tmp_path) == {out / "manifest.parquet", out / "journal.jsonl", out / "rejected.parquet",
-                                     out / MARKER, *(out / p for p in df["path"])}
+    assert files_under(tmp_path) == {
+        out / "manifest.parquet",
+        out / "journal.jsonl",
+        out / "rejected.parquet",
+        out / MARKER,
+        *(out / p for p in df["path"]),
+    }
     summary = capsys.readouterr().out
     assert "kept 12 posts of 3 characters" in summary and "failed 0" in summary
 
@@ -189,11 +226,14 @@ def test_size_cap_rejects_then_a_larger_cap_fetches(server, tmp_path, kind) -> N
     assert_frame_equal(df, expected_manifest(server, kind, characters=saber))
 
 
-@pytest.mark.parametrize(("change", "key"), [
-    ({"characters": (), "top_characters": 0}, "acquire.danbooru.characters"),
-    ({"characters": ("two words",)}, "acquire.danbooru.characters"),
-    ({"cdn_hosts": ("https://cdn.example/x",)}, "acquire.danbooru.cdn_hosts"),
-])
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"characters": (), "top_characters": 0}, "acquire.danbooru.characters"),
+        ({"characters": ("two words",)}, "acquire.danbooru.characters"),
+        ({"cdn_hosts": ("https://cdn.example/x",)}, "acquire.danbooru.cdn_hosts"),
+    ],
+)
 def test_config_mistakes_name_the_key(tmp_path, change, key) -> None:
     cfg = DanbooruSource(**{"characters": ("x",), **change})
     with pytest.raises(ValueError, match=key):
@@ -217,8 +257,11 @@ def test_a_large_file_that_is_the_original_is_checked_against_the_md5(server, tm
     assert (server.hits(once.original_path), server.served(once.original_path)) == (2, 1)
     assert (server.hits(twice.original_path), server.served(twice.original_path)) == (2, 0)
     rejected = pl.read_parquet(out / "rejected.parquet")
-    assert dict(zip(rejected["post_id"], rejected["reason"])) == {120: "md5_mismatch", 122: "not_image",
-                                                                  127: "bad_host"}
+    assert dict(zip(rejected["post_id"], rejected["reason"])) == {
+        120: "md5_mismatch",
+        122: "not_image",
+        127: "bad_host",
+    }
     assert twice.md5 in rejected.filter(pl.col("post_id") == twice.id)["detail"].item()
     assert not (out / f"images/{twice.id}.jpg").exists()
     assert f"post {twice.id}: md5_mismatch" in caplog.text and f"post {once.id}: md5_mismatch" in caplog.text
@@ -250,13 +293,18 @@ def test_rerun_checks_an_unverified_original_kept_by_an_earlier_crawl(server, tm
 
 # ---------------------------------------------------------------------------------------------------------- faults
 
+
 def test_transient_faults_are_retried(server, tmp_path) -> None:
     good = {p.id: p for p in good_posts()}
     faulted = {140: "500", 137: "503", 133: "timeout", 120: "truncate", 135: "429"}
     for pid, kind in faulted.items():
         server.inject(file_of(good[pid], "large")[0], kind, retry_after=0.05, delay=3.0)
-    pages = {"tags=kaname_madoka&limit=3&page=1": "429", "page=b137": "badjson", "page=b133": "truncate",
-             "page=b127": "500"}
+    pages = {
+        "tags=kaname_madoka&limit=3&page=1": "429",
+        "page=b137": "badjson",
+        "page=b133": "truncate",
+        "page=b127": "500",
+    }
     for match, kind in pages.items():
         server.inject(match, kind, retry_after=0.05)
 
@@ -348,6 +396,7 @@ def test_image_failure_is_counted_and_skipped(server, tmp_path, capsys) -> None:
 
 # ---------------------------------------------------------------------------------------------------- credentials
 
+
 def test_credentials_reach_the_api_and_never_leak(server, tmp_path, monkeypatch, capsys, caplog) -> None:
     caplog.set_level(logging.DEBUG)  # urllib3's and the crawler's own debug lines included
     server.require_auth("alice", SECRET)
@@ -381,8 +430,9 @@ def test_unsafe_urls_are_refused() -> None:
     with pytest.raises(ParamsError, match="acquire.danbooru.base_url: 'ftp://example.org' is not an http"):
         validate_section(AcquireParams, {"danbooru": {"base_url": "ftp://example.org"}}, "test", "acquire.")
     with pytest.raises(ParamsError, match="must not contain a login") as err:
-        validate_section(AcquireParams, {"danbooru": {"base_url": f"https://alice:{SECRET}@danbooru.donmai.us"}},
-                         "test", "acquire.")
+        validate_section(
+            AcquireParams, {"danbooru": {"base_url": f"https://alice:{SECRET}@danbooru.donmai.us"}}, "test", "acquire."
+        )
     assert SECRET not in str(err.value)
 
 
@@ -396,10 +446,16 @@ def test_credentials_are_not_sent_over_plain_http_to_other_hosts(tmp_path, monke
 
 # ---------------------------------------------------------------------------------------------------- politeness
 
+
 def test_rate_limit_is_kept_across_threads(server, tmp_path) -> None:
     rate = 8.0
-    crawl(server, tmp_path / "raw", characters=("hatsune_miku", "saber_(fate)"), requests_per_second=rate,
-          max_connections=3)
+    crawl(
+        server,
+        tmp_path / "raw",
+        characters=("hatsune_miku", "saber_(fate)"),
+        requests_per_second=rate,
+        max_connections=3,
+    )
     starts = sorted(r.start for r in server.log)
     assert len(starts) >= 15
     assert starts[-1] - starts[0] >= (len(starts) - 1) / rate - 0.05
@@ -417,6 +473,7 @@ def test_max_connections_is_kept(server, tmp_path, connections) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- resume
+
 
 def test_rerun_skips_finished_posts_repairs_torn_journal_and_removes_temp_files(server, tmp_path) -> None:
     out = tmp_path / "raw"
@@ -447,10 +504,37 @@ def test_sigkill_then_resume_gives_the_uninterrupted_manifest(server, tmp_path) 
     server.reset_log()
     server.set_image_delay(0.15)
     out = project / "raw"
-    cmd = [sys.executable, "-m", "pipeline", "acquire", "danbooru", "--out", "raw", "--base-url", server.base_url,
-           "--characters", ",".join(CHARACTERS), "--cdn-hosts", "localhost", "--ratings", "g,s",
-           "--exclude-tags", "comic", "--page-limit", "3", "--requests-per-second", "200",
-           "--max-connections", "2", "--timeout", "5", "--max-retries", "3", "--backoff", "0.01"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "acquire",
+        "danbooru",
+        "--out",
+        "raw",
+        "--base-url",
+        server.base_url,
+        "--characters",
+        ",".join(CHARACTERS),
+        "--cdn-hosts",
+        "localhost",
+        "--ratings",
+        "g,s",
+        "--exclude-tags",
+        "comic",
+        "--page-limit",
+        "3",
+        "--requests-per-second",
+        "200",
+        "--max-connections",
+        "2",
+        "--timeout",
+        "5",
+        "--max-retries",
+        "3",
+        "--backoff",
+        "0.01",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DANBOORU_")}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -483,23 +567,39 @@ def test_sigkill_then_resume_gives_the_uninterrupted_manifest(server, tmp_path) 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
 
+
 def test_cli_help_lists_the_flags(capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         cli.main(["acquire", "danbooru", "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--out", "--base-url", "--characters", "--top-characters", "--max-posts", "--ratings",
-                 "--exclude-tags", "--allow-multi-character", "--file", "--requests-per-second",
-                 "--max-connections", "--cdn-hosts", "--timeout", "--max-retries", "--backoff", "--max-file-mb",
-                 "--page-limit", "--credentials-file"):
+    for flag in (
+        "--out",
+        "--base-url",
+        "--characters",
+        "--top-characters",
+        "--max-posts",
+        "--ratings",
+        "--exclude-tags",
+        "--allow-multi-character",
+        "--file",
+        "--requests-per-second",
+        "--max-connections",
+        "--cdn-hosts",
+        "--timeout",
+        "--max-retries",
+        "--backoff",
+        "--max-file-mb",
+        "--page-limit",
+        "--credentials-file",
+    ):
         assert flag in text
     assert "--api-key" not in text and "--login" not in text
 
 
 def test_cli_bad_base_url_exits_2_naming_the_key(tmp_path, capsys) -> None:
     out = tmp_path / "raw"
-    code = cli.main(["acquire", "danbooru", "--base-url", "ftp://example.org", "--characters", "x",
-                     "--out", str(out)])
+    code = cli.main(["acquire", "danbooru", "--base-url", "ftp://example.org", "--characters", "x", "--out", str(out)])
     assert code == 2
     assert "base_url" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was written
@@ -513,10 +613,33 @@ def test_cli_flags_become_the_params_section(tmp_path, monkeypatch) -> None:
         return pl.DataFrame(schema=manifest.SCHEMA)
 
     monkeypatch.setattr("pipeline.data.acquire.acquire", fake_acquire)
-    code = cli.main(["acquire", "danbooru", "--out", str(tmp_path), "--characters", "a, b", "--max-posts", "7",
-                     "--ratings", "g", "--allow-multi-character", "--file", "original", "--cdn-hosts", "c1,c2"])
+    code = cli.main(
+        [
+            "acquire",
+            "danbooru",
+            "--out",
+            str(tmp_path),
+            "--characters",
+            "a, b",
+            "--max-posts",
+            "7",
+            "--ratings",
+            "g",
+            "--allow-multi-character",
+            "--file",
+            "original",
+            "--cdn-hosts",
+            "c1,c2",
+        ]
+    )
     assert code == 0
     cfg = captured["cfg"].danbooru
-    assert (cfg.characters, cfg.max_posts_per_character, cfg.ratings, cfg.single_character, cfg.file,
-            cfg.cdn_hosts) == (("a", "b"), 7, ("g",), False, "original", ("c1", "c2"))
+    assert (
+        cfg.characters,
+        cfg.max_posts_per_character,
+        cfg.ratings,
+        cfg.single_character,
+        cfg.file,
+        cfg.cdn_hosts,
+    ) == (("a", "b"), 7, ("g",), False, "original", ("c1", "c2"))
     assert cfg.base_url == DanbooruSource().base_url  # flags not given keep the params defaults

@@ -35,6 +35,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 # --- the output folder -------------------------------------------------------------------------------------------
 
+
 def test_out_holding_an_unrelated_file_is_refused_and_the_file_survives(tmp_path: Path) -> None:
     png(tmp_path / "src" / "cat" / "a.png")
     keep = tmp_path / "mine" / "thesis.tex"
@@ -52,8 +53,13 @@ def test_cli_out_dot_in_a_clone_refuses_and_deletes_nothing(tmp_path: Path) -> N
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "params.yaml").write_text("base: {seed: 1}\n")
     before = tree(tmp_path)
-    res = subprocess.run([sys.executable, "-m", "pipeline", "acquire", "folder", "--path", "src", "--out", "."],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", "acquire", "folder", "--path", "src", "--out", "."],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2
     assert "contains the project" in res.stderr or "overlaps the input" in res.stderr
     assert tree(tmp_path) == before
@@ -106,6 +112,7 @@ def test_failing_import_leaves_the_previous_output_untouched(tmp_path: Path) -> 
 
 # --- symlinks, hidden folders ----------------------------------------------------------------------------------------
 
+
 def test_folder_source_never_follows_links_out_of_or_back_into_the_root(tmp_path: Path) -> None:
     src = tmp_path / "src"
     png(src / "cat" / "a.png")
@@ -153,6 +160,7 @@ def test_quarantine_never_quotes_file_bytes() -> None:
 
 # --- EXIF orientation -----------------------------------------------------------------------------------------------
 
+
 def _sideways_jpeg() -> bytes:
     """A 40x20 (landscape) picture stored rotated as 20x40 with Orientation=6 (rotate 90 deg clockwise to view)."""
     upright = Image.new("RGB", (40, 20), (255, 255, 255))
@@ -170,10 +178,21 @@ def test_clean_applies_exif_orientation_and_records_the_upright_size(tmp_path: P
     (raw / "images").mkdir(parents=True)
     (raw / "images" / "phone.jpg").write_bytes(_sideways_jpeg())
     png(raw / "images" / "plain.png")
-    df = pl.DataFrame({"image_id": ["phone", "plain"], "path": ["images/phone.jpg", "images/plain.png"],
-                       "class_id": [0, 0], "class_name": ["c", "c"], "source": ["t", "t"], "group": ["1", "2"],
-                       "md5": [None, None], "width": [None, None], "height": [None, None], "split": [None, None]},
-                      schema=manifest.SCHEMA)
+    df = pl.DataFrame(
+        {
+            "image_id": ["phone", "plain"],
+            "path": ["images/phone.jpg", "images/plain.png"],
+            "class_id": [0, 0],
+            "class_name": ["c", "c"],
+            "source": ["t", "t"],
+            "group": ["1", "2"],
+            "md5": [None, None],
+            "width": [None, None],
+            "height": [None, None],
+            "split": [None, None],
+        },
+        schema=manifest.SCHEMA,
+    )
     manifest.write(df, raw)
     kept, _, _ = clean(CleanParams(min_per_class=1), raw, tmp_path / "clean")
     row = kept.filter(pl.col("image_id") == "phone").row(0, named=True)
@@ -185,6 +204,7 @@ def test_clean_applies_exif_orientation_and_records_the_upright_size(tmp_path: P
 
 
 # --- issue 23: loops, images outside a class, foreign files, messages ------------------------------------------------
+
 
 def _loops(folder: Path) -> None:
     """`a.png -> b.png -> a.png` and `self.png -> self.png`: links that never resolve."""
@@ -202,7 +222,10 @@ def test_symlink_loops_in_a_folder_source_are_skipped_with_a_reason(tmp_path: Pa
     assert df["path"].to_list() == ["images/cat/ok.png"]
     skipped = dict(pl.read_parquet(tmp_path / "raw" / "skipped.parquet").iter_rows())
     assert {k: v.split(" (")[0] for k, v in skipped.items()} == {
-        "cat/a.png": "symlink loop", "cat/b.png": "symlink loop", "cat/self.png": "symlink loop"}
+        "cat/a.png": "symlink loop",
+        "cat/b.png": "symlink loop",
+        "cat/self.png": "symlink loop",
+    }
 
 
 def test_symlink_loops_in_a_csv_source_are_listed_as_missing(tmp_path: Path) -> None:
@@ -211,8 +234,10 @@ def test_symlink_loops_in_a_csv_source_are_listed_as_missing(tmp_path: Path) -> 
     df = acquire(cfg, tmp_path, tmp_path / "raw")
     assert sorted(df["image_id"].to_list()) == ["a.png", "b.png"]
     missing = dict(pl.read_parquet(tmp_path / "raw" / "missing.parquet").select("path", "reason").iter_rows())
-    assert {k: v.split(" (")[0] for k, v in missing.items()} == {"loop/a.png": "symlink loop",
-                                                                 "loop/self.png": "symlink loop"}
+    assert {k: v.split(" (")[0] for k, v in missing.items()} == {
+        "loop/a.png": "symlink loop",
+        "loop/self.png": "symlink loop",
+    }
 
 
 def test_an_image_directly_in_the_root_is_listed_as_skipped(tmp_path: Path) -> None:

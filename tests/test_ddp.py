@@ -37,10 +37,30 @@ WEIGHT_TOL = 1e-6  # max |w2 - w1|; measured 7e-9 (float32 summation order), whi
 STYLE_SPLIT = {"noto": "train", "openmoji": "train", "emojione": "val", "twemoji": "test"}
 # The GLSim recipe (Nesterov SGD, grad clip 1.0, medaugs, label smoothing) on a tiny ViT; the recipe's schedule and
 # stochastic depth are overridden for a 3-epoch run that can match exactly.
-TRAIN = {"method": "vit", "model": "vit_tiny_patch16_224", "weights": "none", "img_size": 32, "patch_size": 8,
-         "recipe": "glsim", "epochs": EPOCHS, "batch_size": 8, "warmup_steps": 2, "drop_path_rate": 0.0}
-RECIPE_KEYS = {"optimizer", "lr", "weight_decay", "warmup_epochs", "min_lr", "grad_clip", "label_smoothing",
-               "augment", "hflip", "resize_ratio"}
+TRAIN = {
+    "method": "vit",
+    "model": "vit_tiny_patch16_224",
+    "weights": "none",
+    "img_size": 32,
+    "patch_size": 8,
+    "recipe": "glsim",
+    "epochs": EPOCHS,
+    "batch_size": 8,
+    "warmup_steps": 2,
+    "drop_path_rate": 0.0,
+}
+RECIPE_KEYS = {
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "min_lr",
+    "grad_clip",
+    "label_smoothing",
+    "augment",
+    "hflip",
+    "resize_ratio",
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +88,23 @@ def _cmd(root: Path, out: str, processes: int) -> list[str]:
     launch = [sys.executable]
     if processes > 1:  # torchrun as a module, so that it is this venv's; --standalone picks a free local port
         launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    return launch + [str(REPO / "stages/train.py"), "--params", str(root / "params.yaml"),
-                     "--split", str(root / "data/split/manifest.parquet"), "--images", str(root / "data/raw"),
-                     "--out", str(root / out / "models"), "--metrics", str(root / out / "train.json"),
-                     "--seed-metrics", str(root / out / "seeds"), "--history", str(root / out / "history")]
+    return launch + [
+        str(REPO / "stages/train.py"),
+        "--params",
+        str(root / "params.yaml"),
+        "--split",
+        str(root / "data/split/manifest.parquet"),
+        "--images",
+        str(root / "data/raw"),
+        "--out",
+        str(root / out / "models"),
+        "--metrics",
+        str(root / out / "train.json"),
+        "--seed-metrics",
+        str(root / out / "seeds"),
+        "--history",
+        str(root / out / "history"),
+    ]
 
 
 def _env() -> dict:
@@ -89,16 +122,16 @@ def _results(root: Path, out: str) -> tuple[dict, list[dict], dict]:
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch_and_resume(project):
-    one = subprocess.run(_cmd(project, "one", 1), cwd=project, env=_env(), capture_output=True, text=True,
-                         timeout=600)
+    one = subprocess.run(_cmd(project, "one", 1), cwd=project, env=_env(), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
 
     # The 2-process run is killed, torchrun and both workers at once (as a node failure would), as soon as epoch 1
     # is reported: its state is written before the report, and an epoch here takes about a second.
     err = project / "killed.stderr"
     with open(err, "w") as stderr:
-        proc = subprocess.Popen(_cmd(project, "two", 2), cwd=project, env=_env(), stdout=subprocess.PIPE,
-                                stderr=stderr, text=True)
+        proc = subprocess.Popen(
+            _cmd(project, "two", 2), cwd=project, env=_env(), stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
     for line in proc.stdout:
         if line.startswith(f"epoch 1/{EPOCHS}"):
             break
@@ -113,8 +146,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch_and_resume(p
     assert len(list((project / "checkpoints").glob("*/last.pt"))) == 1
 
     # ... and resumed with 2 processes.
-    two = subprocess.run(_cmd(project, "two", 2), cwd=project, env=_env(), capture_output=True, text=True,
-                         timeout=600)
+    two = subprocess.run(_cmd(project, "two", 2), cwd=project, env=_env(), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "resuming after epoch" in two.stdout
     epochs = [line.split()[1] for line in two.stdout.splitlines() if line.startswith("epoch ")]
@@ -166,8 +198,9 @@ def test_sharded_epoch_sampler_gives_each_step_the_single_process_batch():
         ranks = [[i for i, _ in _epoch(EpochSampler(n, True, 42, r, 2), epoch)] for r in range(2)]
         assert len(ranks[0]) == len(ranks[1]) == n // 2  # equal lengths: DDP ranks step in lock-step
         for k in range(n // (2 * b)):
-            assert sorted(ranks[0][k * b:(k + 1) * b] + ranks[1][k * b:(k + 1) * b]) == sorted(
-                single[2 * k * b:2 * (k + 1) * b])
+            assert sorted(ranks[0][k * b : (k + 1) * b] + ranks[1][k * b : (k + 1) * b]) == sorted(
+                single[2 * k * b : 2 * (k + 1) * b]
+            )
     # Evaluation shards are padded to equal length and, interleaved again, give every image in order.
     shards = [[i for i, _ in EpochSampler(n, False, 42, r, 2, pad=True)] for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 15

@@ -128,6 +128,7 @@ def test_phash64_matches_imagehash_hex() -> None:
 
 # -------------------------------------------------------------------------------- the benchmark's pipeline, small
 
+
 @pytest.fixture(scope="module")
 def bench():
     from benchmarks.clean_split import run

@@ -22,8 +22,16 @@ from pipeline.data.synthetic import write_jpeg_shards
 from pipeline.data.transforms import batch_augment, train_transform
 
 DCFG = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
-MED = {"method": "vit", "model": "vit_tiny_patch16_224", "weights": "none", "img_size": 32, "patch_size": 8,
-       "augment": "med", "hflip": 0.5, "decode": "device"}
+MED = {
+    "method": "vit",
+    "model": "vit_tiny_patch16_224",
+    "weights": "none",
+    "img_size": 32,
+    "patch_size": 8,
+    "augment": "med",
+    "hflip": 0.5,
+    "decode": "device",
+}
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +87,7 @@ def test_a_device_decoding_loader_hands_out_augmented_normalised_batches(shards)
     cfg = TrainParams.model_validate(MED)
     _, dev, aug = _paths(cfg, df, root)
     crop = dev.crop
-    loader = DataLoader(dev, batch_size=4, sampler=EpochSampler(len(dev), True, 7), collate_fn=collate,
-                        num_workers=1)
+    loader = DataLoader(dev, batch_size=4, sampler=EpochSampler(len(dev), True, 7), collate_fn=collate, num_workers=1)
     batches = DeviceLoader(loader, torch.device("cpu"), aug, decoder=DeviceDecoder(crop.size, crop.big, "bicubic"))
     batches.sampler.set_epoch(1)
     first = list(batches)
@@ -94,5 +101,9 @@ def test_a_device_decoding_loader_hands_out_augmented_normalised_batches(shards)
 def test_device_decoding_needs_a_recipe_whose_crop_is_known_before_decoding():
     with pytest.raises(ValidationError, match="decode 'device'.*augment is 'rrc'"):
         TrainParams.model_validate({**MED, "augment": "rrc"})
-    assert TrainParams.model_validate({"recipe": "glsim", "method": "glsim", "model": "vit_tiny_patch16_224",
-                                       "decode": "device"}).decode == "device"
+    assert (
+        TrainParams.model_validate(
+            {"recipe": "glsim", "method": "glsim", "model": "vit_tiny_patch16_224", "decode": "device"}
+        ).decode
+        == "device"
+    )

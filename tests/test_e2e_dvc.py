@@ -36,19 +36,25 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def _git_status(repo: Path) -> str:
-    return subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True).stdout
 
 
-@pytest.mark.parametrize("bad", [{"train": {"lrr": 0.1}}, {"train": {"epochs": "2"}},
-                                 {"variants": {"glsim": {"img_size": 30}}}], ids=["misspelt", "string", "variant"])
+@pytest.mark.parametrize(
+    "bad",
+    [{"train": {"lrr": 0.1}}, {"train": {"epochs": "2"}}, {"variants": {"glsim": {"img_size": 30}}}],
+    ids=["misspelt", "string", "variant"],
+)
 def test_invalid_params_fail_before_dvc_touches_any_output(repo, bad):
     """Issue 15: DVC deletes a stage's outputs before running it; with invalid params the stage then refused them,
     and the outputs (git-tracked metrics included) were gone. check_params fails first and nothing changes."""
     params_file = repo / "params.yaml"
     original = params_file.read_text()
-    status, data, metrics, plots = _git_status(repo), _tree(repo / "data"), _tree(repo / "metrics"), \
-        _tree(repo / "plots")
+    status, data, metrics, plots = (
+        _git_status(repo),
+        _tree(repo / "data"),
+        _tree(repo / "metrics"),
+        _tree(repo / "plots"),
+    )
     try:
         params = yaml.safe_load(original)
         for section, values in bad.items():
@@ -90,21 +96,43 @@ def test_a_missing_params_section_fails_before_dvc_touches_any_output(repo):
 
 
 def test_repro_produces_every_stage_output(repo):
-    for out in ("data/raw/manifest.parquet", "data/clean/manifest.parquet", "data/split/manifest.parquet",
-                "models/cnn/seed42/model.pt", "models/glsim/seed43/config.yaml", "metrics/evaluate/ila.json",
-                "metrics/evaluate/ila/seed43.json", "plots/history/cnn/seed42.csv", "plots/samples/glsim/seed43.npz",
-                "metrics/environment.json", "reports/report.html",
-                "reports/report.md", "reports/figures/training_curves.png", "dvc.lock", "mlflow/mlflow.db"):
+    for out in (
+        "data/raw/manifest.parquet",
+        "data/clean/manifest.parquet",
+        "data/split/manifest.parquet",
+        "models/cnn/seed42/model.pt",
+        "models/glsim/seed43/config.yaml",
+        "metrics/evaluate/ila.json",
+        "metrics/evaluate/ila/seed43.json",
+        "plots/history/cnn/seed42.csv",
+        "plots/samples/glsim/seed43.npz",
+        "metrics/environment.json",
+        "reports/report.html",
+        "reports/report.md",
+        "reports/figures/training_curves.png",
+        "dvc.lock",
+        "mlflow/mlflow.db",
+    ):
         assert (repo / out).is_file(), out
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     variants = ("cnn", "vit", "glsim", "ila")
-    assert set(lock["stages"]) == {"check_params", "acquire", "faces", "clean", "split", "pretrain", "tune", "report",
-                                   *(f"{stage}@{v}" for stage in ("train", "evaluate") for v in variants)}
+    assert set(lock["stages"]) == {
+        "check_params",
+        "acquire",
+        "faces",
+        "clean",
+        "split",
+        "pretrain",
+        "tune",
+        "report",
+        *(f"{stage}@{v}" for stage in ("train", "evaluate") for v in variants),
+    }
     for v in variants:  # the mean over base.seeds, the spread and each seed's own figure (seeds issue)
         result = json.loads((repo / f"metrics/evaluate/{v}.json").read_text())
         assert result["test_images"] == 10 and result["n_seeds"] == 2 and result["seeds"] == [42, 43]
-        per_seed = [json.loads((repo / f"metrics/evaluate/{v}/seed{s}.json").read_text())["test_top1"]
-                    for s in (42, 43)]
+        per_seed = [
+            json.loads((repo / f"metrics/evaluate/{v}/seed{s}.json").read_text())["test_top1"] for s in (42, 43)
+        ]
         assert result["test_top1_seeds"] == per_seed
         assert result["test_top1"] == pytest.approx(sum(per_seed) / 2) and result["test_top1_std"] >= 0
 
@@ -171,8 +199,10 @@ def test_push_to_a_remote_and_pull_into_a_fresh_clone(repo, tmp_path):
     assert pushed.returncode == 0, pushed.stderr
     assert any(remote.rglob("*")), "nothing reached the remote"
     # metrics/params_check.txt: check_params' constant output, in git like the metrics (acquire depends on it)
-    for cmd in (["git", "add", ".dvc/config", "dvc.lock", "metrics/params_check.txt"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "remote"]):
+    for cmd in (
+        ["git", "add", ".dvc/config", "dvc.lock", "metrics/params_check.txt"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "remote"],
+    ):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
 
     clone = tmp_path / "clone"
@@ -200,15 +230,20 @@ def test_push_to_s3_and_pull_into_a_fresh_clone(repo, tmp_path, monkeypatch):
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        for key, value in (("AWS_ACCESS_KEY_ID", "moto-key"), ("AWS_SECRET_ACCESS_KEY", "moto-secret"),
-                           ("AWS_DEFAULT_REGION", "us-east-1")):
+        for key, value in (
+            ("AWS_ACCESS_KEY_ID", "moto-key"),
+            ("AWS_SECRET_ACCESS_KEY", "moto-secret"),
+            ("AWS_DEFAULT_REGION", "us-east-1"),
+        ):
             monkeypatch.setenv(key, value)
         s3 = boto3.client("s3", endpoint_url=endpoint)
         s3.create_bucket(Bucket="dvc-store")
 
         def use_s3(project: Path) -> None:  # --local: .dvc/config.local, as a user keeps a private endpoint
-            for cmd in (["dvc", "remote", "add", "--local", "-f", "s3store", "s3://dvc-store/cache"],
-                        ["dvc", "remote", "modify", "--local", "s3store", "endpointurl", endpoint]):
+            for cmd in (
+                ["dvc", "remote", "add", "--local", "-f", "s3store", "s3://dvc-store/cache"],
+                ["dvc", "remote", "modify", "--local", "s3store", "endpointurl", endpoint],
+            ):
                 assert run_cmd(cmd, project).returncode == 0
 
         use_s3(repo)
@@ -216,9 +251,20 @@ def test_push_to_s3_and_pull_into_a_fresh_clone(repo, tmp_path, monkeypatch):
         assert pushed.returncode == 0, pushed.stderr
         objects = s3.list_objects_v2(Bucket="dvc-store", Prefix="cache/").get("KeyCount", 0)
         assert objects > 0
-        for cmd in (["git", "add", "dvc.lock", "metrics/params_check.txt"],
-                    ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "lock",
-                     "--allow-empty"]):
+        for cmd in (
+            ["git", "add", "dvc.lock", "metrics/params_check.txt"],
+            [
+                "git",
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@example.invalid",
+                "commit",
+                "-qm",
+                "lock",
+                "--allow-empty",
+            ],
+        ):
             subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
 
         clone = tmp_path / "s3-clone"

@@ -18,8 +18,9 @@ def test_validation_reports_the_configured_top_k():
     torch.manual_seed(0)
     x, y = torch.randn(20, 4), torch.arange(20) % 5
     model = torch.nn.Linear(4, 5)
-    row = validate(model, DataLoader(TensorDataset(x, y), batch_size=8), 20, 5, "fp32", torch.device("cpu"),
-                    Dist(), top_k=3)
+    row = validate(
+        model, DataLoader(TensorDataset(x, y), batch_size=8), 20, 5, "fp32", torch.device("cpu"), Dist(), top_k=3
+    )
     assert set(row) == {"val_loss", "val_top1", "val_top3"}
     ranks = (model(x).argsort(1, descending=True)[:, :3] == y[:, None]).any(1).float().mean().item()
     assert row["val_top3"] == pytest.approx(ranks)

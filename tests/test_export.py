@@ -31,9 +31,17 @@ def _model_dir(tmp_path: Path, method: str) -> Path:
     folder = tmp_path / "models" / method
     folder.mkdir(parents=True)
     dcfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic", "eval_resize": 85}
-    save_checkpoint(folder / "model.pt", model, {"classes": CLASSES, "data_config": dcfg, "precision": "fp32",
-                                                 "epoch": 4, "model_spec": {"method": method, "model": MODEL,
-                                                                            "img_size": IMG}})
+    save_checkpoint(
+        folder / "model.pt",
+        model,
+        {
+            "classes": CLASSES,
+            "data_config": dcfg,
+            "precision": "fp32",
+            "epoch": 4,
+            "model_spec": {"method": method, "model": MODEL, "img_size": IMG},
+        },
+    )
     params = Params().model_dump(mode="json", exclude={"variants"})
     params["train"] |= {"method": method, "model": MODEL, "img_size": IMG}
     (folder / "config.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -65,8 +73,9 @@ def test_hf_export_reads_back_through_local_dir_with_identical_predictions(tmp_p
     assert (out / "model.safetensors").is_file() and (out / "training_config.yaml").is_file()
 
     original, _ = load_checkpoint(model_dir / "model.pt")
-    reloaded = build_model(method, MODEL, len(CLASSES), f"local-dir:{out}", IMG,
-                           **(OPTIONS if method == "glsim" else {})).eval()
+    reloaded = build_model(
+        method, MODEL, len(CLASSES), f"local-dir:{out}", IMG, **(OPTIONS if method == "glsim" else {})
+    ).eval()
     x = _images(model_dir)
     with torch.no_grad():
         assert torch.equal(reloaded(x), original(x))
@@ -81,8 +90,21 @@ def test_onnx_export_matches_pytorch_on_the_committed_images(tmp_path, monkeypat
 
     monkeypatch.chdir(tmp_path)
     model_dir = _model_dir(tmp_path, method)
-    assert cli(["export", str(model_dir), "--format", "onnx", "--out", str(tmp_path / "onnx"),
-                "--check-images", str(IMAGES)]) == 0
+    assert (
+        cli(
+            [
+                "export",
+                str(model_dir),
+                "--format",
+                "onnx",
+                "--out",
+                str(tmp_path / "onnx"),
+                "--check-images",
+                str(IMAGES),
+            ]
+        )
+        == 0
+    )
     print(capsys.readouterr().out)  # the measured difference, for the log
     x = _images(model_dir)
     session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -24,8 +24,13 @@ from pipeline.io import md5_file
 from tests.conftest import REPO, run_cmd, write_tiny_params
 
 FIXTURES = REPO / "tests/fixtures/renpy"
-SPRITES = ["sylvie_blue_normal.png", "sylvie_green_giggle.png", "sylvie_blue_giggle.png", "eileen_happy.png",
-           "lucy_happy.png"]
+SPRITES = [
+    "sylvie_blue_normal.png",
+    "sylvie_green_giggle.png",
+    "sylvie_blue_giggle.png",
+    "eileen_happy.png",
+    "lucy_happy.png",
+]
 BACKGROUND = "bg_lecturehall.jpg"  # a scene without anyone in it
 ON = FacesParams(enabled=True)
 
@@ -64,17 +69,41 @@ def make_raw(dest: Path, files: dict[str, bytes], shard_size: int | None = None,
             except Exception:
                 w = h = None  # as acquire records undecodable files
             rel = writer.write(name, data)
-            rows.append(dict(image_id=name, path=rel, class_id=i, class_name=name.split("_")[0], source="renpy",
-                             group=name, md5=hashlib.md5(data).hexdigest(),
-                             width=w, height=h, split=None))
+            rows.append(
+                dict(
+                    image_id=name,
+                    path=rel,
+                    class_id=i,
+                    class_name=name.split("_")[0],
+                    source="renpy",
+                    group=name,
+                    md5=hashlib.md5(data).hexdigest(),
+                    width=w,
+                    height=h,
+                    split=None,
+                )
+            )
     for i, name in enumerate(missing, start=len(rows)):  # in the manifest, never written
-        rows.append(dict(image_id=name, path=f"images/{name}", class_id=i, class_name="gone", source="renpy",
-                         group=name, md5="f" * 32, width=None, height=None, split=None))
+        rows.append(
+            dict(
+                image_id=name,
+                path=f"images/{name}",
+                class_id=i,
+                class_name="gone",
+                source="renpy",
+                group=name,
+                md5="f" * 32,
+                width=None,
+                height=None,
+                split=None,
+            )
+        )
     manifest.write(pl.DataFrame(rows, schema=manifest.SCHEMA), dest)
     return dest
 
 
 # --- detect() -----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", SPRITES)
 def test_detect_finds_the_face_of_every_sprite(name):
@@ -119,16 +148,19 @@ def test_max_side_downscales_for_detection_and_maps_boxes_back():
 
 # --- the stage, enabled -------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def cropped(tmp_path_factory) -> dict:
     """One enabled run over sprites (PNG RGBA and palette, JPEG, WebP), a background, a broken and a missing file."""
     tmp = tmp_path_factory.mktemp("faces")
     eileen_jpg = _encoded(Image.open(FIXTURES / "eileen_happy.png").convert("RGB"), "JPEG", quality=95)
-    files = {"sylvie_blue_normal.png": (FIXTURES / "sylvie_blue_normal.png").read_bytes(),
-             "eileen_happy.jpg": eileen_jpg,
-             "lucy_happy.webp": _encoded(_sprite("lucy_happy.png").convert("RGBA"), "WEBP", lossless=True),
-             BACKGROUND: (FIXTURES / BACKGROUND).read_bytes(),
-             "broken.png": b"\x89PNG\r\n\x1a\n not really a png"}
+    files = {
+        "sylvie_blue_normal.png": (FIXTURES / "sylvie_blue_normal.png").read_bytes(),
+        "eileen_happy.jpg": eileen_jpg,
+        "lucy_happy.webp": _encoded(_sprite("lucy_happy.png").convert("RGBA"), "WEBP", lossless=True),
+        BACKGROUND: (FIXTURES / BACKGROUND).read_bytes(),
+        "broken.png": b"\x89PNG\r\n\x1a\n not really a png",
+    }
     raw = make_raw(tmp / "raw", files, missing=("gone.png",))
     df, metrics = faces(ON, raw, tmp / "out")
     return dict(raw=raw, out=tmp / "out", df=df, metrics=metrics, files=files)
@@ -142,8 +174,10 @@ def test_crops_are_the_face_box_plus_margin(cropped):
         original = Image.open(io.BytesIO(cropped["files"][row["image_id"]]))
         box_w, box_h = row["face_x1"] - row["face_x0"], row["face_y1"] - row["face_y0"]
         pad_x, pad_y = round(0.25 * box_w), round(0.25 * box_h)
-        expected = (min(original.width, row["face_x1"] + pad_x) - max(0, row["face_x0"] - pad_x),
-                    min(original.height, row["face_y1"] + pad_y) - max(0, row["face_y0"] - pad_y))
+        expected = (
+            min(original.width, row["face_x1"] + pad_x) - max(0, row["face_x0"] - pad_x),
+            min(original.height, row["face_y1"] + pad_y) - max(0, row["face_y0"] - pad_y),
+        )
         with images.open_image(out, row["path"]) as crop:
             assert crop.size == expected == (row["width"], row["height"])
         assert md5_file(out / row["path"]) == row["md5"]
@@ -152,9 +186,11 @@ def test_crops_are_the_face_box_plus_margin(cropped):
 
 def test_output_keeps_png_and_writes_jpeg_otherwise(cropped):
     paths = dict(cropped["df"].select("image_id", "path").iter_rows())
-    assert paths == {"sylvie_blue_normal.png": "images/sylvie_blue_normal.png",
-                     "eileen_happy.jpg": "images/eileen_happy.jpg",
-                     "lucy_happy.webp": "images/lucy_happy.webp.jpg"}
+    assert paths == {
+        "sylvie_blue_normal.png": "images/sylvie_blue_normal.png",
+        "eileen_happy.jpg": "images/eileen_happy.jpg",
+        "lucy_happy.webp": "images/lucy_happy.webp.jpg",
+    }
     with images.open_image(cropped["out"], paths["sylvie_blue_normal.png"]) as im:
         assert im.format == "PNG" and "transparency" in im.info  # clean composites later, on its own background
     for key in ("eileen_happy.jpg", "lucy_happy.webp"):
@@ -169,7 +205,10 @@ def test_manifest_schema_and_rejections(cropped):
     rejected = pl.read_parquet(out / REJECTED)
     assert rejected.columns == ["image_id", "path", "class_name", "reason", "detail"]
     assert dict(rejected.select("image_id", "reason").iter_rows()) == {
-        BACKGROUND: "no_face", "broken.png": "unreadable", "gone.png": "unreadable"}
+        BACKGROUND: "no_face",
+        "broken.png": "unreadable",
+        "gone.png": "unreadable",
+    }
     m = cropped["metrics"]
     assert m["enabled"] is True and m["input"] == 6 and m["kept"] == m["faces_kept"] == 3
     assert m["rejected"] == 3 and m["by_reason"] == {"no_face": 1, "unreadable": 2}
@@ -232,6 +271,7 @@ def test_pillow_12_is_refused_instead_of_finding_no_faces(tmp_path, monkeypatch)
 
 # --- the stage, disabled ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shard_size", [None, 2])
 def test_disabled_hard_links_and_keeps_the_manifest(tmp_path, shard_size):
     files = {n: (FIXTURES / n).read_bytes() for n in ("eileen_happy.png", "lucy_happy.png", BACKGROUND)}
@@ -250,6 +290,7 @@ def test_disabled_hard_links_and_keeps_the_manifest(tmp_path, shard_size):
 
 # --- the DVC entry point ------------------------------------------------------------------------------------------
 
+
 def _params(tmp_path: Path, **faces_section) -> Path:
     path = write_tiny_params(tmp_path, tmp_path)  # the embedded dataset path only has to exist
     params = yaml.safe_load(path.read_text())
@@ -260,8 +301,16 @@ def _params(tmp_path: Path, **faces_section) -> Path:
 
 def _stage(tmp_path: Path, params: Path) -> subprocess.CompletedProcess:
     """stages/faces.py as DVC runs it (cwd: the repo root), on tmp_path/raw."""
-    args = ["--params", params, "--raw", tmp_path / "raw", "--out", tmp_path / "out",
-            "--metrics", tmp_path / "metrics/faces.json"]
+    args = [
+        "--params",
+        params,
+        "--raw",
+        tmp_path / "raw",
+        "--out",
+        tmp_path / "out",
+        "--metrics",
+        tmp_path / "metrics/faces.json",
+    ]
     return run_cmd([sys.executable, str(REPO / "stages/faces.py"), *map(str, args)], cwd=REPO)
 
 

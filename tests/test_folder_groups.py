@@ -37,8 +37,9 @@ def _pipeline(tmp_path: Path, group: str, assign: str = "ratio_per_class") -> tu
     _tree(tmp_path / "src")
     cfg = validate_section(AcquireParams, {"source": "folder", "folder": {"path": "src", "group": group}}, "test")
     raw = acquire(cfg, tmp_path, tmp_path / "raw")
-    cleaned, _, _ = clean(CleanParams(min_per_class=1, near_dup_hamming=4, workers=1), tmp_path / "raw",
-                          tmp_path / "clean")
+    cleaned, _, _ = clean(
+        CleanParams(min_per_class=1, near_dup_hamming=4, workers=1), tmp_path / "raw", tmp_path / "clean"
+    )
     scfg = SplitParams(strategy="group", group_assign=assign, ratios={"train": 0.6, "val": 0.2, "test": 0.2})
     out, metrics = split(cleaned, scfg, seed=3)
     return raw, out, metrics
@@ -75,11 +76,16 @@ def test_pattern_groups_and_their_validation():
     assert folder_group("alice/ep1/f.png", "subfolder") == "alice/ep1"
     assert folder_group("alice/f.png", "subfolder") == "alice/f.png"
     with pytest.raises(ParamsError, match=r"acquire\.folder\.group.*not a valid regular expression"):
-        validate_section(AcquireParams, {"source": "folder", "folder": {"path": "x", "group": "pattern:(a"}}, "test",
-                          prefix="acquire.")
+        validate_section(
+            AcquireParams,
+            {"source": "folder", "folder": {"path": "x", "group": "pattern:(a"}},
+            "test",
+            prefix="acquire.",
+        )
     with pytest.raises(ParamsError, match=r"acquire\.folder\.group.*expected image, subfolder or pattern"):
-        validate_section(AcquireParams, {"source": "folder", "folder": {"path": "x", "group": "video"}}, "test",
-                          prefix="acquire.")
+        validate_section(
+            AcquireParams, {"source": "folder", "folder": {"path": "x", "group": "video"}}, "test", prefix="acquire."
+        )
 
 
 def test_ratio_per_class_refuses_groups_spanning_classes():

@@ -26,14 +26,17 @@ def feats_selecting(cells: list[list[tuple[int, int]]], dim: int = 8) -> torch.T
     return feats
 
 
-@pytest.mark.parametrize("cells, paper, corrected", [
-    ([(1, 2)], (32, 16, 48, 32), (32, 16, 48, 32)),  # k = 1: one patch either way
-    ([(3, 3)], (48, 48, 64, 64), (48, 48, 64, 64)),  # bottom-right edge patch, k = 1
-    ([(0, 0)], (0, 0, 16, 16), (0, 0, 16, 16)),  # top-left edge patch, k = 1
-    ([(0, 0), (3, 3)], (0, 0, 48, 48), (0, 0, 64, 64)),  # opposite corners: the paper box stops at the last start
-    ([(1, 0), (1, 3)], (0, 16, 48, 32), (0, 16, 64, 32)),  # one row: at least one patch tall
-    ([(r, c) for r in range(4) for c in range(4)], (0, 0, 48, 48), (0, 0, 64, 64)),  # k = all patches
-])
+@pytest.mark.parametrize(
+    "cells, paper, corrected",
+    [
+        ([(1, 2)], (32, 16, 48, 32), (32, 16, 48, 32)),  # k = 1: one patch either way
+        ([(3, 3)], (48, 48, 64, 64), (48, 48, 64, 64)),  # bottom-right edge patch, k = 1
+        ([(0, 0)], (0, 0, 16, 16), (0, 0, 16, 16)),  # top-left edge patch, k = 1
+        ([(0, 0), (3, 3)], (0, 0, 48, 48), (0, 0, 64, 64)),  # opposite corners: the paper box stops at the last start
+        ([(1, 0), (1, 3)], (0, 16, 48, 32), (0, 16, 64, 32)),  # one row: at least one patch tall
+        ([(r, c) for r in range(4) for c in range(4)], (0, 0, 48, 48), (0, 0, 64, 64)),  # k = all patches
+    ],
+)
 def test_box_rule_on_hand_made_similarity(cells, paper, corrected):
     feats = feats_selecting([cells])
     for rule, want in (("paper", paper), ("corrected", corrected)):
@@ -55,8 +58,8 @@ def test_batched_crop_equals_per_sample_slice_and_resize():
     boxes = torch.tensor([[0, 0, 64, 64], [16, 0, 48, 16], [48, 48, 64, 64], [5, 9, 40, 33]])
     crops = crop_and_resize(images, boxes, (64, 64))
     for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-        want = F.interpolate(images[i:i + 1, :, y0:y1, x0:x1], size=(64, 64), mode="bilinear", align_corners=True)
-        torch.testing.assert_close(crops[i:i + 1], want, atol=1e-4, rtol=1e-4)  # float32 grid round trip
+        want = F.interpolate(images[i : i + 1, :, y0:y1, x0:x1], size=(64, 64), mode="bilinear", align_corners=True)
+        torch.testing.assert_close(crops[i : i + 1], want, atol=1e-4, rtol=1e-4)  # float32 grid round trip
     torch.testing.assert_close(crops[0], images[0], atol=1e-4, rtol=1e-4)  # the full box is the image itself
 
 
@@ -100,8 +103,9 @@ def test_glsim_shapes_at_two_sizes_and_one_training_step(img_size):
     assert torch.equal(model.forward_with_crops(x).boxes, model.forward_with_crops(x).boxes)
 
 
-@pytest.mark.parametrize("img_size, dataset, k", [(224, None, 8), (448, None, 8), (448, "cub", 8),
-                                                   (224, "dogs", 16), (448, "dogs", 16)])
+@pytest.mark.parametrize(
+    "img_size, dataset, k", [(224, None, 8), (448, None, 8), (448, "cub", 8), (224, "dogs", 16), (448, "dogs", 16)]
+)
 def test_default_top_k_is_the_glsim_repos_rule(img_size, dataset, k):
     """GLSim's build_args.py: dynamic_top 8 at every size, doubled for Stanford Dogs only (the ILA repo's doubling at
     448 is not the default). The checkpoint records the resolved k, so reloading needs no dataset name."""
@@ -145,7 +149,7 @@ def test_paper_init_of_the_aggregator():
         fan_in, fan_out = lin.in_features, lin.out_features
         bound = (6 / (fan_in + fan_out)) ** 0.5
         assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.99 * bound  # uniform up to the bound
-        assert lin.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+        assert lin.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
         assert (lin.bias != 0).all() and 0.5e-6 < lin.bias.std() < 2e-6
     for lin in (m for m in timm_init.aggregator.modules() if isinstance(m, torch.nn.Linear)):
         assert lin.weight.std().item() == pytest.approx(0.02, rel=0.1) and (lin.bias == 0).all()

@@ -30,18 +30,30 @@ def _block(prefix: str) -> dict[str, tuple[int, ...]]:
         shapes |= {f"{prefix}.{name}.weight": (DIM, DIM), f"{prefix}.{name}.bias": (DIM,)}
     for name in ("norm1", "norm2"):
         shapes |= {f"{prefix}.{name}.weight": (DIM,), f"{prefix}.{name}.bias": (DIM,)}
-    return shapes | {f"{prefix}.pwff.fc1.weight": (MLP, DIM), f"{prefix}.pwff.fc1.bias": (MLP,),
-                     f"{prefix}.pwff.fc2.weight": (DIM, MLP), f"{prefix}.pwff.fc2.bias": (DIM,)}
+    return shapes | {
+        f"{prefix}.pwff.fc1.weight": (MLP, DIM),
+        f"{prefix}.pwff.fc1.bias": (MLP,),
+        f"{prefix}.pwff.fc2.weight": (DIM, MLP),
+        f"{prefix}.pwff.fc2.bias": (DIM,),
+    }
 
 
 def authors_table() -> dict[str, tuple[int, ...]]:
     """Every tensor of their wrapper's state dict (`model.` = the wrapper's ViTGLSim) for the GLSim method config
     (classifier cls, dynamic_anchor, anchor_class_token, reducer cls = Identity, aggregator + aggregator_norm)."""
-    table = {"patch_embedding.weight": (DIM, 3, PATCH, PATCH), "patch_embedding.bias": (DIM,),
-             "class_token": (1, 1, DIM), "positional_embedding.pos_embedding": (1, TOKENS, DIM),
-             "encoder_norm.weight": (DIM,), "encoder_norm.bias": (DIM,),
-             "aggregator_norm.weight": (DIM,), "aggregator_norm.bias": (DIM,),
-             "head.weight": (CLASSES, DIM), "head.bias": (CLASSES,), "anchor_class_token": (1, 1, DIM)}
+    table = {
+        "patch_embedding.weight": (DIM, 3, PATCH, PATCH),
+        "patch_embedding.bias": (DIM,),
+        "class_token": (1, 1, DIM),
+        "positional_embedding.pos_embedding": (1, TOKENS, DIM),
+        "encoder_norm.weight": (DIM,),
+        "encoder_norm.bias": (DIM,),
+        "aggregator_norm.weight": (DIM,),
+        "aggregator_norm.bias": (DIM,),
+        "head.weight": (CLASSES, DIM),
+        "head.bias": (CLASSES,),
+        "anchor_class_token": (1, 1, DIM),
+    }
     for i in range(DEPTH):
         table |= _block(f"encoder.blocks.{i}")
     table |= _block("aggregator.blocks.0")
@@ -50,10 +62,25 @@ def authors_table() -> dict[str, tuple[int, ...]]:
 
 def _authors_checkpoint(path, state: dict[str, torch.Tensor]) -> None:
     """Their trainer's file: config (an argparse Namespace), epoch, model, accuracy, optimizer."""
-    config = argparse.Namespace(model_name="vit_t16", image_size=IMG, num_classes=CLASSES, dynamic_top=TOP_K,
-                                dataset_name="dafb", custom_mean_std=True, device=torch.device("cpu"))
-    torch.save({"config": config, "epoch": 3, "model": state, "accuracy": 0.5,
-                "optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": [0]}]}}, path)
+    config = argparse.Namespace(
+        model_name="vit_t16",
+        image_size=IMG,
+        num_classes=CLASSES,
+        dynamic_top=TOP_K,
+        dataset_name="dafb",
+        custom_mean_std=True,
+        device=torch.device("cpu"),
+    )
+    torch.save(
+        {
+            "config": config,
+            "epoch": 3,
+            "model": state,
+            "accuracy": 0.5,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": [0]}]},
+        },
+        path,
+    )
 
 
 def _random_authors_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -157,8 +184,11 @@ def test_hf_hub_file_reference_resolves_from_the_local_cache_only(tmp_path, monk
     _fake_hub_cache(tmp_path / "hub", "NYCU-PCSxNTHU-MIS/GLSim", "dafb_vit_t16.pth", theirs)
     model = _glsim("hf-hub:NYCU-PCSxNTHU-MIS/GLSim/dafb_vit_t16.pth")
     assert torch.equal(model.state_dict()["head.bias"], theirs["model.head.bias"])
-    with pytest.raises(WeightsError, match=r"cub_vit_t16\.pth of NYCU-PCSxNTHU-MIS/GLSim is not in the local "
-                                           r"Hugging Face cache.*hf download NYCU-PCSxNTHU-MIS/GLSim cub_vit_t16\.pth"):
+    with pytest.raises(
+        WeightsError,
+        match=r"cub_vit_t16\.pth of NYCU-PCSxNTHU-MIS/GLSim is not in the local "
+        r"Hugging Face cache.*hf download NYCU-PCSxNTHU-MIS/GLSim cub_vit_t16\.pth",
+    ):
         _glsim("hf-hub:NYCU-PCSxNTHU-MIS/GLSim/cub_vit_t16.pth")
 
 
@@ -184,28 +214,49 @@ def test_evaluate_weights_runs_the_authors_checkpoint_on_the_dafre_test_split(tm
     from pipeline.data.transforms import eval_transform
 
     monkeypatch.chdir(tmp_path)
-    rows = {"train": [(0, "0001/101.jpg"), (1, "0002/102.jpg")], "val": [(1, "0003/103.jpg")],
-            "test": [(0, f"0004/{200 + i}.jpg") for i in range(3)] + [(1, f"0005/{300 + i}.jpg") for i in range(3)]}
+    rows = {
+        "train": [(0, "0001/101.jpg"), (1, "0002/102.jpg")],
+        "val": [(1, "0003/103.jpg")],
+        "test": [(0, f"0004/{200 + i}.jpg") for i in range(3)] + [(1, f"0005/{300 + i}.jpg") for i in range(3)],
+    }
     _glsim_layout_release(tmp_path / "DAFB", rows)
     source = _glsim()
     with torch.no_grad():
         for p in source.parameters():
             p.normal_(std=0.2)
     _authors_checkpoint(tmp_path / "dafb_vit_t16.pth", ours_to_authors(source.state_dict()))
-    assert cli(["acquire", "dafre", "--path", "DAFB", "--images", "fullMin256", "--shard-size", "0",
-                "--out", "raw"]) == 0
-    assert cli(["evaluate-weights", "file:dafb_vit_t16.pth", "--split", "raw/manifest.parquet", "--images", "raw",
-                "--out", "authors", "--model", MODEL]) == 0  # size and top-k from the checkpoint's saved config
+    assert (
+        cli(["acquire", "dafre", "--path", "DAFB", "--images", "fullMin256", "--shard-size", "0", "--out", "raw"]) == 0
+    )
+    assert (
+        cli(
+            [
+                "evaluate-weights",
+                "file:dafb_vit_t16.pth",
+                "--split",
+                "raw/manifest.parquet",
+                "--images",
+                "raw",
+                "--out",
+                "authors",
+                "--model",
+                MODEL,
+            ]
+        )
+        == 0
+    )  # size and top-k from the checkpoint's saved config
     metrics = json.loads((tmp_path / "authors" / "metrics.json").read_text())
     assert metrics["test_images"] == 6
     # the same predictions as the source model, through the authors' test transform (300/224: 42 -> 32 px here)
     df = pl.read_parquet(tmp_path / "raw" / "manifest.parquet").filter(pl.col("split") == "test")
-    transform = eval_transform(IMG, {"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic",
-                                     "eval_resize": int(IMG * 1.34)})
+    transform = eval_transform(
+        IMG, {"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic", "eval_resize": int(IMG * 1.34)}
+    )
     from PIL import Image
 
-    x = torch.stack([transform(image=np.asarray(Image.open(tmp_path / "raw" / p).convert("RGB")))["image"]
-                     for p in df["path"]])
+    x = torch.stack(
+        [transform(image=np.asarray(Image.open(tmp_path / "raw" / p).convert("RGB")))["image"] for p in df["path"]]
+    )
     with torch.no_grad():
         want = source(x).argmax(1).tolist()
     names = ["morrigan_aensland", "uchiha_sasuke", "class_2", "class_3", "class_4"]

@@ -21,16 +21,23 @@ pytestmark = pytest.mark.slow  # about 1.5 minutes on 2 busy cores (Ray start-up
 def test_gpu_check_cpu_form_reports_every_part(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env.update(PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    done = subprocess.run([sys.executable, "-m", "pipeline", "gpu-check", "--json", "--cpu"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "gpu-check", "--json", "--cpu"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     lines = done.stdout.splitlines()
     assert len(lines) == 1, done.stdout[-2000:]  # Ray's and the stages' output went to stderr
     s = json.loads(lines[0])
 
     assert s["device"] == "cpu" and s["cpu_reduced"] is True and s["gpu"] is None
-    assert {"train_step", "glsim_vs_vit", "ila_vs_frozen_vit", "engine_e2e", "sweep", "evaluate",
-            "predict"} <= set(s["needs_gpu"])
+    assert {"train_step", "glsim_vs_vit", "ila_vs_frozen_vit", "engine_e2e", "sweep", "evaluate", "predict"} <= set(
+        s["needs_gpu"]
+    )
     assert not [k for k, v in s.items() if isinstance(v, dict) and "error" in v], s
 
     step = s["train_step"]
@@ -40,8 +47,9 @@ def test_gpu_check_cpu_form_reports_every_part(tmp_path):
     for key, a, b in (("glsim_vs_vit", "glsim", "vit"), ("ila_vs_frozen_vit", "ila", "linear")):
         part = s[key]
         for mode in ("train", "forward"):
-            assert part[f"{mode}_ratio"] == pytest.approx(part[f"{mode}_{a}_img_per_s"] / part[f"{mode}_{b}_img_per_s"],
-                                                          rel=0.02)
+            assert part[f"{mode}_ratio"] == pytest.approx(
+                part[f"{mode}_{a}_img_per_s"] / part[f"{mode}_{b}_img_per_s"], rel=0.02
+            )
     assert 0 < s["glsim_vs_vit"]["forward_ratio"] < 1  # two encoder passes: slower than one
 
     loader = s["loader"]

@@ -80,7 +80,7 @@ def test_ila_output_shapes_at_two_sizes(img_size):
         out = model.train(mode)(x)
         assert out.shape == (2, 3) and torch.isfinite(out).all()
     side = img_size // 8
-    assert encoder_tokens(model, x[:1]) == ([side**2 + 1, (side - 2)**2 + 1, (side - 4)**2 + 1], 1)
+    assert encoder_tokens(model, x[:1]) == ([side**2 + 1, (side - 2) ** 2 + 1, (side - 4) ** 2 + 1], 1)
 
 
 def test_ila_errors_name_the_param():
@@ -100,25 +100,24 @@ def test_paper_init_is_the_authors_xavier_uniform_with_tiny_normal_biases():
     with N(0, 1e-6) biases (the authors' ViT.init_weights); RSDS stays near one. init timm: PyTorch's default convs
     (bound 1/sqrt(fan_in)), zero adapter biases."""
     torch.manual_seed(0)
-    paper = build_model("ila", "vit_tiny_patch16_224", 7, "none", 48, patch_size=8, ila_variant="ila++",
-                        init="paper")
+    paper = build_model("ila", "vit_tiny_patch16_224", 7, "none", 48, patch_size=8, ila_variant="ila++", init="paper")
     ilas = [m for m in paper.modules() if isinstance(m, ILAdapter)]
     assert len(ilas) == 2
     for conv in (c for a in ilas for c in (a.pwconv, a.cls_conv)):  # 8x8x1x1: Xavier bound 0.61, PyTorch's 0.35
         w = conv.weight.abs()
-        assert w.max() <= _xavier_bound(conv.weight) and w.max() > 1.2 / 8 ** 0.5
+        assert w.max() <= _xavier_bound(conv.weight) and w.max() > 1.2 / 8**0.5
     linears = [lin for m in paper.modules() if isinstance(m, (ILAdapter, BottleneckAdapter)) for lin in (m.down, m.up)]
     head = paper.get_classifier()
     biases = torch.cat([lin.bias for lin in [*linears, head]])
     assert (biases != 0).all() and 0.5e-6 < biases.std() < 2e-6
     for lin in [*linears, head]:
         bound = _xavier_bound(lin.weight)
-        assert lin.weight.abs().max() <= bound and lin.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.1)
+        assert lin.weight.abs().max() <= bound and lin.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.1)
     assert abs(ilas[0].rsds.weight.mean() - 1) < 1e-3
 
     torch.manual_seed(0)
     timm_init = build_model("ila", "vit_tiny_patch16_224", 7, "none", 48, patch_size=8, ila_variant="ila++")
     ila = next(m for m in timm_init.modules() if isinstance(m, ILAdapter))
-    assert ila.pwconv.weight.abs().max() <= 1 / 8 ** 0.5 and (ila.down.bias == 0).all()
+    assert ila.pwconv.weight.abs().max() <= 1 / 8**0.5 and (ila.down.bias == 0).all()
     with pytest.raises(ValueError, match="train.init: unknown init 'jax'"):
         build_model("ila", "test_vit", 7, "none", 48, patch_size=8, init="jax")

@@ -32,7 +32,8 @@ def _linear(prefix: str, out: int, inp: int) -> dict[str, tuple[int, ...]]:
 
 def _bn(prefix: str) -> dict[str, tuple[int, ...]]:
     return {f"{prefix}.{n}": (R,) for n in ("weight", "bias", "running_mean", "running_var")} | {
-        f"{prefix}.num_batches_tracked": ()}
+        f"{prefix}.num_batches_tracked": ()
+    }
 
 
 def _block(i: int, adapters: bool) -> dict[str, tuple[int, ...]]:
@@ -55,18 +56,29 @@ def _ila_tensors(prefix: str, downsample: bool) -> dict[str, tuple[int, ...]]:
     down-sampling."""
     shapes = _linear(f"{prefix}.adapter_down", R, DIM) | _linear(f"{prefix}.adapter_up", DIM, R)
     shapes |= _bn(f"{prefix}.norm1.1") | _bn(f"{prefix}.norm3.1") | _bn(f"{prefix}.adapter_conv.1.0")
-    shapes |= {f"{prefix}.adapter_conv.0.weight": (R, 1, 3, 3), f"{prefix}.adapter_conv.0.bias": (R,),
-               f"{prefix}.adapter_conv.2.weight": (R, R, 1, 1), f"{prefix}.adapter_conv.2.bias": (R,),
-               f"{prefix}.adapter_cls.weight": (R, R, 1, 1), f"{prefix}.adapter_cls.bias": (R,)}
+    shapes |= {
+        f"{prefix}.adapter_conv.0.weight": (R, 1, 3, 3),
+        f"{prefix}.adapter_conv.0.bias": (R,),
+        f"{prefix}.adapter_conv.2.weight": (R, R, 1, 1),
+        f"{prefix}.adapter_conv.2.bias": (R,),
+        f"{prefix}.adapter_cls.weight": (R, R, 1, 1),
+        f"{prefix}.adapter_cls.bias": (R,),
+    }
     return shapes | ({f"{prefix}.ds_conv.weight": (DIM, 1, 3, 3)} if downsample else {})
 
 
 def authors_table(variant: str) -> dict[str, tuple[int, ...]]:
     """Every tensor of their wrapper's state dict (`model.` = the wrapper's ViT) for one variant."""
-    table = {"patch_embedding.weight": (DIM, 3, PATCH, PATCH), "patch_embedding.bias": (DIM,),
-             "class_token": (1, 1, DIM), "positional_embedding.pos_embedding": (1, TOKENS, DIM),
-             "encoder_norm.weight": (DIM,), "encoder_norm.bias": (DIM,),
-             "head.head.weight": (CLASSES, DIM), "head.head.bias": (CLASSES,)}
+    table = {
+        "patch_embedding.weight": (DIM, 3, PATCH, PATCH),
+        "patch_embedding.bias": (DIM,),
+        "class_token": (1, 1, DIM),
+        "positional_embedding.pos_embedding": (1, TOKENS, DIM),
+        "encoder_norm.weight": (DIM,),
+        "encoder_norm.bias": (DIM,),
+        "head.head.weight": (CLASSES, DIM),
+        "head.head.bias": (CLASSES,),
+    }
     for i in range(DEPTH):
         table |= _block(i, adapters=variant == "ila++")
     if variant != "vit":
@@ -93,16 +105,36 @@ def _random_authors_state(variant: str, seed: int = 0) -> dict[str, torch.Tensor
 
 def _authors_checkpoint(path, state: dict[str, torch.Tensor], **config) -> None:
     """Their trainer's file: config (an argparse Namespace), epoch, model, accuracy, optimizer."""
-    saved = argparse.Namespace(**({"model_name": "vit_t16", "image_size": IMG, "num_classes": CLASSES,
-                                   "dataset_name": "soylocal", "custom_mean_std": False, "ila_ds_locs": DS_LOCS,
-                                   "device": torch.device("cpu")} | config))
-    torch.save({"config": saved, "epoch": 3, "model": state, "accuracy": 0.5,
-                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}}, path)
+    saved = argparse.Namespace(
+        **(
+            {
+                "model_name": "vit_t16",
+                "image_size": IMG,
+                "num_classes": CLASSES,
+                "dataset_name": "soylocal",
+                "custom_mean_std": False,
+                "ila_ds_locs": DS_LOCS,
+                "device": torch.device("cpu"),
+            }
+            | config
+        )
+    )
+    torch.save(
+        {
+            "config": saved,
+            "epoch": 3,
+            "model": state,
+            "accuracy": 0.5,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        },
+        path,
+    )
 
 
 def _ila(weights: str = "none", variant: str = "ila") -> torch.nn.Module:
-    return build_model("ila", MODEL, CLASSES, weights, IMG, patch_size=PATCH, ila_variant=variant,
-                       layer_norm_eps=1e-12).eval()
+    return build_model(
+        "ila", MODEL, CLASSES, weights, IMG, patch_size=PATCH, ila_variant=variant, layer_norm_eps=1e-12
+    ).eval()
 
 
 VARIANT_COUNTS = [("ila", 156, 132), ("ila+", 256, 232), ("ila++", 204, 180)]  # (theirs, ours: q/k/v fused)
@@ -123,16 +155,19 @@ def test_authors_state_dict_loads_with_no_missing_or_unexpected_key(tmp_path, va
     state = _ila(f"file:{tmp_path / 'ckpt.pth'}", variant).state_dict()
     assert torch.equal(state["vit.head.weight"], theirs["model.head.head.weight"])
     assert torch.equal(state["vit.blocks.3.ila.rsds.weight"], theirs["model.encoder.ila_ds.1.ds_conv.weight"])
-    assert torch.equal(state["vit.blocks.1.ila.norm2.running_var"],
-                       theirs["model.encoder.ila_ds.0.adapter_conv.1.0.running_var"])
-    v = state[("vit.blocks.3.block.block" if variant == "ila++" else "vit.blocks.3.block")
-                  + ".attn.qkv.weight"].chunk(3)[2]
+    assert torch.equal(
+        state["vit.blocks.1.ila.norm2.running_var"], theirs["model.encoder.ila_ds.0.adapter_conv.1.0.running_var"]
+    )
+    v = state[("vit.blocks.3.block.block" if variant == "ila++" else "vit.blocks.3.block") + ".attn.qkv.weight"].chunk(
+        3
+    )[2]
     assert torch.equal(v, theirs["model.encoder.blocks.3.attn.proj_v.weight"])
     if variant == "ila+":  # their plain ILA k sits after the k-th block without a down-sampling one: 0, 2, 4, 5
         assert torch.equal(state["vit.blocks.4.ila.cls_conv.weight"], theirs["model.encoder.ila.2.adapter_cls.weight"])
     if variant == "ila++":
-        assert torch.equal(state["vit.blocks.2.adapter_mlp.up.bias"],
-                           theirs["model.encoder.blocks.2.adapter_pwffn.adapter_up.bias"])
+        assert torch.equal(
+            state["vit.blocks.2.adapter_mlp.up.bias"], theirs["model.encoder.blocks.2.adapter_pwffn.adapter_up.bias"]
+        )
 
 
 @pytest.mark.parametrize("variant", ["ila", "ila+", "ila++"])
@@ -156,8 +191,11 @@ def test_forward_of_loaded_model_equals_the_source_model(tmp_path, variant):
     with torch.no_grad():
         for name, t in source.state_dict().items():
             if t.is_floating_point():  # BatchNorm statistics too: eval mode reads them
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("running_var")
-                        else torch.randn(t.shape, generator=g) * 0.2)
+                t.copy_(
+                    torch.rand(t.shape, generator=g) + 0.5
+                    if name.endswith("running_var")
+                    else torch.randn(t.shape, generator=g) * 0.2
+                )
     _authors_checkpoint(tmp_path / "ckpt.pth", ours_to_authors(source.state_dict()))
     loaded = _ila(f"file:{tmp_path / 'ckpt.pth'}", variant)
     x = torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
@@ -207,5 +245,6 @@ def test_hf_hub_file_reference_resolves_from_the_local_cache(tmp_path, monkeypat
     theirs = _random_authors_state("ila++", seed=3)
     _authors_checkpoint(folder / "snapshots" / ("0" * 40) / name, theirs)
     model = _ila(f"hf-hub:{repo}/{name}", "ila++")
-    assert torch.equal(model.state_dict()["vit.blocks.3.ila.up.weight"],
-                       theirs["model.encoder.ila_ds.1.adapter_up.weight"])
+    assert torch.equal(
+        model.state_dict()["vit.blocks.3.ila.up.weight"], theirs["model.encoder.ila_ds.1.adapter_up.weight"]
+    )

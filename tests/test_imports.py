@@ -67,8 +67,12 @@ def test_every_module_has_a_layer():
 
 
 def test_no_module_imports_a_higher_layer():
-    upward = sorted(f"{a} (layer {LAYER[a]}) imports {b} (layer {LAYER[b]})"
-                    for a, targets in _edges().items() for b in targets if LAYER[b] >= LAYER[a])
+    upward = sorted(
+        f"{a} (layer {LAYER[a]}) imports {b} (layer {LAYER[b]})"
+        for a, targets in _edges().items()
+        for b in targets
+        if LAYER[b] >= LAYER[a]
+    )
     assert upward == []
 
 
@@ -86,6 +90,9 @@ def test_no_private_name_is_imported_across_packages():
         for module, names in _imports(path):
             package = module.rsplit(".", 1)[0]
             if module.startswith("pipeline") and package != here:
-                found += [f"{path.relative_to(REPO)}: {module}.{n}" for n in names
-                          if n.startswith("_") and not n.startswith("__")]
+                found += [
+                    f"{path.relative_to(REPO)}: {module}.{n}"
+                    for n in names
+                    if n.startswith("_") and not n.startswith("__")
+                ]
     assert found == []

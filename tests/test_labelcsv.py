@@ -15,9 +15,16 @@ from pipeline.data import labelcsv, manifest, registry
 from pipeline.data.labelcsv import LabelFileError, from_csv, read_labels
 
 # (split, class_id, dir) in release order; the test set holds a class-2 image of a new "artist" folder.
-ROWS = [("train", 0, "a/0.png"), ("train", 0, "a/1.png"), ("train", 1, "b/0.png"), ("train", 2, "c/0.png"),
-        ("val", 0, "a/2.png"), ("val", 1, "b/1.png"),
-        ("test", 1, "b/2.png"), ("test", 2, "x/c/1.png")]
+ROWS = [
+    ("train", 0, "a/0.png"),
+    ("train", 0, "a/1.png"),
+    ("train", 1, "b/0.png"),
+    ("train", 2, "c/0.png"),
+    ("val", 0, "a/2.png"),
+    ("val", 1, "b/1.png"),
+    ("test", 1, "b/2.png"),
+    ("test", 2, "x/c/1.png"),
+]
 NAMES = {0: "cat", 1: "dog", 2: "owl, snowy"}  # a comma inside a (quoted) name
 
 
@@ -58,6 +65,7 @@ def run_csv(base: Path, out: Path, **kw) -> pl.DataFrame:
 
 
 # ----------------------------------------------------------------------------------------------------- csv source
+
 
 def test_csv_rows_in_release_order_with_splits_and_names(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -148,6 +156,7 @@ def test_csv_unsafe_path_rejected_before_reading(tmp_path: Path, bad: str) -> No
 
 # --------------------------------------------------------------------------------------------- label file errors
 
+
 @pytest.mark.parametrize("line", ["abc,a/0.png", "0", "0,", "-1,a/0.png", "1.5,a/0.png", "0,a/0.png,1"])
 def test_malformed_row_names_file_and_line(tmp_path: Path, line: str) -> None:
     labels = tmp_path / "labels"
@@ -199,6 +208,7 @@ def test_no_split_file_is_an_error(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------------ registry
 
+
 def test_registry_entries() -> None:
     assert registry.lookup("CUB").num_classes == 200
     assert registry.lookup("soy").key == "soylocal"  # GLSim's name
@@ -216,6 +226,7 @@ def test_registry_check_warns_when_not_strict(capsys) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
+
 
 def test_cli_csv_writes_manifest(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"

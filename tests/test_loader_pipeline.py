@@ -31,8 +31,15 @@ from pipeline.data.transforms import (
 from pipeline.data.trivial_augment_batch import apply_batch
 
 DCFG = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bicubic"}
-MED = {"method": "vit", "model": "vit_tiny_patch16_224", "weights": "none", "img_size": 32, "patch_size": 8,
-       "augment": "med", "hflip": 0.5}
+MED = {
+    "method": "vit",
+    "model": "vit_tiny_patch16_224",
+    "weights": "none",
+    "img_size": 32,
+    "patch_size": 8,
+    "augment": "med",
+    "hflip": 0.5,
+}
 
 
 def torchvision_draws(n: int) -> list[tuple[str, float]]:
@@ -44,6 +51,7 @@ def torchvision_draws(n: int) -> list[tuple[str, float]]:
     def record(img, op_name, magnitude, interpolation, fill):
         seen.append((op_name, magnitude))
         return img
+
     original, aa._apply_op = aa._apply_op, record
     try:
         torch.manual_seed(0)
@@ -97,9 +105,11 @@ def test_each_op_gives_torchvisions_pixels():
     from torchvision.transforms.autoaugment import _apply_op
 
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (37, 52, 3), dtype=np.uint8),
-              np.linspace(30, 200, 37 * 52 * 3).reshape(37, 52, 3).astype(np.uint8),  # narrow histogram
-              rng.integers(100, 140, (40, 40, 3), dtype=np.uint8)]
+    images = [
+        rng.integers(0, 256, (37, 52, 3), dtype=np.uint8),
+        np.linspace(30, 200, 37 * 52 * 3).reshape(37, 52, 3).astype(np.uint8),  # narrow histogram
+        rng.integers(100, 140, (40, 40, 3), dtype=np.uint8),
+    ]
     for op, (mags, signed) in trivial_augment.SPACE.items():
         for m in [*mags[::6], *([-v for v in mags[::6]] if signed else [])]:
             for img in images:
@@ -111,9 +121,13 @@ def test_the_batched_ops_give_the_cpu_references_pixels():
     """Each image of a batch its own op: the device implementation equals `trivial_augment.apply` (torchvision's
     pixels, above) for every op and bin, but for PIL's fixed-point rotation, off by one source pixel at a few edges."""
     rng = np.random.default_rng(0)
-    images = np.stack([rng.integers(0, 256, (37, 52, 3), dtype=np.uint8),
-                       np.linspace(30, 200, 37 * 52 * 3).reshape(37, 52, 3).astype(np.uint8),
-                       rng.integers(100, 140, (37, 52, 3), dtype=np.uint8)])
+    images = np.stack(
+        [
+            rng.integers(0, 256, (37, 52, 3), dtype=np.uint8),
+            np.linspace(30, 200, 37 * 52 * 3).reshape(37, 52, 3).astype(np.uint8),
+            rng.integers(100, 140, (37, 52, 3), dtype=np.uint8),
+        ]
+    )
     rows, refs = [], []
     for op, (mags, signed) in trivial_augment.SPACE.items():
         for m in [*mags[::5], *([-v for v in mags[::5]] if signed else [])]:
@@ -139,8 +153,9 @@ def test_medaugs_draws_its_op_in_the_worker_and_the_device_applies_it(shards):
     cfg = TrainParams.model_validate(MED)
     aug = batch_augment(cfg, DCFG)
     ds = ManifestDataset(df, root, train_transform(cfg, DCFG, seed=5), seed=5, device_params=aug)
-    weak = ManifestDataset(df, root, train_transform(TrainParams.model_validate({**MED, "augment": "weak"}), DCFG,
-                                                      seed=5), seed=5)
+    weak = ManifestDataset(
+        df, root, train_transform(TrainParams.model_validate({**MED, "augment": "weak"}), DCFG, seed=5), seed=5
+    )
     items = [ds[(i, 1)] for i in range(12)]
     assert all(torch.equal(x, weak[(i, 1)][0]) for i, (x, _, _) in enumerate(items))  # same CPU half as weakaugs
     params = torch.stack([p for _, _, p in items])
@@ -150,7 +165,7 @@ def test_medaugs_draws_its_op_in_the_worker_and_the_device_applies_it(shards):
     for k in range(12):
         op = trivial_augment.OPS[int(params[k, 4])]
         expected = trivial_augment.apply(x[k].numpy(), op, float(params[k, 5]))
-        got = apply_batch(x[k:k + 1], params[k:k + 1, 4:])[0].numpy()
+        got = apply_batch(x[k : k + 1], params[k : k + 1, 4:])[0].numpy()
         assert (got != expected).any(-1).mean() < (0.005 if op == "Rotate" else 1e-9), op
 
 
@@ -165,8 +180,10 @@ def test_same_seed_epoch_index_gives_the_same_pixels_and_leaves_torch_alone(shar
     cfg = TrainParams.model_validate(MED)
 
     def dataset():
-        return ManifestDataset(df, root, train_transform(cfg, DCFG, seed=3), seed=3,
-                               device_params=batch_augment(cfg, DCFG))
+        return ManifestDataset(
+            df, root, train_transform(cfg, DCFG, seed=3), seed=3, device_params=batch_augment(cfg, DCFG)
+        )
+
     a, b = dataset(), dataset()
     torch.manual_seed(123)
     before = torch.get_rng_state()
@@ -195,7 +212,7 @@ def test_erasing_draws_torchvisions_rectangles_and_the_device_zeroes_exactly_the
     assert out.shape == (6, 3, 40, 50) and out.dtype == torch.float32
     for k, (top, left, h, w) in enumerate(p[:, :4].int().tolist()):
         zero = (out[k] == 0).all(0)
-        assert zero.sum() == h * w and (h == 0 or zero[top:top + h, left:left + w].all())
+        assert zero.sum() == h * w and (h == 0 or zero[top : top + h, left : left + w].all())
 
 
 def test_device_normalisation_gives_the_cpu_eval_transforms_tensor():
@@ -215,18 +232,20 @@ def test_device_loader_hands_out_normalised_batches_and_start_keeps_the_pass(sha
     cfg = TrainParams.model_validate(MED)
     aug = batch_augment(cfg, DCFG)
     ds = ManifestDataset(df, root, train_transform(cfg, DCFG, seed=0), seed=0, device_params=aug)
-    loader = DeviceLoader(DataLoader(ds, batch_size=4, sampler=EpochSampler(len(ds), True, 0)), torch.device("cpu"),
-                          aug, channels_last=True)
+    loader = DeviceLoader(
+        DataLoader(ds, batch_size=4, sampler=EpochSampler(len(ds), True, 0)),
+        torch.device("cpu"),
+        aug,
+        channels_last=True,
+    )
     assert len(loader) == 3 and loader.sampler.n == 12
     loader.sampler.set_epoch(1)
     plain = list(loader)
     loader.start()  # started ahead (workers would spawn now), then iterated: the same pass
     started = list(loader)
-    assert len(plain) == 3 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-                                   for a, b in zip(plain, started))
+    assert len(plain) == 3 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, started))
     x, _ = plain[0]
-    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and x.is_contiguous(
-        memory_format=torch.channels_last)
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
     assert -2.2 < x.min() < -1.0 and 1.5 < x.max() < 2.7  # ImageNet-normalised range, not 0..255
     with pytest.raises(ValueError, match="uint8"):
         aug(x)

@@ -54,8 +54,15 @@ def test_a_checkpoint_without_recorded_options_still_loads(tmp_path):
     """Checkpoints written before build options were recorded hold {method, model, img_size} only."""
     model = build_model("cnn", "resnet10t", 3, "none", 32)
     state = {k: v for k, v in model.state_dict().items()}
-    torch.save({"format": "anime-fgvc-checkpoint/1", "model": state, "classes": ["a", "b", "c"],
-                "model_spec": {"method": "cnn", "model": "resnet10t", "img_size": 32}}, tmp_path / "old.pt")
+    torch.save(
+        {
+            "format": "anime-fgvc-checkpoint/1",
+            "model": state,
+            "classes": ["a", "b", "c"],
+            "model_spec": {"method": "cnn", "model": "resnet10t", "img_size": 32},
+        },
+        tmp_path / "old.pt",
+    )
     loaded, ckpt = load_checkpoint(tmp_path / "old.pt")
     assert ModelSpec.of(ckpt) == ModelSpec("cnn", "resnet10t", 32, {})
     x = torch.randn(1, 3, 32, 32)

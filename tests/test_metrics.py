@@ -19,9 +19,16 @@ from pipeline.training.metrics import confused_pairs, frequency_groups, group_ac
 from tests.conftest import write_tiny_params
 
 # 8 test images over 4 classes; class 3 has no test image. Row = one image: (label, top-1 prediction, runner-up).
-ROWS = [(0, 0, 1), (0, 0, 2), (0, 0, 3), (0, 1, 0),  # class 0: 3/4 right; the miss has the truth second
-        (1, 2, 3), (1, 2, 0),                          # class 1: 0/2 right, never in the top 2
-        (2, 2, 1), (2, 2, 0)]                          # class 2: 2/2 right
+ROWS = [
+    (0, 0, 1),
+    (0, 0, 2),
+    (0, 0, 3),
+    (0, 1, 0),  # class 0: 3/4 right; the miss has the truth second
+    (1, 2, 3),
+    (1, 2, 0),  # class 1: 0/2 right, never in the top 2
+    (2, 2, 1),
+    (2, 2, 0),
+]  # class 2: 2/2 right
 TRAIN_COUNTS = np.array([150, 50, 5, 10])  # head (>100), medium, tail (<20), tail
 
 
@@ -42,7 +49,7 @@ def test_summary_metrics_are_exact():
     assert np.isnan(s["per_class"][3])  # no test image: not a zero, and left out of macro/std
     assert s["macro_acc"] == pytest.approx((0.75 + 0.0 + 1.0) / 3)
     mean = 1.75 / 3
-    assert s["class_acc_std"] == pytest.approx(np.sqrt(((0.75 - mean) ** 2 + mean ** 2 + (1 - mean) ** 2) / 3))
+    assert s["class_acc_std"] == pytest.approx(np.sqrt(((0.75 - mean) ** 2 + mean**2 + (1 - mean) ** 2) / 3))
 
 
 def test_head_medium_tail_by_training_frequency():
@@ -52,9 +59,11 @@ def test_head_medium_tail_by_training_frequency():
     assert frequency_groups(np.array([100, 101, 20, 19]), 100, 20).tolist() == ["medium", "head", "medium", "tail"]
     logits, labels = _logits()
     per_class = summarize(logits, labels, 4)["per_class"]
-    assert group_accuracy(per_class, groups) == {"head": {"acc": 0.75, "classes": 1},
-                                                 "medium": {"acc": 0.0, "classes": 1},
-                                                 "tail": {"acc": 1.0, "classes": 1}}  # class 3 has no test image
+    assert group_accuracy(per_class, groups) == {
+        "head": {"acc": 0.75, "classes": 1},
+        "medium": {"acc": 0.0, "classes": 1},
+        "tail": {"acc": 1.0, "classes": 1},
+    }  # class 3 has no test image
     assert "head" not in group_accuracy(per_class, frequency_groups(TRAIN_COUNTS, 1000, 20))
 
 
@@ -92,30 +101,44 @@ def test_evaluate_stage_writes_consistent_long_tail_outputs(tmp_path, tiny_emoji
     from pipeline.models import build_model, save_checkpoint
     from pipeline.training.evaluate import EvalOutputs, evaluate
 
-    params = load_params(write_tiny_params(tmp_path, tiny_emoji),
-                         overrides={"evaluate.head_above": 1, "evaluate.tail_below": 1, "evaluate.top_k": 3})
+    params = load_params(
+        write_tiny_params(tmp_path, tiny_emoji),
+        overrides={"evaluate.head_above": 1, "evaluate.tail_below": 1, "evaluate.top_k": 3},
+    )
     df = acquire(params.acquire, tmp_path, tmp_path / "data/raw")
     style_split = {"noto": "train", "openmoji": "train", "emojione": "val", "twemoji": "test"}
     df = df.with_columns(pl.col("group").replace_strict(style_split).alias("split"))
     # Train counts 2 / 1 / 0 per class -> head / medium / tail with head_above = tail_below = 1.
-    drop = (pl.col("split") == "train") & (((pl.col("class_id") >= 4) & (pl.col("group") == "noto"))
-                                           | (pl.col("class_id") >= 8))
+    drop = (pl.col("split") == "train") & (
+        ((pl.col("class_id") >= 4) & (pl.col("group") == "noto")) | (pl.col("class_id") >= 8)
+    )
     df = df.filter(~drop)
     manifest.write(df, tmp_path / "split.parquet")
     classes = df.select("class_id", "class_name").unique().sort("class_id")["class_name"].to_list()
 
     torch.manual_seed(0)
     model = build_model("cnn", "resnet10t", len(classes), "none", 32)
-    meta = {"classes": classes, "data_config": data_config(model), "epoch": 1,
-            "model_spec": {"method": "cnn", "model": "resnet10t", "img_size": 32}}
+    meta = {
+        "classes": classes,
+        "data_config": data_config(model),
+        "epoch": 1,
+        "model_spec": {"method": "cnn", "model": "resnet10t", "img_size": 32},
+    }
     save_checkpoint(tmp_path / "models/model.pt", model, meta)
-    with mlflow.start_run(experiment_id=tracking.setup(params.base, tmp_path),  # as train tags its run
-                          tags={"stage": "train", tracking.MODEL_MD5_TAG: md5_file(tmp_path / "models/model.pt")}) \
-            as run:
+    with mlflow.start_run(
+        experiment_id=tracking.setup(params.base, tmp_path),  # as train tags its run
+        tags={"stage": "train", tracking.MODEL_MD5_TAG: md5_file(tmp_path / "models/model.pt")},
+    ) as run:
         pass
 
-    m = evaluate(params, tmp_path / "split.parquet", tmp_path / "data/raw", tmp_path / "models",
-                 EvalOutputs.in_folder(tmp_path / "metrics/evaluate.json", tmp_path / "plots"), tmp_path)
+    m = evaluate(
+        params,
+        tmp_path / "split.parquet",
+        tmp_path / "data/raw",
+        tmp_path / "models",
+        EvalOutputs.in_folder(tmp_path / "metrics/evaluate.json", tmp_path / "plots"),
+        tmp_path,
+    )
     assert json.loads((tmp_path / "metrics/evaluate.json").read_text()) == pytest.approx(m)
     preds = pl.read_csv(tmp_path / "plots/predictions.csv")
     hits = preds.with_columns((pl.col("actual") == pl.col("predicted")).alias("hit"))
@@ -142,5 +165,6 @@ def test_evaluate_stage_writes_consistent_long_tail_outputs(tmp_path, tiny_emoji
 
     logged = mlflow.get_run(run.info.run_id)
     assert logged.data.metrics["test_head_acc"] == pytest.approx(m["test_head_acc"])
-    assert {"per_class.csv", "confused_pairs.csv"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(
-        run.info.run_id)}
+    assert {"per_class.csv", "confused_pairs.csv"} <= {
+        a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)
+    }

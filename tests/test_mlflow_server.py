@@ -49,9 +49,26 @@ def mlflow_server(tmp_path):
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     log = open(home / "server.log", "w")
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-         "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], cwd=home, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{home / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(home / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=home,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -85,8 +102,9 @@ def _project(root: Path) -> Path:
     raw = yaml.safe_load(params_file.read_text())
     raw["variants"] = {"cnn": {}}
     raw["base"]["seeds"] = [42]
-    raw["tune"].update({"space": {"lr": ["grid", 1e-3, 3e-3]}, "num_samples": 1, "epochs": 1, "max_failures": 0,
-                        "scheduler": "fifo"})
+    raw["tune"].update(
+        {"space": {"lr": ["grid", 1e-3, 3e-3]}, "num_samples": 1, "epochs": 1, "max_failures": 0, "scheduler": "fifo"}
+    )
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     params = load_params(params_file)
     acquire(params.acquire, root, root / "data/raw")
@@ -101,8 +119,14 @@ def _project(root: Path) -> Path:
 
 def _stage(root: Path, env: dict, script: str, *args: str) -> str:
     common = ["--params", str(root / "params.yaml"), "--split", "data/split/manifest.parquet", "--images", "data/clean"]
-    done = subprocess.run([sys.executable, str(REPO / "stages" / script), *common, *args], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "stages" / script), *common, *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, f"{script}: " + done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -120,17 +144,65 @@ def test_every_stage_logs_to_a_tracking_server_and_nothing_to_the_project(tmp_pa
     root.mkdir()
     _project(root)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
-    env.update(MLFLOW_TRACKING_URI=url, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(
+        MLFLOW_TRACKING_URI=url,
+        PYTHONPATH=str(REPO),
+        PYTHONUNBUFFERED="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
 
-    _stage(root, env, "train.py", "--variant", "cnn", "--out", "models/cnn", "--metrics", "metrics/train/cnn.json",
-           "--seed-metrics", "metrics/train/cnn", "--history", "plots/history/cnn", "--tuned", "best_params.yaml")
-    _stage(root, env, "evaluate.py", "--model", "models/cnn", "--metrics", "metrics/evaluate/cnn.json",
-           "--seed-metrics", "metrics/evaluate/cnn", "--predictions", "plots/predictions/cnn",
-           "--per-class", "plots/per_class/cnn", "--confused-pairs", "plots/confused_pairs/cnn",
-           "--samples", "plots/samples/cnn")
-    _stage(root, env, "report.py", "--models", "models", "--metrics-dir", "metrics", "--plots", "plots",
-           "--out", "reports", "--environment", "metrics/environment.json")
+    _stage(
+        root,
+        env,
+        "train.py",
+        "--variant",
+        "cnn",
+        "--out",
+        "models/cnn",
+        "--metrics",
+        "metrics/train/cnn.json",
+        "--seed-metrics",
+        "metrics/train/cnn",
+        "--history",
+        "plots/history/cnn",
+        "--tuned",
+        "best_params.yaml",
+    )
+    _stage(
+        root,
+        env,
+        "evaluate.py",
+        "--model",
+        "models/cnn",
+        "--metrics",
+        "metrics/evaluate/cnn.json",
+        "--seed-metrics",
+        "metrics/evaluate/cnn",
+        "--predictions",
+        "plots/predictions/cnn",
+        "--per-class",
+        "plots/per_class/cnn",
+        "--confused-pairs",
+        "plots/confused_pairs/cnn",
+        "--samples",
+        "plots/samples/cnn",
+    )
+    _stage(
+        root,
+        env,
+        "report.py",
+        "--models",
+        "models",
+        "--metrics-dir",
+        "metrics",
+        "--plots",
+        "plots",
+        "--out",
+        "reports",
+        "--environment",
+        "metrics/environment.json",
+    )
     _stage(root, env, "tune.py", "--best", "best_params.yaml", "--metrics", "metrics/tune.json")
 
     client = MlflowClient(url)
@@ -147,12 +219,20 @@ def test_every_stage_logs_to_a_tracking_server_and_nothing_to_the_project(tmp_pa
     assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [1, 2]
     test = json.loads((root / "metrics/evaluate/cnn/seed42.json").read_text())
     assert run.data.metrics["test_top1"] == pytest.approx(test["test_top1"])
-    assert {"config.yaml", "model.pt", "train_history.csv", "train_metrics.json", "test_metrics.json",
-            "per_class.csv", "confused_pairs.csv"} <= _files(client, run_id)
+    assert {
+        "config.yaml",
+        "model.pt",
+        "train_history.csv",
+        "train_metrics.json",
+        "test_metrics.json",
+        "per_class.csv",
+        "confused_pairs.csv",
+    } <= _files(client, run_id)
 
     # report: its run, headline metrics, the whole report folder
-    reports = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                 "attributes.run_name = 'report'")
+    reports = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'report'"
+    )
     assert len(reports) == 1
     report = reports[0]
     assert report.data.tags["run.cnn"] == run_id
@@ -175,9 +255,25 @@ def test_every_stage_logs_to_a_tracking_server_and_nothing_to_the_project(tmp_pa
 
     # predict reads a checkpoint back from the server
     img = next((root / "data/clean").rglob("*.png"))
-    done = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(img), "--model",
-                           f"runs:/{run_id}/model.pt", "--params", str(root / "params.yaml"), "--json"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "predict",
+            str(img),
+            "--model",
+            f"runs:/{run_id}/model.pt",
+            "--params",
+            str(root / "params.yaml"),
+            "--json",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(json.loads(done.stdout.splitlines()[0])["top_k"]) >= 1
 

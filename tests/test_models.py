@@ -66,8 +66,11 @@ def test_vit_builds_at_requested_size(img_size):
 
 def test_checkpoint_roundtrip_and_untrusted_pickles_are_refused(tmp_path):
     model = build_model("cnn", "resnet18", 3, "none").eval()
-    meta = {"classes": ["a", "b", "c"], "data_config": {"mean": [0.5] * 3, "std": [0.5] * 3},
-            "model_spec": {"method": "cnn", "model": "resnet18", "img_size": 32}}
+    meta = {
+        "classes": ["a", "b", "c"],
+        "data_config": {"mean": [0.5] * 3, "std": [0.5] * 3},
+        "model_spec": {"method": "cnn", "model": "resnet18", "img_size": 32},
+    }
     save_checkpoint(tmp_path / "m.pt", model, meta)
     loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
     x = torch.randn(1, 3, 32, 32)
@@ -105,10 +108,13 @@ def test_linear_probe_on_a_vit_keeps_the_backbone_bit_identical():
     assert not torch.equal(before["head.weight"], after["head.weight"])
 
 
-@pytest.mark.parametrize("method, options", [
-    ("glsim", {"patch_size": 8, "glsim_top_k": 3, "glsim_box": "corrected"}),
-    ("ila", {"patch_size": 8, "ila_variant": "ila+"}),
-])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("glsim", {"patch_size": 8, "glsim_top_k": 3, "glsim_box": "corrected"}),
+        ("ila", {"patch_size": 8, "ila_variant": "ila+"}),
+    ],
+)
 def test_glsim_and_ila_checkpoints_reload_with_identical_logits(tmp_path, method, options):
     torch.manual_seed(0)
     model = build_model(method, "test_vit", 3, "none", 48, **options)
@@ -142,10 +148,10 @@ def test_hybrid_vit_runs_glsim_and_ila_on_the_package_cnn():
     assert out.shape == (2, 3) and torch.isfinite(out).all()
     assert all(torch.equal(stats[k], v) for k, v in cnn.state_dict().items())  # frozen BatchNorms stay in eval
 
-    glsim = build_model("glsim", "test_vit", 3, "package:efficientnet_lite0", 64,
-                        backbone_cnn="tf_efficientnet_lite0")
-    assert torch.equal(glsim.vit.patch_embed.backbone.state_dict()["model.conv_stem.weight"],
-                       package["conv_stem.weight"])
+    glsim = build_model("glsim", "test_vit", 3, "package:efficientnet_lite0", 64, backbone_cnn="tf_efficientnet_lite0")
+    assert torch.equal(
+        glsim.vit.patch_embed.backbone.state_dict()["model.conv_stem.weight"], package["conv_stem.weight"]
+    )
     res = glsim.forward_with_crops(torch.randn(2, 3, 64, 64))
     assert res.logits.shape == (2, 3) and res.crops.shape == (2, 3, 64, 64) and glsim.patch_px == (16, 16)
     with pytest.raises(ValueError, match="train.patch_size: 12 is no feature stride of tf_efficientnet_lite0"):

@@ -31,8 +31,14 @@ print(hashlib.md5(net(x).detach().numpy().tobytes()).hexdigest())
 
 def _digest(mode: str, **env: str) -> str:
     clean = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], env={**clean, "PYTHONPATH": str(REPO), **env},
-                         capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode],
+        env={**clean, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return out.stdout.strip()
 
 

@@ -37,8 +37,10 @@ IMG = 64
 def _params(dest: Path) -> Path:
     """A minimal params file (defaults elsewhere), independent of the repository's params.yaml being edited."""
     dest.mkdir(parents=True, exist_ok=True)
-    params = {"base": {"device": "cpu", "threads": 2, "mlflow_dir": "mlflow"},
-              "acquire": {"embedded": {"path": str(EMOJI)}}}
+    params = {
+        "base": {"device": "cpu", "threads": 2, "mlflow_dir": "mlflow"},
+        "acquire": {"embedded": {"path": str(EMOJI)}},
+    }
     (dest / "params.yaml").write_text(yaml.safe_dump(params))
     return dest / "params.yaml"
 
@@ -86,9 +88,15 @@ def emoji(tmp_path_factory) -> SimpleNamespace:
         torch.nn.functional.cross_entropy(model.forward_head(feats), y).backward()
         opt.step()
     ckpt = tmp / "model.pt"
-    save_checkpoint(ckpt, model, {"classes": CLASSES, "data_config": dcfg,
-                                  "model_spec": {"method": "linear", "model": "tf_efficientnet_lite0",
-                                                 "img_size": IMG}})
+    save_checkpoint(
+        ckpt,
+        model,
+        {
+            "classes": CLASSES,
+            "data_config": dcfg,
+            "model_spec": {"method": "linear", "model": "tf_efficientnet_lite0", "img_size": IMG},
+        },
+    )
     return SimpleNamespace(root=tmp, ckpt=ckpt, labels=labels, params=_params(tmp / "project"))
 
 
@@ -113,9 +121,19 @@ def _probs(result: dict) -> np.ndarray:
 
 # --- predictions ----------------------------------------------------------------------------------------------------
 
+
 def test_top_k_is_right_on_training_and_held_out_artist_images(emoji, capsys):
-    results = _json(capsys, emoji.root / "train", emoji.root / "held_out", "--model", emoji.ckpt,
-                    "--params", emoji.params, "--top-k", 3)
+    results = _json(
+        capsys,
+        emoji.root / "train",
+        emoji.root / "held_out",
+        "--model",
+        emoji.ckpt,
+        "--params",
+        emoji.params,
+        "--top-k",
+        3,
+    )
     assert [r["path"] for r in results] == sorted(emoji.labels, key=lambda p: ("held_out" in p, p))
     for r in results:
         probs = [c["probability"] for c in r["top_k"]]
@@ -127,8 +145,10 @@ def test_top_k_is_right_on_training_and_held_out_artist_images(emoji, capsys):
 
 def test_probabilities_cover_every_class_and_match_the_evaluate_pipeline(emoji, capsys, tmp_path):
     # Besides the emoji, large transparent and opaque images: the resize, centre crop and compositing must match too.
-    images = [*sorted(p for p in emoji.labels if "/held_out/" in p),
-              *(str(RENPY / n) for n in ("eileen_happy.png", "lucy_happy.png", "bg_lecturehall.jpg"))]
+    images = [
+        *sorted(p for p in emoji.labels if "/held_out/" in p),
+        *(str(RENPY / n) for n in ("eileen_happy.png", "lucy_happy.png", "bg_lecturehall.jpg")),
+    ]
     results = _json(capsys, *images, "--model", emoji.ckpt, "--params", emoji.params, "--top-k", 50)
     assert all(len(r["top_k"]) == len(CLASSES) for r in results)  # k is capped at the number of classes
     assert all(abs(sum(c["probability"] for c in r["top_k"]) - 1) < 1e-4 for r in results)
@@ -172,8 +192,12 @@ def test_faces_classifies_the_face_crop_of_the_faces_stage(emoji, capsys, tmp_pa
         face = detect(im, FacesParams(enabled=True))[0]
         box = crop_box(face.box, im.size, FacesParams().margin)
         im.crop(box).save(tmp_path / "crop.png")  # what the faces stage would hand to clean
-    assert with_faces["face"] == {"box": list(face.box), "score": round(face.score, 4), "crop": list(box),
-                                  "faces_found": 1}
+    assert with_faces["face"] == {
+        "box": list(face.box),
+        "score": round(face.score, 4),
+        "crop": list(box),
+        "faces_found": 1,
+    }
     [crop] = _json(capsys, tmp_path / "crop.png", *common)
     [whole] = _json(capsys, sprite, *common)
     # The crop, not the whole sprite, was classified (batches of 2 and 1 differ in the last float bits).
@@ -201,6 +225,7 @@ def test_faces_crop_comes_before_cleans_downscale(emoji, tmp_path):
 
 # --- MLflow runs:/ URIs ---------------------------------------------------------------------------------------------
 
+
 def test_runs_uri_downloads_the_checkpoint_from_the_project_store(emoji, capsys, tmp_path, monkeypatch):
     import mlflow
 
@@ -218,18 +243,22 @@ def test_runs_uri_downloads_the_checkpoint_from_the_project_store(emoji, capsys,
     by_uri = _json(capsys, image, "--model", f"runs:/{run.info.run_id}/model.pt", "--params", params)
     assert by_uri == _json(capsys, image, "--model", emoji.ckpt, "--params", params)
 
-    for uri, reason in ((f"runs:/{'0' * 32}/model.pt", "cannot download"),
-                        (f"runs:/{run.info.run_id}/missing.pt", "cannot download"),
-                        ("runs:/model.pt", "expected runs:/<run_id>/<artifact path>"),
-                        ("models:/anime-fgvc/1", "unsupported URI")):
+    for uri, reason in (
+        (f"runs:/{'0' * 32}/model.pt", "cannot download"),
+        (f"runs:/{run.info.run_id}/missing.pt", "cannot download"),
+        ("runs:/model.pt", "expected runs:/<run_id>/<artifact path>"),
+        ("models:/anime-fgvc/1", "unsupported URI"),
+    ):
         code, out, err = _predict(capsys, image, "--model", uri, "--params", params)
         assert code == 2 and out == "" and f"--model {uri}: {reason}" in err, err
-    code, _, err = _predict(capsys, image, "--model", f"runs:/{run.info.run_id}/model.pt",
-                            "--params", _params(tmp_path / "elsewhere"))
+    code, _, err = _predict(
+        capsys, image, "--model", f"runs:/{run.info.run_id}/model.pt", "--params", _params(tmp_path / "elsewhere")
+    )
     assert code == 2 and "no MLflow store at" in err and not (tmp_path / "elsewhere/mlflow").exists()
 
 
 # --- GLSim explanations ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def glsim_ckpt(tmp_path_factory) -> Path:
@@ -238,8 +267,15 @@ def glsim_ckpt(tmp_path_factory) -> Path:
     with torch.no_grad():
         model.head.weight.normal_()  # the zero-initialised head would give uniform probabilities
     path = tmp_path_factory.mktemp("glsim") / "glsim.pt"
-    save_checkpoint(path, model, {"classes": ["a", "b", "c"], "data_config": data_config(model),
-                                  "model_spec": {"method": "glsim", "model": "test_vit", "img_size": 32}})
+    save_checkpoint(
+        path,
+        model,
+        {
+            "classes": ["a", "b", "c"],
+            "data_config": data_config(model),
+            "model_spec": {"method": "glsim", "model": "test_vit", "img_size": 32},
+        },
+    )
     return path
 
 
@@ -248,8 +284,9 @@ def test_explain_writes_a_figure_and_a_crop_per_image(glsim_ckpt, capsys, tmp_pa
     out_dir = tmp_path / "explain"
     results = _json(capsys, *images, "--model", glsim_ckpt, "--params", _params(tmp_path), "--explain", out_dir)
     names = ["1F440", "1F440-2", "2620"]  # two inputs share a stem: the second is numbered
-    assert sorted(p.name for p in out_dir.iterdir()) == sorted(f"{n}.{kind}.png" for n in names
-                                                               for kind in ("gls", "crop"))
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        f"{n}.{kind}.png" for n in names for kind in ("gls", "crop")
+    )
     for r, name in zip(results, names):
         assert r["explain"] == {"figure": str(out_dir / f"{name}.gls.png"), "crop": str(out_dir / f"{name}.crop.png")}
         with Image.open(r["explain"]["figure"]) as fig:
@@ -262,18 +299,32 @@ def test_explain_writes_a_figure_and_a_crop_per_image(glsim_ckpt, capsys, tmp_pa
 
 def test_explain_is_refused_for_models_without_a_gls_selection(emoji, capsys, tmp_path):
     image = next(iter(emoji.labels))
-    code, out, err = _predict(capsys, image, "--model", emoji.ckpt, "--params", emoji.params,
-                              "--explain", tmp_path / "explain")
+    code, out, err = _predict(
+        capsys, image, "--model", emoji.ckpt, "--params", emoji.params, "--explain", tmp_path / "explain"
+    )
     assert code == 2 and out == "" and not (tmp_path / "explain").exists()
     assert f"--explain {tmp_path / 'explain'}: needs a GLSim checkpoint" in err and "linear model" in err
 
 
 # --- errors: exit code 2, the path and the reason, nothing printed --------------------------------------------------
 
+
 def test_missing_path_fails_with_exit_code_2_as_a_process(emoji, tmp_path):
     missing = tmp_path / "nope.png"
-    proc = run_cmd([sys.executable, "-m", "pipeline", "predict", str(missing), "--model", str(emoji.ckpt),
-                    "--params", str(emoji.params)], cwd=REPO)
+    proc = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "predict",
+            str(missing),
+            "--model",
+            str(emoji.ckpt),
+            "--params",
+            str(emoji.params),
+        ],
+        cwd=REPO,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert f"error: {missing}: no such file or folder" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -302,8 +353,9 @@ def test_bad_inputs_name_the_path_and_reason(emoji, capsys, tmp_path, case):
     else:
         path, reason = folder / "zero.png", "empty file"
         path.write_bytes(b"")
-    code, out, err = _predict(capsys, folder if case == "broken_png_in_folder" else path, "--model", emoji.ckpt,
-                              "--params", emoji.params)
+    code, out, err = _predict(
+        capsys, folder if case == "broken_png_in_folder" else path, "--model", emoji.ckpt, "--params", emoji.params
+    )
     assert code == 2 and out == ""
     assert err.startswith(f"error: {path}: {reason}"), err
 
@@ -316,9 +368,13 @@ def test_unreadable_checkpoints_fail_with_the_model_path(emoji, capsys, tmp_path
     garbage.write_text("not a checkpoint")
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)  # a valid torch file, not this pipeline's format
-    for model, reason in ((tmp_path / "none.pt", "checkpoint file does not exist"), (tmp_path, "is a folder"),
-                          (truncated, "cannot load the checkpoint"), (garbage, "cannot load the checkpoint"),
-                          (foreign, "not a checkpoint of this pipeline")):
+    for model, reason in (
+        (tmp_path / "none.pt", "checkpoint file does not exist"),
+        (tmp_path, "is a folder"),
+        (truncated, "cannot load the checkpoint"),
+        (garbage, "cannot load the checkpoint"),
+        (foreign, "not a checkpoint of this pipeline"),
+    ):
         code, out, err = _predict(capsys, image, "--model", model, "--params", emoji.params)
         assert code == 2 and out == "" and err.startswith(f"error: --model {model}: ") and reason in err, err
 
@@ -339,9 +395,11 @@ def test_bad_arguments_are_usage_errors(emoji, capsys):
 
 def test_building_the_parser_imports_no_torch():
     """`python -m pipeline --help` and params errors must not wait for torch (the handler imports it)."""
-    code = ("import sys; import pipeline.inference.predict as p, argparse; "
-            "p.add_predict_parser(argparse.ArgumentParser().add_subparsers()); "
-            "sys.exit(int(any(m in sys.modules for m in ('torch', 'mlflow', 'polars', 'PIL'))))")
+    code = (
+        "import sys; import pipeline.inference.predict as p, argparse; "
+        "p.add_predict_parser(argparse.ArgumentParser().add_subparsers()); "
+        "sys.exit(int(any(m in sys.modules for m in ('torch', 'mlflow', 'polars', 'PIL'))))"
+    )
     assert run_cmd([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
@@ -362,6 +420,15 @@ def test_a_sideways_phone_jpeg_is_predicted_upright(emoji, capsys, tmp_path):
     phone, plain = predictor.prepare(tmp_path / "phone.jpg")[0], predictor.prepare(tmp_path / "upright.jpg")[0]
     assert phone.shape == plain.shape == (64, 96, 3)
     assert np.abs(phone.astype(int) - plain.astype(int)).mean() < 3  # JPEG blocks of a rotated image differ a bit
-    a, b = _json(capsys, tmp_path / "phone.jpg", tmp_path / "upright.jpg", "--model", emoji.ckpt,
-                 "--params", emoji.params, "--top-k", len(CLASSES))
+    a, b = _json(
+        capsys,
+        tmp_path / "phone.jpg",
+        tmp_path / "upright.jpg",
+        "--model",
+        emoji.ckpt,
+        "--params",
+        emoji.params,
+        "--top-k",
+        len(CLASSES),
+    )
     assert np.abs(_probs(a) - _probs(b)).max() < 0.05

@@ -22,8 +22,19 @@ from pipeline.pretrain.distill import DistillPaths, distill, sha256_file
 from pipeline.pretrain.pool import OPENCLIPART_DIR, PoolError, build_pool, excluded_codepoints
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"steps": 4, "batch_size": 4, "img_size": 32, "patch_size": 8, "min_grid": 4, "pool_px": 40,
-        "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1, "sources": ["openclipart"], "name": "tiny"}
+TINY = {
+    "steps": 4,
+    "batch_size": 4,
+    "img_size": 32,
+    "patch_size": 8,
+    "min_grid": 4,
+    "pool_px": 40,
+    "warmup_steps": 1,
+    "checkpoint_every": 2,
+    "log_every": 1,
+    "sources": ["openclipart"],
+    "name": "tiny",
+}
 
 
 def _clipart(root: Path, n: int = 6) -> Path:
@@ -33,7 +44,7 @@ def _clipart(root: Path, n: int = 6) -> Path:
     rng = np.random.default_rng(0)
     for i in range(n):
         px = np.zeros((50, 70, 4), np.uint8)
-        px[5 + i:40, 10:60 - i] = [*rng.integers(0, 255, 3), 255]
+        px[5 + i : 40, 10 : 60 - i] = [*rng.integers(0, 255, 3), 255]
         Image.fromarray(px).save(folder / f"d{i}.png")
     (folder / "link.png").symlink_to(folder / "d0.png")
     return root
@@ -52,8 +63,21 @@ def _params(tmp_path: Path, **pretrain) -> Path:
 def test_pretrain_command_exports_card_provenance_and_loadable_weights(tmp_path):
     sources = _clipart(tmp_path / "src")
     out = tmp_path / "weights"
-    rc = cli.main(["pretrain", "--params", str(_params(tmp_path)), "--out", str(out), "--work", str(tmp_path / "w"),
-                   "--sources", str(sources), "--threads", "1"])
+    rc = cli.main(
+        [
+            "pretrain",
+            "--params",
+            str(_params(tmp_path)),
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "w"),
+            "--sources",
+            str(sources),
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     weights = out / "tiny.safetensors"
     state = load_file(weights)
@@ -80,8 +104,9 @@ def test_killed_distillation_resumes_to_the_uninterrupted_weights(tmp_path, monk
     torch.set_num_threads(1)
     cfg = PretrainParams(**{**TINY, "sources": ("openclipart",)})
     images = np.random.default_rng(1).integers(0, 255, (10, 40, 40, 3), dtype=np.uint8)
-    straight = distill(cfg, images, DistillPaths(tmp_path / "a", tmp_path / "a.safetensors"), seed=3,
-                       device=torch.device("cpu"))
+    straight = distill(
+        cfg, images, DistillPaths(tmp_path / "a", tmp_path / "a.safetensors"), seed=3, device=torch.device("cpu")
+    )
 
     real_call = BatchAugment.__call__
 
@@ -167,8 +192,16 @@ def test_committed_weights_match_their_card_and_run():
     # The distilled ImageNet head: the student agrees with its teacher on a real drawing's top-5.
     teacher = distill_mod.Teacher("tf_efficientnet_lite0", 16)
     student = build_model("vit", "vit_tiny_patch16_224", 1000, f"file:{weights}", 128).eval()
-    x = torch.from_numpy(np.asarray(Image.open(REPO / "datasets/emoji/images/noto/1F600.png").convert("RGB")
-                                    .resize((128, 128)), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    x = (
+        torch.from_numpy(
+            np.asarray(
+                Image.open(REPO / "datasets/emoji/images/noto/1F600.png").convert("RGB").resize((128, 128)),
+                dtype=np.float32,
+            )
+        ).permute(2, 0, 1)[None]
+        / 127.5
+        - 1
+    )
     with torch.inference_mode():
         t5 = set(teacher(x)[3].topk(5).indices[0].tolist())
         s5 = set(student(x).topk(5).indices[0].tolist())
@@ -231,16 +264,49 @@ def test_pool_pack_travels_and_trains_like_the_sources(tmp_path):
     sources = _clipart(tmp_path / "src")
     params = _params(tmp_path)
     pack = tmp_path / "pack" / "pool.npz"
-    assert cli.main(["pretrain", "--params", str(params), "--work", str(tmp_path / "w"), "--sources", str(sources),
-                     "--pack", str(pack)]) == 0
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                "--params",
+                str(params),
+                "--work",
+                str(tmp_path / "w"),
+                "--sources",
+                str(sources),
+                "--pack",
+                str(pack),
+            ]
+        )
+        == 0
+    )
     from pipeline.pretrain.pool import load_pool, unpack_pool
 
     built, carried = load_pool(tmp_path / "w" / "pool.npz"), unpack_pool(pack)
     assert np.array_equal(built.images, carried.images)  # lossless by default
     assert carried.groups == built.groups and carried.files == built.files
     out = tmp_path / "out"
-    assert cli.main(["pretrain", "--params", str(params), "--work", str(tmp_path / "w2"), "--pool", str(pack),
-                     "--out", str(out), "--device", "cpu", "--threads", "1", "--export-each-checkpoint"]) == 0
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                "--params",
+                str(params),
+                "--work",
+                str(tmp_path / "w2"),
+                "--pool",
+                str(pack),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--export-each-checkpoint",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "tiny.json").read_text())
     assert summary["images"] == 6 and summary["pool_file"] == "pool.npz" and summary["device"] == "cpu"
     assert "Pool read from the pack `pool.npz`" in (out / "tiny.md").read_text()
@@ -250,11 +316,18 @@ def test_pool_pack_travels_and_trains_like_the_sources(tmp_path):
 
 def test_wall_clock_budget_is_sized_from_the_measured_speed(tmp_path):
     torch.set_num_threads(1)
-    cfg = PretrainParams(**{**TINY, "sources": ("openclipart",), "steps": 10_000, "warmup_steps": 50,
-                            "checkpoint_every": 10_000})
+    cfg = PretrainParams(
+        **{**TINY, "sources": ("openclipart",), "steps": 10_000, "warmup_steps": 50, "checkpoint_every": 10_000}
+    )
     images = np.random.default_rng(5).integers(0, 255, (6, 40, 40, 3), dtype=np.uint8)
-    result = distill(cfg, images, DistillPaths(tmp_path / "w", tmp_path / "v.safetensors"), seed=0,
-                     device=torch.device("cpu"), max_seconds=4.0)
+    result = distill(
+        cfg,
+        images,
+        DistillPaths(tmp_path / "w", tmp_path / "v.safetensors"),
+        seed=0,
+        device=torch.device("cpu"),
+        max_seconds=4.0,
+    )
     # Sized inside the warm-up, so the schedule so far fits any budget: one budget, far below the 10,000 asked.
     assert len(result["budgets"]) == 1 and result["budgets"][0][0] == 0
     assert 25 < result["steps"] == result["budgets"][0][1] < 10_000

@@ -17,8 +17,10 @@ HEAD_AND_CLS = 768 * 200 + 200 + 768
 def vit_b_224() -> dict[str, dict]:
     """Counted without running: parameters, FLOPs and tokens only depend on shapes."""
     runs = {"vit": ("vit", None), "ila+": ("ila", "ila+"), "ila++": ("ila", "ila++"), "glsim": ("glsim", None)}
-    return {name: profile(method, VIT_B, 224, 200, variant=variant, device="meta")
-            for name, (method, variant) in runs.items()}
+    return {
+        name: profile(method, VIT_B, 224, 200, variant=variant, device="meta")
+        for name, (method, variant) in runs.items()
+    }
 
 
 def test_done_when_ila(vit_b_224):
@@ -51,19 +53,63 @@ def test_macs_are_half_the_flops_and_the_selection_is_priced_as_the_paper_does(v
 
 
 def test_profile_command_prints_one_json_object(capsys):
-    rc = main(["--model", "test_vit", "--method", "glsim", "--img-size", "32", "--num-classes", "3",
-               "--device", "cpu", "--batch-size", "2", "--warmup", "1", "--iters", "1", "--json"])
+    rc = main(
+        [
+            "--model",
+            "test_vit",
+            "--method",
+            "glsim",
+            "--img-size",
+            "32",
+            "--num-classes",
+            "3",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--warmup",
+            "1",
+            "--iters",
+            "1",
+            "--json",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("params_total", "params_trainable", "flops", "macs", "tokens", "selection_flops",
-                "selection_flops_paper", "img_per_s", "peak_mem_mb"):
+    for key in (
+        "params_total",
+        "params_trainable",
+        "flops",
+        "macs",
+        "tokens",
+        "selection_flops",
+        "selection_flops_paper",
+        "img_per_s",
+        "peak_mem_mb",
+    ):
         assert key in out
     assert out["macs"] == out["flops"] // 2 and out["selection_flops_paper"] == (64 + 2 * 65 + 1) * 4
     assert out["img_per_s"] > 0 and isinstance(out["peak_mem_mb"], float) and out["encoder_passes"] == 2
     assert out["tokens"] == [5, 5, 5] and 0 < out["selection_flops"] <= 1_000_000
     # On the meta device nothing runs: the same counts, and no speed or memory figure at all.
-    assert main(["--model", "test_vit", "--method", "glsim", "--img-size", "32", "--num-classes", "3",
-                 "--device", "meta", "--json"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "test_vit",
+                "--method",
+                "glsim",
+                "--img-size",
+                "32",
+                "--num-classes",
+                "3",
+                "--device",
+                "meta",
+                "--json",
+            ]
+        )
+        == 0
+    )
     meta = json.loads(capsys.readouterr().out)
     assert meta["img_per_s"] is None and meta["peak_mem_mb"] is None
     assert (meta["flops"], meta["params_total"], meta["tokens"]) == (out["flops"], out["params_total"], out["tokens"])
@@ -72,24 +118,79 @@ def test_profile_command_prints_one_json_object(capsys):
 def test_add_profile_parser_plugs_into_a_cli(capsys):
     parser = argparse.ArgumentParser(prog="python -m pipeline")
     add_profile_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["profile", "--model", "test_vit", "--method", "ila", "--variant", "ila++",
-                              "--img-size", "96", "--num-classes", "4", "--device", "cpu", "--batch-size", "2",
-                              "--warmup", "0", "--iters", "1", "--json"])
+    args = parser.parse_args(
+        [
+            "profile",
+            "--model",
+            "test_vit",
+            "--method",
+            "ila",
+            "--variant",
+            "ila++",
+            "--img-size",
+            "96",
+            "--num-classes",
+            "4",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--json",
+        ]
+    )
     assert args.fn(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["variant"] == "ila++" and out["tokens"] == [37, 17, 5] and out["selection_flops"] is None
 
 
 def test_profile_table_prints_macs_beside_flops_and_takes_a_dataset(capsys):
-    assert main(["--model", "test_vit", "--method", "glsim", "--img-size", "64", "--num-classes", "3",
-                 "--device", "meta", "--dataset", "dogs"]) == 0  # k = 16: all 16 patches
+    assert (
+        main(
+            [
+                "--model",
+                "test_vit",
+                "--method",
+                "glsim",
+                "--img-size",
+                "64",
+                "--num-classes",
+                "3",
+                "--device",
+                "meta",
+                "--dataset",
+                "dogs",
+            ]
+        )
+        == 0
+    )  # k = 16: all 16 patches
     lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
     assert 0 < int(lines["macs"]) < int(lines["flops"]) and int(lines["selection_flops_paper"]) == 195 * 16
 
 
 def test_profile_errors(capsys):
-    assert main(["--model", "test_vit", "--method", "glsim", "--variant", "ila+", "--img-size", "32",
-                 "--num-classes", "3", "--device", "meta"]) == 2
+    assert (
+        main(
+            [
+                "--model",
+                "test_vit",
+                "--method",
+                "glsim",
+                "--variant",
+                "ila+",
+                "--img-size",
+                "32",
+                "--num-classes",
+                "3",
+                "--device",
+                "meta",
+            ]
+        )
+        == 2
+    )
     assert "--variant applies to --method ila" in capsys.readouterr().err
 
 

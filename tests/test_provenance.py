@@ -40,10 +40,12 @@ def test_deps_hash_agrees_with_what_dvc_itself_recorded(tmp_path):
     (tmp_path / "data").mkdir()
     for i in range(3):
         (tmp_path / "data" / f"{i}.txt").write_text(f"row {i}\n")
-    (tmp_path / "dvc.yaml").write_text("stages:\n  make:\n    cmd: mkdir -p out && cp data/0.txt out/a.txt\n"
-                                       "    deps: [code.py, data]\n    outs: [out]\n"
-                                       "  use:\n    cmd: cat out/a.txt > used.txt\n    deps: [out, code.py]\n"
-                                       "    outs: [used.txt]\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  make:\n    cmd: mkdir -p out && cp data/0.txt out/a.txt\n"
+        "    deps: [code.py, data]\n    outs: [out]\n"
+        "  use:\n    cmd: cat out/a.txt > used.txt\n    deps: [out, code.py]\n"
+        "    outs: [used.txt]\n"
+    )
     assert run_cmd(["dvc", "init", "-q"], tmp_path).returncode == 0
     done = run_cmd(["dvc", "repro", "-q"], tmp_path)
     assert done.returncode == 0, done.stderr
@@ -68,13 +70,22 @@ def trained(tmp_path_factory, tiny_emoji) -> dict:
     df, _ = split(manifest.read(root / "data/clean"), params.split, params.base.seed)
     manifest.write(df, split_file)
     md5 = hashlib.md5(split_file.read_bytes()).hexdigest()
-    (root / "dvc.lock").write_text(f"schema: '2.0'\nstages:\n  train@cnn:\n    cmd: x\n    deps:\n"
-                                   f"    - path: data/split/manifest.parquet\n      hash: md5\n      md5: {md5}\n")
+    (root / "dvc.lock").write_text(
+        f"schema: '2.0'\nstages:\n  train@cnn:\n    cmd: x\n    deps:\n"
+        f"    - path: data/split/manifest.parquet\n      hash: md5\n      md5: {md5}\n"
+    )
     model_dir = root / "models/cnn"
-    train(params, split_file, root / "data/clean", TrainOutputs(model_dir, root / "m.json", root / "h.csv"), root,
-          tags={"variant": "cnn"})
-    evaluate(params, split_file, root / "data/clean", model_dir, EvalOutputs.in_folder(root / "e.json", root / "ev"),
-             root)
+    train(
+        params,
+        split_file,
+        root / "data/clean",
+        TrainOutputs(model_dir, root / "m.json", root / "h.csv"),
+        root,
+        tags={"variant": "cnn"},
+    )
+    evaluate(
+        params, split_file, root / "data/clean", model_dir, EvalOutputs.in_folder(root / "e.json", root / "ev"), root
+    )
     run = train_run(root / "mlflow/mlflow.db", model_dir / "model.pt")
     return {"root": root, "run": run, "md5": md5, "model": model_dir / "model.pt", "data": tiny_emoji}
 
@@ -100,8 +111,9 @@ def test_predict_prints_the_run_and_data_version_of_its_model(trained, capsys, m
     err = capsys.readouterr().err
     run_id = trained["run"].info.run_id
     assert f"from MLflow run {run_id}" in err and f"data version {trained['md5']}" in err
-    assert cli(["predict", str(image), "--model", f"runs:/{run_id}/model.pt", "--params",
-                str(root / "params.yaml")]) == 0
+    assert (
+        cli(["predict", str(image), "--model", f"runs:/{run_id}/model.pt", "--params", str(root / "params.yaml")]) == 0
+    )
     assert f"from MLflow run {run_id}" in capsys.readouterr().err
 
 

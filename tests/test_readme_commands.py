@@ -29,15 +29,15 @@ SKIP = {
     "export DANBOORU_LOGIN": "crawls danbooru.donmai.us (network); tests/test_danbooru.py runs the crawler offline",
     "export RAY_AUTH_MODE=token": "needs a Ray cluster of GPU nodes; tests/test_tune.py runs a sweep via RAY_ADDRESS",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid mlflow server": "needs a tracking host (mlflow.example.org, "
-                                                                     "/srv); tests/test_mlflow_server.py runs it",
+    "/srv); tests/test_mlflow_server.py runs it",
     "python -m pipeline gpu-check": "needs a GPU; tests/test_gpu_check.py runs its CPU form",
     "python -m pipeline acquire dafre --path /data/dafb": "needs the DAF:re release and the authors' checkpoint "
-                                                          "(network); tests/test_glsim_authors.py covers it",
+    "(network); tests/test_glsim_authors.py covers it",
     "python -m pipeline acquire csv --path /data/soyageing": "needs SoyAgeing and the ILA authors' checkpoint "
-                                                             "(network); tests/test_ila_authors.py loads that format",
+    "(network); tests/test_ila_authors.py loads that format",
     "hf download xedwin23x/DAFB": "downloads DAF:re from the hub (network)",
     "python -m pipeline pretrain --pack": "needs the pretrain sources (Debian/PyPI downloads) and a GPU; "
-                                          "tests/test_pretrain.py runs the stage's code in tiny form",
+    "tests/test_pretrain.py runs the stage's code in tiny form",
     "python -m pipeline verify-results": "needs a committed run and a rerun; tests/test_seeds.py runs it on a git repo",
     "python -m pipeline export": "tests/test_export.py exports trained tiny models to hf and onnx and checks them",
 }
@@ -76,8 +76,16 @@ def readme_blocks(readme: Path = REPO / "README.md") -> list[Block]:
 
 
 # blocks run here, in this order (later ones use what earlier ones made), by their first command
-RUN = ["make repro", "python -m pipeline check-params", "python -m pipeline profile", "python -m pipeline predict",
-       "dvc exp run", "torchrun", "source .venv/bin/activate", "dvc remote add"]
+RUN = [
+    "make repro",
+    "python -m pipeline check-params",
+    "python -m pipeline profile",
+    "python -m pipeline predict",
+    "dvc exp run",
+    "torchrun",
+    "source .venv/bin/activate",
+    "dvc remote add",
+]
 
 
 def _block(first: str) -> Block:
@@ -90,8 +98,10 @@ def test_every_readme_block_is_run_or_skipped_with_a_reason():
     for block in readme_blocks():
         runs = [f for f in RUN if block.first.startswith(f)]
         skips = [f for f in SKIP if block.first.startswith(f)]
-        assert len(runs) + len(skips) == 1, (f"README block under '{block.heading}' ({block.first!r}): add it to RUN "
-                                             "in tests/test_readme_commands.py, or to SKIP with the reason")
+        assert len(runs) + len(skips) == 1, (
+            f"README block under '{block.heading}' ({block.first!r}): add it to RUN "
+            "in tests/test_readme_commands.py, or to SKIP with the reason"
+        )
 
 
 @pytest.mark.parametrize("first", list(SKIP))
@@ -145,18 +155,27 @@ def test_the_add_a_variant_example_adds_a_new_one_with_its_own_weights():
 
 # ------------------------------------------------------------------------------------------------ the shrunk project
 
+
 def _env(project: Path) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{project / '.venv/bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}",
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
-            "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    return {
+        **os.environ,
+        "PATH": f"{project / '.venv/bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
 
 
 def run_block(block: Block, cwd: Path, subs: dict[str, str] | None = None, timeout: float = 1800) -> str:
-    res = subprocess.run(["bash", "-c", block.script(subs)], cwd=cwd, env=_env(cwd), capture_output=True, text=True,
-                         timeout=timeout)
+    res = subprocess.run(
+        ["bash", "-c", block.script(subs)], cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=timeout
+    )
     out = res.stdout + res.stderr
-    assert res.returncode == 0, f"README block under '{block.heading}' failed (exit {res.returncode}):\n" \
-                                f"{block.script(subs)}\n--- output (end) ---\n{out[-4000:]}"
+    assert res.returncode == 0, (
+        f"README block under '{block.heading}' failed (exit {res.returncode}):\n"
+        f"{block.script(subs)}\n--- output (end) ---\n{out[-4000:]}"
+    )
     return out
 
 
@@ -187,8 +206,9 @@ def _wait_for_queue(project: Path, timeout: float = 900) -> str:
     """`dvc queue start` returns at once; the queued experiments run in a worker. Their final status table."""
     deadline = time.monotonic() + timeout
     while True:
-        status = subprocess.run(["dvc", "queue", "status"], cwd=project, env=_env(project), capture_output=True,
-                                text=True).stdout
+        status = subprocess.run(
+            ["dvc", "queue", "status"], cwd=project, env=_env(project), capture_output=True, text=True
+        ).stdout
         if not re.search(r"\b(Queued|Running)\b", status) or time.monotonic() > deadline:
             return status
         time.sleep(5)
@@ -201,14 +221,23 @@ def _mlflow_ui(block: Block, project: Path) -> None:
         pytest.skip("port 5000 is taken on this machine")
     except OSError:
         pass
-    proc = subprocess.Popen(["bash", "-c", block.script()], cwd=project, env=_env(project), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", "-c", block.script()],
+        cwd=project,
+        env=_env(project),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen("http://127.0.0.1:5000/ajax-api/2.0/mlflow/experiments/get-by-name?"
-                                            "experiment_name=anime-fgvc", timeout=5) as r:
+                with urllib.request.urlopen(
+                    "http://127.0.0.1:5000/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name=anime-fgvc",
+                    timeout=5,
+                ) as r:
                     assert b"anime-fgvc" in r.read()
                     return
             except OSError:
@@ -243,9 +272,14 @@ def test_readme_workflow_blocks_run_as_written(project, tmp_path):
     assert sorted(p.suffixes[-2] for p in (project / "explain").iterdir()) == [".crop", ".gls"]
 
     experiments = _block("dvc exp run")
-    out = run_block(experiments, project, {
-        "&& dvc queue start": "&& dvc queue start && dvc queue status",
-        "<exp name>": "$(dvc exp list --name-only | head -n 1)"})
+    out = run_block(
+        experiments,
+        project,
+        {
+            "&& dvc queue start": "&& dvc queue start && dvc queue status",
+            "<exp name>": "$(dvc exp list --name-only | head -n 1)",
+        },
+    )
     assert "Running stage 'train@hybrid'" in out, "the example that adds a variant trained none"
     status = _wait_for_queue(project)
     assert status.count("Success") >= 2 and "Failed" not in status, status
@@ -263,5 +297,6 @@ def test_readme_workflow_blocks_run_as_written(project, tmp_path):
     run_block(Block(remote.heading, here), project, store)
     subprocess.run(["git", "clone", "-q", str(project), str(tmp_path / "clone")], check=True)
     run_block(Block(remote.heading, elsewhere), tmp_path / "clone")
-    assert (tmp_path / "clone/data/raw/manifest.parquet").read_bytes() == \
-        (project / "data/raw/manifest.parquet").read_bytes()
+    assert (tmp_path / "clone/data/raw/manifest.parquet").read_bytes() == (
+        project / "data/raw/manifest.parquet"
+    ).read_bytes()

@@ -32,8 +32,10 @@ def test_glsim_recipe_resolves_to_the_papers_values():
     assert (cfg.augment, cfg.hflip, cfg.drop_path_rate, cfg.resize_ratio) == ("med", 0.5, 0.1, 1.34)
     # SD on: DropPath(0.1) in every block *instead of* the hidden dropout; the authors' ViT LayerNorm and init
     assert (cfg.drop_path_rule, cfg.proj_drop_rate, cfg.layer_norm_eps, cfg.init) == ("constant", 0.0, 1e-12, "paper")
-    assert recipe_overrides(cfg) == {"model": ("vit_tiny_patch16_224", "vit_base_patch16_224.orig_in21k"),
-                                     "weights": ("none", "hub")}  # VIT names its own (tiny, random) model
+    assert recipe_overrides(cfg) == {
+        "model": ("vit_tiny_patch16_224", "vit_base_patch16_224.orig_in21k"),
+        "weights": ("none", "hub"),
+    }  # VIT names its own (tiny, random) model
 
 
 def test_ila_recipe_is_the_same_trainer_with_lr_0_1_and_weak_augs():
@@ -44,13 +46,16 @@ def test_ila_recipe_is_the_same_trainer_with_lr_0_1_and_weak_augs():
     assert (cfg.proj_drop_rate, cfg.layer_norm_eps, cfg.init) == (0.1, 1e-12, "paper")
 
 
-@pytest.mark.parametrize("written, resolved", [
-    (None, "vit_base_patch16_224.orig_in21k"),  # the recipe's own model
-    ("vit_base_patch16_224", "vit_base_patch16_224.orig_in21k"),  # bare name: timm would pick augreg2_in21k_ft_in1k
-    ("vit_large_patch16_224", "vit_large_patch16_224.orig_in21k"),
-    ("vit_base_patch16_224.augreg2_in21k_ft_in1k", "vit_base_patch16_224.augreg2_in21k_ft_in1k"),  # a chosen tag
-    ("vit_small_patch16_224", "vit_small_patch16_224"),  # timm has no orig_in21k for it
-])
+@pytest.mark.parametrize(
+    "written, resolved",
+    [
+        (None, "vit_base_patch16_224.orig_in21k"),  # the recipe's own model
+        ("vit_base_patch16_224", "vit_base_patch16_224.orig_in21k"),  # bare name: timm would pick augreg2_in21k_ft_in1k
+        ("vit_large_patch16_224", "vit_large_patch16_224.orig_in21k"),
+        ("vit_base_patch16_224.augreg2_in21k_ft_in1k", "vit_base_patch16_224.augreg2_in21k_ft_in1k"),  # a chosen tag
+        ("vit_small_patch16_224", "vit_small_patch16_224"),  # timm has no orig_in21k for it
+    ],
+)
 def test_recipes_pin_the_papers_imagenet21k_weights(written, resolved):
     from pipeline.config import variant_train
     from pipeline.models import describe_weights
@@ -91,8 +96,9 @@ def test_constant_drop_path_gives_every_block_and_the_aggregator_the_rate():
     glsim = build_model("glsim", "test_vit", 5, "none", 32, **kw, drop_path_rule="constant")
     assert _drop_rates(glsim.vit.blocks) == [[pytest.approx(0.1)] * 2] * 6
     assert _drop_rates([glsim.aggregator[0]]) == [[pytest.approx(0.1)] * 2]  # GLSim's aggregator: sd too
-    assert _drop_rates([build_model("glsim", "test_vit", 5, "none", 32, **kw).aggregator[0]]) == \
-        [[pytest.approx(0.1)] * 2]  # under timm's rule as well: it follows the deepest block
+    assert _drop_rates([build_model("glsim", "test_vit", 5, "none", 32, **kw).aggregator[0]]) == [
+        [pytest.approx(0.1)] * 2
+    ]  # under timm's rule as well: it follows the deepest block
     # block 0 really drops its residual branches in training (timm's linear rule leaves it deterministic)
     x = torch.randn(64, 17, 64)
     block0 = constant.blocks[0].train()
@@ -129,27 +135,57 @@ def test_layer_norm_eps_reaches_every_norm_and_the_checkpoint(tmp_path):
     model = build_model("glsim", "test_vit", 3, "none", 32, patch_size=8, layer_norm_eps=1e-12)
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     assert len(norms) == 2 * 6 + 1 + 2 + 1 and {m.eps for m in norms} == {1e-12}  # blocks, final, aggregator
-    save_checkpoint(tmp_path / "m.pt", model, {"classes": ["a", "b", "c"],
-                                              "model_spec": {"method": "glsim", "model": "test_vit", "img_size": 32}})
+    save_checkpoint(
+        tmp_path / "m.pt",
+        model,
+        {"classes": ["a", "b", "c"], "model_spec": {"method": "glsim", "model": "test_vit", "img_size": 32}},
+    )
     loaded, _ = load_checkpoint(tmp_path / "m.pt")
     assert {m.eps for m in loaded.modules() if isinstance(m, nn.LayerNorm)} == {1e-12}
-    assert {m.eps for m in build_model("vit", "test_vit", 3, "none", 32, patch_size=8).modules()
-            if isinstance(m, nn.LayerNorm)} == {1e-6}  # timm's default without the recipe
+    assert {
+        m.eps
+        for m in build_model("vit", "test_vit", 3, "none", 32, patch_size=8).modules()
+        if isinstance(m, nn.LayerNorm)
+    } == {1e-6}  # timm's default without the recipe
 
 
 def test_keys_written_in_params_yaml_win_over_the_recipe(tmp_path, tiny_emoji):
     params = yaml.safe_load(write_tiny_params(tmp_path, tiny_emoji).read_text())
-    recipe_keys = {"optimizer", "lr", "weight_decay", "batch_size", "epochs", "warmup_steps", "min_lr", "grad_clip",
-                   "label_smoothing", "augment", "hflip", "drop_path_rate", "resize_ratio", "drop_path_rule",
-                   "proj_drop_rate", "layer_norm_eps", "init"}
+    recipe_keys = {
+        "optimizer",
+        "lr",
+        "weight_decay",
+        "batch_size",
+        "epochs",
+        "warmup_steps",
+        "min_lr",
+        "grad_clip",
+        "label_smoothing",
+        "augment",
+        "hflip",
+        "drop_path_rate",
+        "resize_ratio",
+        "drop_path_rule",
+        "proj_drop_rate",
+        "layer_norm_eps",
+        "init",
+    }
     params["train"] = {k: v for k, v in params["train"].items() if k not in recipe_keys} | {
-        **VIT, "recipe": "glsim", "lr": 0.003, "grad_clip": None}
+        **VIT,
+        "recipe": "glsim",
+        "lr": 0.003,
+        "grad_clip": None,
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(params))
     cfg = load_params(path).train
     assert (cfg.lr, cfg.grad_clip, cfg.optimizer, cfg.augment) == (0.003, None, "sgd", "med")
-    assert recipe_overrides(cfg) == {"lr": (0.003, 0.01), "grad_clip": (None, 1.0), "weights": ("none", "hub"),
-                                     "model": ("vit_tiny_patch16_224", "vit_base_patch16_224.orig_in21k")}
+    assert recipe_overrides(cfg) == {
+        "lr": (0.003, 0.01),
+        "grad_clip": (None, 1.0),
+        "weights": ("none", "hub"),
+        "model": ("vit_tiny_patch16_224", "vit_base_patch16_224.orig_in21k"),
+    }
 
 
 def test_ila_recipe_needs_a_frozen_backbone_method(tmp_path, tiny_emoji):
@@ -208,8 +244,12 @@ def test_weak_crop_is_a_window_of_the_resized_square_and_flips_half_the_time():
     t = train_transform(cfg, DCFG, seed=0)
     img = np.random.default_rng(0).integers(0, 256, (50, 60, 3), dtype=np.uint8)
     big = cv2.resize(img, (t.big, t.big), interpolation=cv2.INTER_CUBIC)
-    windows = {(y, x, flip): (big[y:y + 32, x:x + 32][:, ::-1] if flip else big[y:y + 32, x:x + 32])
-               for y in range(t.big - 31) for x in range(t.big - 31) for flip in (0, 1)}
+    windows = {
+        (y, x, flip): (big[y : y + 32, x : x + 32][:, ::-1] if flip else big[y : y + 32, x : x + 32])
+        for y in range(t.big - 31)
+        for x in range(t.big - 31)
+        for flip in (0, 1)
+    }
     found = []
     for seed in range(200):
         t.set_random_seed(seed)
@@ -271,7 +311,11 @@ def test_readme_papers_settings_resolve_to_what_the_table_says():
     glsim224, glsim448, ila448 = resolved
     for cfg in resolved:
         assert (cfg.model, cfg.weights, cfg.layer_norm_eps, cfg.init) == (
-            "vit_base_patch16_224.orig_in21k", "hub", 1e-12, "paper")
+            "vit_base_patch16_224.orig_in21k",
+            "hub",
+            1e-12,
+            "paper",
+        )
     assert (glsim224.img_size, glsim448.img_size, ila448.img_size) == (224, 448, 448)
     assert (glsim448.drop_path_rate, glsim448.drop_path_rule, glsim448.proj_drop_rate) == (0.1, "constant", 0.0)
     assert (ila448.ila_variant, ila448.proj_drop_rate, ila448.drop_path_rate, ila448.lr) == ("ila++", 0.1, 0.0, 0.1)

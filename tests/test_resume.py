@@ -46,10 +46,24 @@ def project(tmp_path_factory) -> Path:
 
 
 def _train_cmd(root: Path, out: str) -> list[str]:
-    return [sys.executable, str(REPO / "stages/train.py"), "--params", str(root / "params.yaml"),
-            "--split", str(root / "data/split/manifest.parquet"), "--images", str(root / "data/raw"),
-            "--out", str(root / out / "models"), "--metrics", str(root / out / "train.json"),
-            "--seed-metrics", str(root / out / "seeds"), "--history", str(root / out / "history")]
+    return [
+        sys.executable,
+        str(REPO / "stages/train.py"),
+        "--params",
+        str(root / "params.yaml"),
+        "--split",
+        str(root / "data/split/manifest.parquet"),
+        "--images",
+        str(root / "data/raw"),
+        "--out",
+        str(root / out / "models"),
+        "--metrics",
+        str(root / out / "train.json"),
+        "--seed-metrics",
+        str(root / out / "seeds"),
+        "--history",
+        str(root / out / "history"),
+    ]
 
 
 def _env() -> dict:
@@ -66,14 +80,21 @@ def _results(root: Path, out: str) -> tuple[dict, list[dict], dict]:
 
 
 def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(project):
-    full = subprocess.run(_train_cmd(project, "full"), cwd=project, env=_env(), capture_output=True, text=True,
-                          timeout=600)
+    full = subprocess.run(
+        _train_cmd(project, "full"), cwd=project, env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert full.returncode == 0, full.stderr[-3000:]
     assert not any((project / "checkpoints").glob("*/last.pt")), "a finished run must remove its resumable state"
 
     # Kill the second run as soon as epoch 1 has been reported (it is then inside epoch 2).
-    proc = subprocess.Popen(_train_cmd(project, "killed"), cwd=project, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        _train_cmd(project, "killed"),
+        cwd=project,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     for line in proc.stdout:
         if line.startswith(f"epoch 1/{EPOCHS}"):
             break
@@ -85,8 +106,9 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(project):
     assert len(states) == 1, "the killed run must leave exactly one resumable state"
     assert not (project / "killed/train.json").exists()
 
-    resumed = subprocess.run(_train_cmd(project, "killed"), cwd=project, env=_env(), capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        _train_cmd(project, "killed"), cwd=project, env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after epoch" in resumed.stdout
     trained = [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("epoch ")]

@@ -32,5 +32,5 @@ def test_lr_follows_warmup_then_cosine_per_step(warmup):
             expected = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t / total))
         assert lr == pytest.approx(expected, rel=1e-6), t
     assert seen[-1] == pytest.approx(cfg.min_lr, rel=1e-6)
-    assert all(a < b for a, b in zip(seen[:w - 2], seen[1:w - 1]))  # rising through the warm-up (t < w)
-    assert all(a >= b for a, b in zip(seen[w - 1:], seen[w:]))  # then never rising (t >= w)
+    assert all(a < b for a, b in zip(seen[: w - 2], seen[1 : w - 1]))  # rising through the warm-up (t < w)
+    assert all(a >= b for a, b in zip(seen[w - 1 :], seen[w:]))  # then never rising (t >= w)

@@ -11,8 +11,9 @@ from pipeline.verify import compare, tolerance
 
 
 def _seeds(values: dict[int, float], **extra) -> dict:
-    return summarize({s: {"test_top1": v, "test_images": 200, "checkpoint_epoch": s % 3, **extra}
-                      for s, v in values.items()})
+    return summarize(
+        {s: {"test_top1": v, "test_images": 200, "checkpoint_epoch": s % 3, **extra} for s, v in values.items()}
+    )
 
 
 def test_summary_keeps_the_mean_under_the_old_key_and_adds_spread_and_per_seed_values():
@@ -84,8 +85,13 @@ def test_verify_results_command_compares_the_workspace_with_the_committed_run(tm
 
     def verify(rerun: dict) -> subprocess.CompletedProcess:
         (folder / "cnn.json").write_text(json.dumps(rerun))
-        return subprocess.run([sys.executable, "-m", "pipeline", "verify-results"], cwd=tmp_path, text=True,
-                              capture_output=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline", "verify-results"],
+            cwd=tmp_path,
+            text=True,
+            capture_output=True,
+            env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+        )
 
     ok = verify(_seeds({42: 0.63, 43: 0.59, 44: 0.61}))
     assert ok.returncode == 0 and "| cnn |" in ok.stdout and "within the interval" in ok.stdout

@@ -19,6 +19,7 @@ STYLES = ("noto", "openmoji", "twemoji", "emojione")
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 
+
 def dafre_rule(n: int) -> list[str]:
     """DAF:re's assignment of a class's n images, in order: first int(0.7 n) train, up to int(0.8 n) val, rest test."""
     t, v = int(0.7 * n), int(0.8 * n)
@@ -30,8 +31,20 @@ def frame(class_sizes: list[int], interleave: bool = False) -> pl.DataFrame:
     rows = []
     for c, n in enumerate(class_sizes):
         for i in range(n):
-            rows.append(dict(image_id=f"c{c}-{i:04d}", path=f"images/c{c}/{i}.png", class_id=c, class_name=f"c{c}",
-                             source="test", group=STYLES[i % 4], md5=f"{c}-{i}", width=8, height=8, split=None))
+            rows.append(
+                dict(
+                    image_id=f"c{c}-{i:04d}",
+                    path=f"images/c{c}/{i}.png",
+                    class_id=c,
+                    class_name=f"c{c}",
+                    source="test",
+                    group=STYLES[i % 4],
+                    md5=f"{c}-{i}",
+                    width=8,
+                    height=8,
+                    split=None,
+                )
+            )
     if interleave:
         rows.sort(key=lambda r: (int(r["image_id"].split("-")[1]), r["class_id"]))
     return manifest.validate(pl.DataFrame(rows, schema=manifest.SCHEMA), "test")
@@ -50,13 +63,27 @@ def mismatches(sizes: list[int]) -> dict[int, tuple[list[str], list[str]]]:
 
 
 def emoji_frame(n_classes: int = 5) -> pl.DataFrame:
-    rows = [dict(image_id=f"{s}-{c}", path=f"images/{s}/{c}.png", class_id=c, class_name=f"e{c}", source="embedded",
-                 group=s, md5=f"{s}{c}", width=64, height=64, split=None)
-            for c in range(n_classes) for s in STYLES]
+    rows = [
+        dict(
+            image_id=f"{s}-{c}",
+            path=f"images/{s}/{c}.png",
+            class_id=c,
+            class_name=f"e{c}",
+            source="embedded",
+            group=s,
+            md5=f"{s}{c}",
+            width=64,
+            height=64,
+            split=None,
+        )
+        for c in range(n_classes)
+        for s in STYLES
+    ]
     return pl.DataFrame(rows, schema=manifest.SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------------------- per_class
+
 
 def test_train_count_is_int_07n_for_every_size() -> None:
     sizes = list(range(1, 61))
@@ -104,8 +131,10 @@ def test_shuffle_is_seeded_and_changes_assignment() -> None:
     assert a["split"].to_list() != plain["split"].to_list()
     assert a["split"].to_list() != c["split"].to_list()
     for cid in range(3):  # the per-class counts do not depend on the order
-        assert (a.filter(pl.col("class_id") == cid)["split"].value_counts().sort("split").rows()
-                == plain.filter(pl.col("class_id") == cid)["split"].value_counts().sort("split").rows())
+        assert (
+            a.filter(pl.col("class_id") == cid)["split"].value_counts().sort("split").rows()
+            == plain.filter(pl.col("class_id") == cid)["split"].value_counts().sort("split").rows()
+        )
 
 
 def test_custom_ratios() -> None:
@@ -129,6 +158,7 @@ def test_split_counts_and_guarantees_per_class() -> None:
 
 
 # -------------------------------------------------------------------------------------------------------------- group
+
 
 def test_group_split_holds_out_whole_groups() -> None:
     cfg = SplitParams()  # strategy group, test twemoji, val emojione
@@ -168,24 +198,49 @@ def test_missing_group_column_named() -> None:
 
 
 def test_group_split_class_only_in_test_group_raises() -> None:
-    df = pl.concat([emoji_frame(3), pl.DataFrame([dict(
-        image_id="twemoji-99", path="images/twemoji/99.png", class_id=99, class_name="only-twemoji",
-        source="embedded", group="twemoji", md5="t99", width=64, height=64, split=None)], schema=manifest.SCHEMA)])
+    df = pl.concat(
+        [
+            emoji_frame(3),
+            pl.DataFrame(
+                [
+                    dict(
+                        image_id="twemoji-99",
+                        path="images/twemoji/99.png",
+                        class_id=99,
+                        class_name="only-twemoji",
+                        source="embedded",
+                        group="twemoji",
+                        md5="t99",
+                        width=64,
+                        height=64,
+                        split=None,
+                    )
+                ],
+                schema=manifest.SCHEMA,
+            ),
+        ]
+    )
     with pytest.raises(SplitError, match="1 classes have no train images, e.g. \\['only-twemoji'\\]"):
         split(df, SplitParams(), seed=0)
 
 
 # --------------------------------------------------------------------------------------------------------- guarantees
 
+
 def test_check_rejects_broken_splits() -> None:
     good, _ = split(emoji_frame(3), SplitParams(), seed=0)
     check(good, SplitParams())  # control: no error
 
     with pytest.raises(SplitError, match="some images have no split"):
-        check(good.with_columns(pl.when(pl.col("image_id") == "noto-0").then(None).otherwise(pl.col("split"))
-                                .alias("split")), SplitParams())
-    straddle = good.with_columns(pl.when(pl.col("image_id") == "twemoji-1").then(pl.lit("train"))
-                                 .otherwise(pl.col("split")).alias("split"))
+        check(
+            good.with_columns(
+                pl.when(pl.col("image_id") == "noto-0").then(None).otherwise(pl.col("split")).alias("split")
+            ),
+            SplitParams(),
+        )
+    straddle = good.with_columns(
+        pl.when(pl.col("image_id") == "twemoji-1").then(pl.lit("train")).otherwise(pl.col("split")).alias("split")
+    )
     with pytest.raises(SplitError, match="groups in more than one split: \\['twemoji'\\]"):
         check(straddle, SplitParams())
     with pytest.raises(ManifestError, match="split must be one of"):
@@ -195,8 +250,11 @@ def test_check_rejects_broken_splits() -> None:
 
 
 def test_every_image_in_exactly_one_split() -> None:
-    for df, cfg in ((frame([23, 40, 9]), PER_CLASS), (emoji_frame(6), SplitParams()),
-                    (frame([23, 40, 9]), SplitParams(strategy="per_class", shuffle=True))):
+    for df, cfg in (
+        (frame([23, 40, 9]), PER_CLASS),
+        (emoji_frame(6), SplitParams()),
+        (frame([23, 40, 9]), SplitParams(strategy="per_class", shuffle=True)),
+    ):
         out, counts = split(df, cfg, seed=3)
         assert sorted(out["image_id"]) == sorted(df["image_id"])
         assert out["image_id"].n_unique() == df.height
@@ -206,6 +264,7 @@ def test_every_image_in_exactly_one_split() -> None:
 
 
 # ------------------------------------------------------------------------------------ DAF:re release reproduction
+
 
 def rule_counts(n: int) -> tuple[int, int]:
     """(val, test) sizes of a class of n under DAF:re's rule, with its float arithmetic."""
@@ -227,8 +286,10 @@ def release_like_manifest(val: pl.DataFrame, test: pl.DataFrame) -> tuple[pl.Dat
     and the set of such classes.
     """
     vc, tc = (dict(f.group_by("class_id").len().iter_rows()) for f in (val, test))
-    by_class = {name: dict(f.group_by("class_id", maintain_order=True).agg("dir").iter_rows())
-                for name, f in (("val", val), ("test", test))}
+    by_class = {
+        name: dict(f.group_by("class_id", maintain_order=True).agg("dir").iter_rows())
+        for name, f in (("val", val), ("test", test))
+    }
     ids, classes, padded = [], [], set()
     for c in sorted(vc):
         n = smallest_n(vc[c], tc[c])
@@ -244,10 +305,15 @@ def release_like_manifest(val: pl.DataFrame, test: pl.DataFrame) -> tuple[pl.Dat
         ids += block
         classes += [c] * n
     df = pl.DataFrame({"image_id": ids, "path": ids, "class_id": classes}).with_columns(
-        pl.col("class_id").cast(pl.Int64), pl.col("class_id").cast(pl.String).alias("class_name"),
-        pl.lit("dafre").alias("source"), pl.col("image_id").alias("group"), pl.col("image_id").alias("md5"),
-        pl.lit(None, pl.Int64).alias("width"), pl.lit(None, pl.Int64).alias("height"),
-        pl.lit(None, pl.String).alias("split"))
+        pl.col("class_id").cast(pl.Int64),
+        pl.col("class_id").cast(pl.String).alias("class_name"),
+        pl.lit("dafre").alias("source"),
+        pl.col("image_id").alias("group"),
+        pl.col("image_id").alias("md5"),
+        pl.lit(None, pl.Int64).alias("width"),
+        pl.lit(None, pl.Int64).alias("height"),
+        pl.lit(None, pl.String).alias("split"),
+    )
     return manifest.validate(df.select(list(manifest.SCHEMA)), "release-like"), padded
 
 
@@ -258,15 +324,20 @@ def test_per_class_reproduces_dafre_release_val_and_test(dafre_labels: Path) -> 
     (43,125 of 46,050 val rows). For the other 309 classes (2,925 val rows) the release's val is one row short of
     anything the rule gives; there the release rows equal ours minus the one placeholder per class, in order.
     """
-    read = lambda name: pl.read_csv(dafre_labels / name, has_header=False, new_columns=["class_id", "dir"],  # noqa
-                                    schema_overrides={"class_id": pl.Int64, "dir": pl.String})
+
+    def read(name: str) -> pl.DataFrame:
+        schema = {"class_id": pl.Int64, "dir": pl.String}
+        return pl.read_csv(dafre_labels / name, has_header=False, new_columns=list(schema), schema_overrides=schema)
+
     val, test = read("val.csv"), read("test.csv")
     assert (val.height, test.height) == (46_050, 94_440)
     df, padded = release_like_manifest(val, test)
     out, counts = split(df, PER_CLASS, seed=0)
     assert len(padded) == 309 and counts["classes"] == {"train": 3263, "val": 3263, "test": 3263}
 
-    rows = lambda s: out.filter(pl.col("split") == s).select("class_id", pl.col("path").alias("dir"))  # noqa
+    def rows(split_name: str) -> pl.DataFrame:
+        return out.filter(pl.col("split") == split_name).select("class_id", pl.col("path").alias("dir"))
+
     placeholder = pl.col("dir").str.starts_with("placeholder/")
     assert rows("test").equals(test)  # all 94,440 rows, same order
     assert rows("val").filter(placeholder).height == 309  # every placeholder landed in val, as the rule says
@@ -279,10 +350,16 @@ def test_per_class_reproduces_dafre_release_val_and_test(dafre_labels: Path) -> 
 
 # ---------------------------------------------------------------------------------------------------------- official
 
+
 def test_official_keeps_the_source_split() -> None:
     df = frame([10, 10]).with_columns(
-        pl.when(pl.int_range(pl.len()) % 5 == 0).then(pl.lit("test")).when(pl.int_range(pl.len()) % 5 == 1)
-        .then(pl.lit("val")).otherwise(pl.lit("train")).alias("split"))
+        pl.when(pl.int_range(pl.len()) % 5 == 0)
+        .then(pl.lit("test"))
+        .when(pl.int_range(pl.len()) % 5 == 1)
+        .then(pl.lit("val"))
+        .otherwise(pl.lit("train"))
+        .alias("split")
+    )
     out, counts = split(df, SplitParams(strategy="official"), seed=0)
     assert out["split"].to_list() == df["split"].to_list()
     assert counts["images"] == {"train": 12, "val": 4, "test": 4} and counts["dup_group_moves"] == 0
@@ -295,9 +372,11 @@ def test_official_without_source_split_is_a_clear_error() -> None:
 
 # ------------------------------------------------------------------------------------------------ group by ratio
 
+
 def test_group_by_ratio_holds_out_whole_groups_with_seed() -> None:
-    df = frame([200, 180, 150]).with_columns((pl.col("image_id").str.extract(r"-(\d+)$").cast(pl.Int64) // 3)
-                                             .cast(pl.String).alias("post"))
+    df = frame([200, 180, 150]).with_columns(
+        (pl.col("image_id").str.extract(r"-(\d+)$").cast(pl.Int64) // 3).cast(pl.String).alias("post")
+    )
     cfg = SplitParams(group_column="post", group_assign="ratio", test_groups=(), val_groups=())
     a, counts = split(df, cfg, seed=1)
     b, _ = split(df, cfg, seed=1)
@@ -315,6 +394,7 @@ def test_listed_groups_required_only_when_listing() -> None:
 
 
 # ------------------------------------------------------------------------------------- near-duplicate groups whole
+
 
 def with_dup_groups(df: pl.DataFrame, groups: dict[str, str]) -> pl.DataFrame:
     """dup_group as clean writes it: the group's first image id, or the image's own id."""
@@ -351,25 +431,29 @@ def test_group_split_moves_cross_artist_near_duplicates_and_checks() -> None:
 
 def test_check_rejects_straddling_near_duplicate_group() -> None:
     good, _ = split(with_dup_groups(frame([10]), {"c0-0009": "c0-0001"}), PER_CLASS, seed=0)
-    broken = good.with_columns(pl.when(pl.col("image_id") == "c0-0009").then(pl.lit("test"))
-                               .otherwise(pl.col("split")).alias("split"))
+    broken = good.with_columns(
+        pl.when(pl.col("image_id") == "c0-0009").then(pl.lit("test")).otherwise(pl.col("split")).alias("split")
+    )
     with pytest.raises(SplitError, match=r"near-duplicate groups in more than one split: \['c0-0001'\]"):
         check(broken, PER_CLASS)
 
 
 def test_check_rejects_same_file_or_bytes_in_two_splits() -> None:
     good, _ = split(frame([10]), PER_CLASS, seed=0)
-    same_file = good.with_columns(pl.when(pl.col("image_id") == "c0-0009").then(pl.lit("images/c0/0.png"))
-                                  .otherwise(pl.col("path")).alias("path"))
+    same_file = good.with_columns(
+        pl.when(pl.col("image_id") == "c0-0009").then(pl.lit("images/c0/0.png")).otherwise(pl.col("path")).alias("path")
+    )
     with pytest.raises(SplitError, match=r"files in more than one split: \['images/c0/0.png'\]"):
         check(same_file, PER_CLASS)
-    same_md5 = good.with_columns(pl.when(pl.col("image_id") == "c0-0009").then(pl.lit("0-0"))
-                                 .otherwise(pl.col("md5")).alias("md5"))
+    same_md5 = good.with_columns(
+        pl.when(pl.col("image_id") == "c0-0009").then(pl.lit("0-0")).otherwise(pl.col("md5")).alias("md5")
+    )
     with pytest.raises(SplitError, match=r"images with the same md5 in more than one split: \['0-0'\]"):
         check(same_md5, PER_CLASS)
 
 
 # ---------------------------------------------------------------------------------------------- outputs and columns
+
 
 def test_per_class_counts_table() -> None:
     out, _ = split(frame([7, 11]), PER_CLASS, seed=0)
@@ -396,9 +480,18 @@ def test_split_stage_writes_per_class_csv(tmp_path: Path, monkeypatch) -> None:
     params["acquire"]["embedded"]["path"] = str(repo / "datasets" / "emoji")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     manifest.write(emoji_frame(4), tmp_path / "clean")
-    argv = ["--params", str(tmp_path / "params.yaml"), "--clean", str(tmp_path / "clean"), "--out",
-            str(tmp_path / "split" / "manifest.parquet"), "--metrics", str(tmp_path / "split.json"),
-            "--per-class", str(tmp_path / "plots" / "split_counts.csv")]
+    argv = [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--clean",
+        str(tmp_path / "clean"),
+        "--out",
+        str(tmp_path / "split" / "manifest.parquet"),
+        "--metrics",
+        str(tmp_path / "split.json"),
+        "--per-class",
+        str(tmp_path / "plots" / "split_counts.csv"),
+    ]
     monkeypatch.setattr(sys, "argv", ["stages/split.py", *argv])
     with pytest.raises(SystemExit) as info:
         runpy.run_path(str(repo / "stages" / "split.py"), run_name="__main__")

@@ -59,25 +59,47 @@ def _project(tmp_path: Path) -> Path:
 def test_closure_follows_function_level_and_relative_imports(tmp_path):
     root = _project(tmp_path)
     found = {p.relative_to(root).as_posix() for p in code_closure(root, root / "stages/s.py")}
-    assert found == {"stages/s.py", "pipeline/__init__.py", "pipeline/a.py", "pipeline/sub/__init__.py",
-                     "pipeline/sub/b.py"}
+    assert found == {
+        "stages/s.py",
+        "pipeline/__init__.py",
+        "pipeline/a.py",
+        "pipeline/sub/__init__.py",
+        "pipeline/sub/b.py",
+    }
 
 
 def test_check_names_the_missing_modules_and_write_fixes_them(tmp_path):
     root = _project(tmp_path)
     assert missing_deps(root, root / "dvc.yaml") == {
-        "s": ["pipeline/__init__.py", "pipeline/a.py", "pipeline/sub/__init__.py", "pipeline/sub/b.py",
-              "pipeline/sub/tables"]}
-    check = subprocess.run([sys.executable, "-m", "pipeline", "stage-deps", "--check", "--dvc-yaml",
-                            str(root / "dvc.yaml")], cwd=REPO, capture_output=True, text=True)
+        "s": [
+            "pipeline/__init__.py",
+            "pipeline/a.py",
+            "pipeline/sub/__init__.py",
+            "pipeline/sub/b.py",
+            "pipeline/sub/tables",
+        ]
+    }
+    check = subprocess.run(
+        [sys.executable, "-m", "pipeline", "stage-deps", "--check", "--dvc-yaml", str(root / "dvc.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 1 and "s: runs 5 module(s) not in its deps" in check.stderr
 
     assert write_deps(root, root / "dvc.yaml") == ["s"]
     text = (root / "dvc.yaml").read_text()
     deps = yaml.safe_load(text)["stages"]["s"]["deps"]
     # the unused module is dropped, the data dep and its comment stay, the package data folder is listed
-    assert deps == ["data/in", "pipeline/__init__.py", "pipeline/a.py", "pipeline/sub/__init__.py",
-                    "pipeline/sub/b.py", "pipeline/sub/tables", "stages/s.py"]
+    assert deps == [
+        "data/in",
+        "pipeline/__init__.py",
+        "pipeline/a.py",
+        "pipeline/sub/__init__.py",
+        "pipeline/sub/b.py",
+        "pipeline/sub/tables",
+        "stages/s.py",
+    ]
     assert "# the input data" in text
     assert missing_deps(root, root / "dvc.yaml") == {} and write_deps(root, root / "dvc.yaml") == []
 

@@ -48,14 +48,37 @@ def project(tmp_path_factory, tiny_emoji) -> dict:
     summaries, evals = {}, {}
     for name in params.variants:
         p = params.with_variant(name)
-        summaries[name] = train_seeds(p, split_file, cleaned, TrainSeedOutputs.in_layout(
-            name, root / "models", root / "metrics", root / "plots"), root, name)
-        evals[name] = evaluate_seeds(p, split_file, cleaned, root / "models" / name,
-                                     EvalSeedOutputs.in_layout(name, root / "metrics", root / "plots"), root)
+        summaries[name] = train_seeds(
+            p,
+            split_file,
+            cleaned,
+            TrainSeedOutputs.in_layout(name, root / "models", root / "metrics", root / "plots"),
+            root,
+            name,
+        )
+        evals[name] = evaluate_seeds(
+            p,
+            split_file,
+            cleaned,
+            root / "models" / name,
+            EvalSeedOutputs.in_layout(name, root / "metrics", root / "plots"),
+            root,
+        )
     report, results = build_report(params, inputs, root / "reports")
     cnn = inputs.variant("cnn", 42)
-    return dict(root=root, params=params, train=summaries["cnn"], eval=evals["cnn"], report=report,
-                split_file=split_file, cleaned=cleaned, cnn=cnn, summaries=summaries, evals=evals, results=results)
+    return dict(
+        root=root,
+        params=params,
+        train=summaries["cnn"],
+        eval=evals["cnn"],
+        report=report,
+        split_file=split_file,
+        cleaned=cleaned,
+        cnn=cnn,
+        summaries=summaries,
+        evals=evals,
+        results=results,
+    )
 
 
 def test_acquire_and_clean_keep_every_image(project):
@@ -135,8 +158,9 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(project):
 def test_variants_train_what_they_override(project):
     """glsim/ila take the train section and change only their keys; their checkpoints say so."""
     for name, method in (("glsim", "glsim"), ("ila", "ila")):
-        paths = VariantPaths.of(name, project["root"] / "models", project["root"] / "metrics",
-                                project["root"] / "plots", 42)
+        paths = VariantPaths.of(
+            name, project["root"] / "models", project["root"] / "metrics", project["root"] / "plots", 42
+        )
         _, ckpt = load_checkpoint(paths.model_dir / "model.pt")
         assert ckpt["model_spec"]["method"] == method and ckpt["model_spec"]["img_size"] == 32
         assert ckpt["model_spec"]["options"]["patch_size"] == 4  # the distilled ViT, its patch embedding resampled
@@ -166,8 +190,19 @@ def test_report_compares_every_variant_with_valid_pngs(project):
     for name in ("cnn", "vit", "glsim", "ila"):
         row = next(line for line in text.splitlines() if line.startswith(f"| **{name}** |"))
         assert row.count(" | ") == header.count(" | ")  # one cell per column of the header
-    for col in ("backbone", "weights", "image size", "top-1", "top-5", "macro acc", "tail acc", "params",
-                "trainable", "GFLOPs", "GMACs"):
+    for col in (
+        "backbone",
+        "weights",
+        "image size",
+        "top-1",
+        "top-5",
+        "macro acc",
+        "tail acc",
+        "params",
+        "trainable",
+        "GFLOPs",
+        "GMACs",
+    ):
         assert f"| {col} |" in header
     assert "paper top-1" not in header  # the emoji are in no paper
     assert "| package:efficientnet_lite0 |" in text  # which weights each variant started from
@@ -176,8 +211,14 @@ def test_report_compares_every_variant_with_valid_pngs(project):
     for timing in ("img/s", "MLflow run", "training time"):  # they differ every run: MLflow, not the report
         assert not any(timing in h for h in headers)
     figures = sorted(p.name for p in (root / "reports/figures").glob("*.png"))
-    assert {"accuracy_vs_gflops.png", "training_curves.png", "per_class_vs_frequency.png", "glsim_glsim.png",
-            "dataset.png", "samples.png"} <= set(figures)
+    assert {
+        "accuracy_vs_gflops.png",
+        "training_curves.png",
+        "per_class_vs_frequency.png",
+        "glsim_glsim.png",
+        "dataset.png",
+        "samples.png",
+    } <= set(figures)
     assert not {"glsim_cnn.png", "glsim_vit.png", "glsim_ila.png"} & set(figures)
     assert "## Dataset card" in text  # the split stage's card is the report's data section
     for name in figures:
@@ -190,8 +231,13 @@ def test_report_compares_every_variant_with_valid_pngs(project):
 def test_report_names_the_missing_output_of_a_variant(project, tmp_path):
     params = project["params"]
     more = params.model_copy(update={"variants": {**params.variants, "vit-b": {}}})
-    inputs = ReportInputs(project["split_file"], project["cleaned"], project["root"] / "models",
-                          project["root"] / "metrics", project["root"] / "plots")
+    inputs = ReportInputs(
+        project["split_file"],
+        project["cleaned"],
+        project["root"] / "models",
+        project["root"] / "metrics",
+        project["root"] / "plots",
+    )
     missing = r"variant 'vit-b' has no .*models/vit-b/seed42/config.yaml.*evaluate@vit-b"
     with pytest.raises(FileNotFoundError, match=missing):
         build_report(more, inputs, tmp_path / "reports")
@@ -226,12 +272,25 @@ def test_report_on_a_registry_dataset_sets_the_papers_top1_beside_ours(project, 
     params = project["params"]
     cub = params.acquire.model_copy(update={"source": "csv", "csv": CsvSource(path="x", dataset="cub")})
     # 32 px patches (a 7x7 grid) and 4-image cost timings keep a 224 px run to seconds
-    paper = {"method": "glsim", "model": "test_vit", "backbone_cnn": None, "patch_size": 32, "weights": "none",
-             "img_size": 224, "epochs": 1}
-    params = params.model_copy(update={"acquire": cub, "variants": {"paper": paper, "cnn": {}},
-                                       "evaluate": params.evaluate.model_copy(update={"batch_size": 4})})
-    inputs = ReportInputs(project["split_file"], project["cleaned"], tmp_path / "models", tmp_path / "metrics",
-                          tmp_path / "plots")
+    paper = {
+        "method": "glsim",
+        "model": "test_vit",
+        "backbone_cnn": None,
+        "patch_size": 32,
+        "weights": "none",
+        "img_size": 224,
+        "epochs": 1,
+    }
+    params = params.model_copy(
+        update={
+            "acquire": cub,
+            "variants": {"paper": paper, "cnn": {}},
+            "evaluate": params.evaluate.model_copy(update={"batch_size": 4}),
+        }
+    )
+    inputs = ReportInputs(
+        project["split_file"], project["cleaned"], tmp_path / "models", tmp_path / "metrics", tmp_path / "plots"
+    )
     shutil.copytree(project["root"] / "metrics", tmp_path / "metrics")  # clean/split counts and cnn's metrics
     for kind in ("models", "plots"):
         for path in (project["root"] / kind).rglob("cnn*"):
@@ -239,11 +298,21 @@ def test_report_on_a_registry_dataset_sets_the_papers_top1_beside_ours(project, 
             dest.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if path.is_dir() else shutil.copyfile)(path, dest)
     p, paths = params.with_variant("paper"), inputs.variant("paper", 42)
-    train(p, project["split_file"], project["cleaned"], TrainOutputs(paths.model_dir, paths.train_metrics,
-                                                                     paths.history), tmp_path)
-    ours = evaluate(p, project["split_file"], project["cleaned"], paths.model_dir,
-                    EvalOutputs(paths.eval_metrics, paths.predictions, paths.per_class, paths.confused_pairs,
-                                paths.samples), tmp_path)["test_top1"]
+    train(
+        p,
+        project["split_file"],
+        project["cleaned"],
+        TrainOutputs(paths.model_dir, paths.train_metrics, paths.history),
+        tmp_path,
+    )
+    ours = evaluate(
+        p,
+        project["split_file"],
+        project["cleaned"],
+        paths.model_dir,
+        EvalOutputs(paths.eval_metrics, paths.predictions, paths.per_class, paths.confused_pairs, paths.samples),
+        tmp_path,
+    )["test_top1"]
     text = build_report(params, inputs, tmp_path / "reports")[0].read_text()
     header = next(line for line in text.splitlines() if line.startswith("| variant | method |"))
     assert "| top-1 | paper top-1 | ours - paper (points) |" in header

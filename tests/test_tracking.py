@@ -42,14 +42,16 @@ def test_a_sweep_trials_model_is_found_in_its_trial_run(tmp_path: Path) -> None:
     model.parent.mkdir()
     model.write_bytes(b"a trial's checkpoint")
     experiment_id = tracking.setup(BaseParams(), tmp_path)
-    with mlflow.start_run(experiment_id=experiment_id, run_name="trial-1",
-                          tags={"stage": "tune", tracking.MODEL_MD5_TAG: md5_file(model)}) as trial:
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name="trial-1", tags={"stage": "tune", tracking.MODEL_MD5_TAG: md5_file(model)}
+    ) as trial:
         pass
     with mlflow.start_run(experiment_id=experiment_id, run_name="sweep", tags={"stage": "tune"}):
         pass
     found = tracking.train_run_of(model, experiment_id)
     assert found is not None and found.info.run_id == trial.info.run_id
-    with mlflow.start_run(experiment_id=experiment_id, run_name="cnn",
-                          tags={"stage": "train", tracking.MODEL_MD5_TAG: md5_file(model)}) as train:
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name="cnn", tags={"stage": "train", tracking.MODEL_MD5_TAG: md5_file(model)}
+    ) as train:
         pass
     assert tracking.train_run_of(model, experiment_id).info.run_id == train.info.run_id  # a train run comes first

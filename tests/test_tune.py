@@ -36,8 +36,13 @@ SWEEP = {"epochs": 2, "num_samples": 1, "max_failures": 0}  # tiny and quick; fa
 def _env() -> dict:
     """For stage processes: the project's own MLflow store (not one an in-process test exported), no cluster."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    return {**env, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return {
+        **env,
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
 
 
 def _project(root: Path, tune: dict) -> Path:
@@ -48,8 +53,10 @@ def _project(root: Path, tune: dict) -> Path:
     raw["tune"].update({**SWEEP, **tune})
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     df = acquire(load_params(params_file).acquire, root, root / "data/raw")
-    manifest.write(df.with_columns(pl.col("group").replace_strict(STYLE_SPLIT).alias("split")),
-                   root / "data/split/manifest.parquet")
+    manifest.write(
+        df.with_columns(pl.col("group").replace_strict(STYLE_SPLIT).alias("split")),
+        root / "data/split/manifest.parquet",
+    )
     return params_file
 
 
@@ -69,6 +76,7 @@ def _sweep_runs(root: Path) -> tuple[object, list]:
 
 # ------------------------------------------------------------------------------------------------------------ params
 
+
 def _params_file(tmp_path: Path, tune: dict) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["acquire"]["embedded"]["path"] = str(REPO / "datasets/emoji")
@@ -85,8 +93,12 @@ BAD_TUNE = [  # (id, tune changes, key named in the message, fragment of the rea
     ("distribution", {"space": {"lr": ["normal", 0.0, 1.0]}}, "tune.space.lr", "unknown distribution 'normal'"),
     ("log_low", {"space": {"lr": ["loguniform", 0.0, 0.1]}}, "tune.space.lr", "low must be > 0"),
     ("mapping_form", {"space": {"lr": {"loguniform": [1e-4, 1e-1]}}}, "tune.space.lr", "must be a list"),
-    ("value_vs_train", {"space": {"label_smoothing": ["choice", 0.0, 1.5]}}, "tune.space.label_smoothing",
-     "1.5 gives an invalid train.label_smoothing"),
+    (
+        "value_vs_train",
+        {"space": {"label_smoothing": ["choice", 0.0, 1.5]}},
+        "tune.space.label_smoothing",
+        "1.5 gives an invalid train.label_smoothing",
+    ),
     ("mode", {"metric": "val_loss", "mode": "max"}, "tune.mode", "losses: min"),
     ("grace", {"epochs": 2, "grace_period": 3}, "tune.grace_period", "above tune.epochs=2"),
     ("resources", {"resources": {"cpu": 0, "gpu": 0}}, "tune.resources.cpu", "greater than 0"),
@@ -112,8 +124,18 @@ def test_missing_search_package_is_named(tmp_path):
 
 
 def test_valid_space_and_repo_defaults(tmp_path):
-    p = load_params(_params_file(tmp_path, {"space": {"img_size": ["grid", 32, 64], "lr": ["uniform", 1e-3, 2e-3],
-                                                      "optimizer": ["choice", "adamw", "sgd"]}}))
+    p = load_params(
+        _params_file(
+            tmp_path,
+            {
+                "space": {
+                    "img_size": ["grid", 32, 64],
+                    "lr": ["uniform", 1e-3, 2e-3],
+                    "optimizer": ["choice", "adamw", "sgd"],
+                }
+            },
+        )
+    )
     assert p.tune.space["img_size"] == ["grid", 32, 64]
     repo = load_params(REPO / "params.yaml").tune
     assert repo.scheduler == "asha" and repo.num_samples >= 4 and repo.grace_period == 1
@@ -121,6 +143,7 @@ def test_valid_space_and_repo_defaults(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- sweep on a cluster
+
 
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
@@ -145,13 +168,33 @@ def ray_head():
     gcs, node, objects, dashboard, agent, agent_grpc, metrics, runtime_env = _free_ports(8)
     log = open(temp / "head.log", "w")
     proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
-         f"--node-manager-port={node}", f"--object-manager-port={objects}", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}", "--min-worker-port=0",
-         "--max-worker-port=0"],
-        stdout=log, stderr=subprocess.STDOUT, env={**_env(), **auth}, start_new_session=True)
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+            f"--node-manager-port={node}",
+            f"--object-manager-port={objects}",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={runtime_env}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**_env(), **auth},
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while "Ray runtime started" not in (temp / "head.log").read_text():
@@ -187,10 +230,10 @@ def test_sweep_on_a_ray_head_records_every_trial_and_survives_a_failing_one(tmp_
     from pipeline.tuning.sweep import sweep_name
 
     cluster_env, temp = ray_head
-    params_file = _project(tmp_path, {"space": {"weights": ["grid", "package:efficientnet_lite0",
-                                                            "file:missing.pth"]}})
-    done = subprocess.run(_stage_cmd(tmp_path), cwd=tmp_path, env={**_env(), **cluster_env}, capture_output=True,
-                          text=True, timeout=600)
+    params_file = _project(tmp_path, {"space": {"weights": ["grid", "package:efficientnet_lite0", "file:missing.pth"]}})
+    done = subprocess.run(
+        _stage_cmd(tmp_path), cwd=tmp_path, env={**_env(), **cluster_env}, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Connecting to existing Ray cluster" in done.stderr
     summary = json.loads((tmp_path / "metrics/tune.json").read_text())
@@ -205,7 +248,8 @@ def test_sweep_on_a_ray_head_records_every_trial_and_survives_a_failing_one(tmp_
 
     parent, children = _sweep_runs(tmp_path)
     assert parent.info.status == "FINISHED" and parent.data.tags["tune_sweep"] == sweep_name(
-        load_params(params_file), tmp_path / "data/split/manifest.parquet")
+        load_params(params_file), tmp_path / "data/split/manifest.parquet"
+    )
     assert parent.data.tags["best.train.weights"] == "package:efficientnet_lite0"
     by_weights = {r.data.params["train.weights"]: r for r in children}
     assert set(by_weights) == {"package:efficientnet_lite0", "file:missing.pth"}
@@ -223,10 +267,22 @@ def test_sweep_on_a_ray_head_records_every_trial_and_survives_a_failing_one(tmp_
 
 # ----------------------------------------------------------------------------------------------- killed and resumed
 
+
 def _stage_cmd(root: Path) -> list[str]:
-    return [sys.executable, str(REPO / "stages/tune.py"), "--params", str(root / "params.yaml"),
-            "--split", str(root / "data/split/manifest.parquet"), "--images", str(root / "data/raw"),
-            "--best", str(root / "best_params.yaml"), "--metrics", str(root / "metrics/tune.json")]
+    return [
+        sys.executable,
+        str(REPO / "stages/tune.py"),
+        "--params",
+        str(root / "params.yaml"),
+        "--split",
+        str(root / "data/split/manifest.parquet"),
+        "--images",
+        str(root / "data/raw"),
+        "--best",
+        str(root / "best_params.yaml"),
+        "--metrics",
+        str(root / "metrics/tune.json"),
+    ]
 
 
 def _trial_states(root: Path) -> dict[str, str]:
@@ -250,8 +306,14 @@ def test_sigkilled_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     trial keeps its single MLflow run and its results, the other one is trained, the sweep completes."""
     _project(tmp_path, {"space": {"lr": ["grid", 1e-3, 3e-3]}, "max_concurrent": 1, "scheduler": "fifo"})
     env = _env()
-    proc = subprocess.Popen(_stage_cmd(tmp_path), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _stage_cmd(tmp_path),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300
         while "TERMINATED" not in _trial_states(tmp_path).values():
@@ -270,8 +332,7 @@ def test_sigkilled_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     before = {t: client.search_runs([exp], f"tags.tune_trial_id = '{t}'") for t in finished}
     assert all(len(runs) == 1 for runs in before.values())
 
-    resumed = subprocess.run(_stage_cmd(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(_stage_cmd(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "tune: resuming" in resumed.stdout
     assert list(_trial_states(tmp_path).values()) == ["TERMINATED", "TERMINATED"]
@@ -288,6 +349,7 @@ def test_sigkilled_sweep_resumes_without_rerunning_finished_trials(tmp_path):
 
 # ------------------------------------------------------------------------------------------- train with tuned values
 
+
 def test_train_stage_uses_best_params_when_tune_apply_is_on(tmp_path, monkeypatch, capsys):
     import runpy
 
@@ -298,11 +360,24 @@ def test_train_stage_uses_best_params_when_tune_apply_is_on(tmp_path, monkeypatc
     raw["variants"] = {"cnn": {}, "own-lr": {"lr": 0.0007}}
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     (tmp_path / "best_params.yaml").write_text("train:\n  lr: 0.0042\n  label_smoothing: 0.0\n")
-    argv = ["--params", str(params_file), "--split", str(tmp_path / "data/split/manifest.parquet"),
-            "--images", str(tmp_path / "data/raw"), "--out", str(tmp_path / "models"),
-            "--metrics", str(tmp_path / "train.json"), "--seed-metrics", str(tmp_path / "seeds"),
-            "--history", str(tmp_path / "history"),
-            "--tuned", str(tmp_path / "best_params.yaml")]
+    argv = [
+        "--params",
+        str(params_file),
+        "--split",
+        str(tmp_path / "data/split/manifest.parquet"),
+        "--images",
+        str(tmp_path / "data/raw"),
+        "--out",
+        str(tmp_path / "models"),
+        "--metrics",
+        str(tmp_path / "train.json"),
+        "--seed-metrics",
+        str(tmp_path / "seeds"),
+        "--history",
+        str(tmp_path / "history"),
+        "--tuned",
+        str(tmp_path / "best_params.yaml"),
+    ]
 
     def stage(args: list[str]) -> int:
         monkeypatch.setattr(sys, "argv", ["stages/train.py", *args])

@@ -31,8 +31,13 @@ def _source(num_classes: int = 10, img_size: int = 224, **kwargs) -> torch.nn.Mo
 
 def _same_backbone(model: torch.nn.Module, src: torch.nn.Module) -> None:
     own, theirs = model.state_dict(), src.state_dict()
-    for key in ("patch_embed.proj.weight", "cls_token", "blocks.0.attn.qkv.weight", "blocks.5.mlp.fc2.bias",
-                "norm.weight"):
+    for key in (
+        "patch_embed.proj.weight",
+        "cls_token",
+        "blocks.0.attn.qkv.weight",
+        "blocks.5.mlp.fc2.bias",
+        "norm.weight",
+    ):
         assert torch.equal(own[key], theirs[key]), key
 
 
@@ -41,6 +46,7 @@ def _pos_resampled(src: torch.nn.Module, grid: int, **how) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------- local files
+
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
 def test_weight_files_load_with_a_new_head_and_a_resampled_grid(tmp_path, fmt):
@@ -88,6 +94,7 @@ def test_local_timm_folder_loads_weights_and_normalisation(tmp_path):
 
 # ------------------------------------------------------------------------------------------ Hugging Face hub cache
 
+
 def _hub_cache(cache, repo: str, src: torch.nn.Module) -> None:
     """The layout huggingface_hub leaves after `hf download ORG/NAME`: blobs, a snapshot of links, refs/main."""
     from timm.models import save_for_hf
@@ -124,17 +131,24 @@ def test_hf_hub_name_loads_from_the_offline_cache(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------- Google's ViT-B_16.npz
 
+
 def _google_npz(src: torch.nn.Module, path) -> None:
     """A timm ViT written in the layout of Google's original ViT-B_16.npz (vit_jax names, HWIO/(D, heads, d) kernels,
     with the pre-logits layer the ImageNet-21k checkpoints carry)."""
     sd = {k: v.detach().numpy() for k, v in src.state_dict().items()}
     dim, heads = src.embed_dim, src.blocks[0].attn.num_heads
-    w = {"embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
-         "embedding/bias": sd["patch_embed.proj.bias"], "cls": sd["cls_token"],
-         "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
-         "Transformer/encoder_norm/scale": sd["norm.weight"], "Transformer/encoder_norm/bias": sd["norm.bias"],
-         "head/kernel": sd["head.weight"].T, "head/bias": sd["head.bias"],
-         "pre_logits/kernel": np.eye(dim, dtype=np.float32), "pre_logits/bias": np.zeros(dim, np.float32)}
+    w = {
+        "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+        "embedding/bias": sd["patch_embed.proj.bias"],
+        "cls": sd["cls_token"],
+        "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+        "Transformer/encoder_norm/scale": sd["norm.weight"],
+        "Transformer/encoder_norm/bias": sd["norm.bias"],
+        "head/kernel": sd["head.weight"].T,
+        "head/bias": sd["head.bias"],
+        "pre_logits/kernel": np.eye(dim, dtype=np.float32),
+        "pre_logits/bias": np.zeros(dim, np.float32),
+    }
     for i in range(len(src.blocks)):
         b, g = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
         qkv_w, qkv_b = sd[b + "attn.qkv.weight"].reshape(3, dim, dim), sd[b + "attn.qkv.bias"].reshape(3, dim)
@@ -142,7 +156,8 @@ def _google_npz(src: torch.nn.Module, path) -> None:
             w[f"{g}MultiHeadDotProductAttention_1/{name}/kernel"] = qkv_w[j].T.reshape(dim, heads, dim // heads)
             w[f"{g}MultiHeadDotProductAttention_1/{name}/bias"] = qkv_b[j].reshape(heads, dim // heads)
         w[f"{g}MultiHeadDotProductAttention_1/out/kernel"] = (
-            sd[b + "attn.proj.weight"].reshape(dim, heads, dim // heads).transpose(1, 2, 0))
+            sd[b + "attn.proj.weight"].reshape(dim, heads, dim // heads).transpose(1, 2, 0)
+        )
         w[f"{g}MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"]
         for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
             w[f"{g}{ln}/scale"], w[f"{g}{ln}/bias"] = sd[f"{b}{norm}.weight"], sd[f"{b}{norm}.bias"]
@@ -163,16 +178,23 @@ def test_google_vit_npz_loads_at_224_and_448_with_a_replaced_head(tmp_path):
 
     glsim = build_model("glsim", ARCH, 5, f"file:{path}", 448)  # the papers' 448 px GLSim setting, new classes
     vit, theirs = glsim.vit.state_dict(), src.state_dict()
-    for key in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.3.attn.proj.weight",
-                "blocks.5.mlp.fc1.weight", "norm.bias"):
+    for key in (
+        "patch_embed.proj.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.3.attn.proj.weight",
+        "blocks.5.mlp.fc1.weight",
+        "norm.bias",
+    ):
         assert torch.allclose(vit[key], theirs[key]), key
     assert glsim.vit.pos_embed.shape == (1, 1 + 28 * 28, 64)
-    assert torch.allclose(glsim.vit.pos_embed, _pos_resampled(src, 28, interpolation="bilinear", antialias=False),
-                          atol=1e-6)
+    assert torch.allclose(
+        glsim.vit.pos_embed, _pos_resampled(src, 28, interpolation="bilinear", antialias=False), atol=1e-6
+    )
     assert glsim.head.weight.shape[0] == 5  # GLSim's own head after the aggregator: 5 classes
 
 
 # -------------------------------------------------------------------------------------------------------- errors
+
 
 def test_missing_sources_name_train_weights_and_the_path(tmp_path):
     for spec, what in ((f"file:{tmp_path / 'ViT-B_16.npz'}", "file"), (f"local-dir:{tmp_path / 'vit'}", "folder")):
@@ -189,8 +211,11 @@ def test_weights_of_another_shape_are_named_not_skipped(tmp_path):
     narrow = _source(embed_dim=32)  # same names, another width
     path = tmp_path / "narrow.safetensors"
     safetensors.torch.save_file(narrow.state_dict(), path)
-    with pytest.raises(WeightsError, match=rf"train.weights=file:{path} does not fit test_vit: \d+ tensors have "
-                                           r"other shapes, e.g. \S+ \(.*\) in the weights vs \(.*\) in the model"):
+    with pytest.raises(
+        WeightsError,
+        match=rf"train.weights=file:{path} does not fit test_vit: \d+ tensors have "
+        r"other shapes, e.g. \S+ \(.*\) in the weights vs \(.*\) in the model",
+    ):
         build_model("vit", ARCH, 5, f"file:{path}", 224)
 
     cnn = tmp_path / "resnet.pth"
@@ -200,8 +225,11 @@ def test_weights_of_another_shape_are_named_not_skipped(tmp_path):
 
     npz = tmp_path / "narrow.npz"
     _google_npz(narrow, npz)
-    with pytest.raises(WeightsError, match=rf"train.weights=file:{npz} does not fit test_vit: embedding width 32 in "
-                                           "the file vs 64 in the model"):
+    with pytest.raises(
+        WeightsError,
+        match=rf"train.weights=file:{npz} does not fit test_vit: embedding width 32 in "
+        "the file vs 64 in the model",
+    ):
         build_model("vit", ARCH, 5, f"file:{npz}", 224)
     with pytest.raises(WeightsError, match="a Google .npz checkpoint loads into a timm VisionTransformer only"):
         build_model("cnn", "resnet18", 5, f"file:{npz}")
@@ -220,8 +248,10 @@ def test_params_accept_the_weight_sources_and_check_local_paths(tmp_path):
         raw["train"]["weights"] = ok
         path.write_text(yaml.safe_dump(raw))
         assert load_params(path).train.weights == ok
-    for bad, message in (("hf-hub:vit_base", "must be none, hub, hf-hub:ORG/NAME"),
-                         ("local-dir:no/such/folder", "train.weights: folder 'no/such/folder' does not exist")):
+    for bad, message in (
+        ("hf-hub:vit_base", "must be none, hub, hf-hub:ORG/NAME"),
+        ("local-dir:no/such/folder", "train.weights: folder 'no/such/folder' does not exist"),
+    ):
         raw["train"]["weights"] = bad
         path.write_text(yaml.safe_dump(raw))
         with pytest.raises(ParamsError, match=message):

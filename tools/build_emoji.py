@@ -191,8 +191,7 @@ def build_dataset(
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python tools/build_emoji.py",
-        description="Build the cross-artist emoji dataset from the packages unpacked by "
-        "tools/fetch_emoji_packages.sh.",
+        description="Build the cross-artist emoji dataset from the packages unpacked by tools/fetch_emoji_packages.sh.",
     )
     parser.add_argument("--packages", type=Path, required=True, help="folder filled by fetch_emoji_packages.sh")
     parser.add_argument("--out", type=Path, default=Path("datasets/emoji"), help="output folder (default: %(default)s)")

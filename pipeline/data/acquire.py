@@ -41,8 +41,18 @@ def _rows_from_files(files: list[tuple[Path, str, str, str, str]], out: Path, so
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)
         w, h = _image_size(dest)
-        rows.append(dict(image_id=image_id, path=rel, class_name=class_name, source=source, group=group,
-                         md5=md5_file(dest), width=w, height=h))
+        rows.append(
+            dict(
+                image_id=image_id,
+                path=rel,
+                class_name=class_name,
+                source=source,
+                group=group,
+                md5=md5_file(dest),
+                width=w,
+                height=h,
+            )
+        )
     df = pl.DataFrame(rows, schema={k: v for k, v in manifest.SCHEMA.items() if k not in ("class_id", "split")})
     names = sorted(df["class_name"].unique().to_list())
     ids = pl.DataFrame({"class_name": names, "class_id": list(range(len(names)))})
@@ -56,11 +66,21 @@ def from_embedded(cfg: EmbeddedSource, root: Path, out: Path) -> pl.DataFrame:
     for key, column, wanted in (("categories", "category", cfg.categories), ("styles", "style", cfg.styles)):
         unknown = sorted(set(wanted) - set(index[column]))
         if unknown:
-            raise ValueError(f"acquire.embedded.{key}: {unknown} not in {base / 'index.csv'} "
-                             f"(available: {sorted(set(index[column]))})")
+            raise ValueError(
+                f"acquire.embedded.{key}: {unknown} not in {base / 'index.csv'} "
+                f"(available: {sorted(set(index[column]))})"
+            )
     index = index.filter(pl.col("category").is_in(cfg.categories) & pl.col("style").is_in(cfg.styles))
-    files = [(base / r["file"], f"images/{r['file'].removeprefix('images/')}", f"{r['style']}-{r['codepoint']}",
-              r["class_name"], r["style"]) for r in index.sort("codepoint", "style").iter_rows(named=True)]
+    files = [
+        (
+            base / r["file"],
+            f"images/{r['file'].removeprefix('images/')}",
+            f"{r['style']}-{r['codepoint']}",
+            r["class_name"],
+            r["style"],
+        )
+        for r in index.sort("codepoint", "style").iter_rows(named=True)
+    ]
     return _rows_from_files(files, out, "embedded")
 
 
@@ -96,19 +116,25 @@ def from_folder(cfg: FolderSource, root: Path, out: Path) -> pl.DataFrame:
             files.append((f, f"images/{rel}", rel, rel.split("/", 1)[0], folder_group(rel, cfg.group)))
         else:
             listing.skipped.append((rel, "image directly in the root: it belongs to no <class>/ folder"))
-    write_parquet(out / SKIPPED, pl.DataFrame(listing.skipped, schema={"path": pl.String, "reason": pl.String},
-                                              orient="row"))
+    write_parquet(
+        out / SKIPPED, pl.DataFrame(listing.skipped, schema={"path": pl.String, "reason": pl.String}, orient="row")
+    )
     if listing.skipped:
-        print(f"acquire folder: skipped {len(listing.skipped)} entries under {base} (links, hidden files, "
-              f"images outside a class folder), "
-              f"listed in skipped.parquet; e.g. {listing.skipped[0][0]}: {listing.skipped[0][1]}", file=sys.stderr)
+        print(
+            f"acquire folder: skipped {len(listing.skipped)} entries under {base} (links, hidden files, "
+            f"images outside a class folder), "
+            f"listed in skipped.parquet; e.g. {listing.skipped[0][0]}: {listing.skipped[0][1]}",
+            file=sys.stderr,
+        )
     if not files:
         raise ValueError(f"acquire.folder.path: no images found under {base} (expected <class>/<image> files)")
     return _rows_from_files(files, out, "folder")
 
 
-CLI_HELP = {"embedded": "the committed cross-artist emoji set (the default dataset)",
-            "folder": "an ImageFolder tree: <path>/<class name>/<image>"}
+CLI_HELP = {
+    "embedded": "the committed cross-artist emoji set (the default dataset)",
+    "folder": "an ImageFolder tree: <path>/<class name>/<image>",
+}
 
 
 def add_cli_arguments_embedded(p) -> None:
@@ -121,8 +147,11 @@ def section_from_cli_embedded(args) -> dict:
 
 def add_cli_arguments_folder(p) -> None:
     p.add_argument("--path", required=True, help="<class>/<image> root")
-    p.add_argument("--group", help="image (default) | subfolder (<class>/<group>/<image>) | pattern:<regex>: "
-                                   "which images form one group that never straddles splits")
+    p.add_argument(
+        "--group",
+        help="image (default) | subfolder (<class>/<group>/<image>) | pattern:<regex>: "
+        "which images form one group that never straddles splits",
+    )
 
 
 def section_from_cli_folder(args) -> dict:
@@ -137,12 +166,15 @@ def _source(name: str) -> Callable[..., pl.DataFrame]:
         return from_folder
     if name == "csv":
         from pipeline.data.labelcsv import from_csv
+
         return from_csv
     if name == "dafre":
         from pipeline.data.dafre import from_dafre
+
         return from_dafre
     if name == "danbooru":
         from pipeline.data.danbooru import from_danbooru
+
         return from_danbooru
     raise ValueError(f"acquire.source: unknown source {name!r}")
 
@@ -159,9 +191,11 @@ def acquire(cfg: AcquireParams, root: Path, out: Path) -> pl.DataFrame:
     the project, or overlaps the source is refused before anything is written (pipeline/outdir.py).
     """
     section = getattr(cfg, cfg.source)
-    inputs = [(f"acquire.{cfg.source}.{key}", root / str(getattr(section, key)))
-              for key in ("path", "labels", "class_names")  # every input location the source reads
-              if getattr(section, key, None) is not None]
+    inputs = [
+        (f"acquire.{cfg.source}.{key}", root / str(getattr(section, key)))
+        for key in ("path", "labels", "class_names")  # every input location the source reads
+        if getattr(section, key, None) is not None
+    ]
     out = Path(out)
     if cfg.source == "danbooru":
         outdir.check_writable(out, "acquire", project=root, inputs=inputs)

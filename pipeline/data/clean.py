@@ -55,8 +55,14 @@ from pipeline.io import write_parquet
 from pipeline.progress import progress
 
 QUARANTINE = "quarantine.parquet"
-QUARANTINE_SCHEMA = {"image_id": pl.String, "path": pl.String, "class_name": pl.String, "reason": pl.String,
-                     "detail": pl.String, "duplicate_of": pl.String}
+QUARANTINE_SCHEMA = {
+    "image_id": pl.String,
+    "path": pl.String,
+    "class_name": pl.String,
+    "reason": pl.String,
+    "detail": pl.String,
+    "duplicate_of": pl.String,
+}
 STAGING = ".staging"  # inside the output folder: same filesystem, so committing plain files is a rename
 ORIENTATION_TAG = 0x0112  # EXIF Orientation
 POOL_MIN_IMAGES = 256  # below this, starting decode processes (imports: ~2 s each) costs more than it saves
@@ -72,6 +78,7 @@ class Rejected(Exception):
 
 
 # --- one image ------------------------------------------------------------------------------------------------------
+
 
 def upright(im: Image.Image) -> tuple[Image.Image, bool]:
     """(the image as viewers show it, whether that changed it): EXIF orientation applied (a phone JPEG with
@@ -116,8 +123,15 @@ def _pillow_guards(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
 
 
 def _sniff(data: bytes) -> str | None:
@@ -136,8 +150,11 @@ def decode(data: bytes, cfg: CleanParams) -> tuple[Image.Image, bool]:
             im = Image.open(io.BytesIO(data))
             w, h = im.size  # from the header: checked before a single pixel is decoded
             if w * h > cfg.max_image_pixels:
-                raise Rejected("too_many_pixels", f"{w}x{h} = {w * h} pixels > clean.max_image_pixels="
-                                                  f"{cfg.max_image_pixels} (decompression-bomb guard)")
+                raise Rejected(
+                    "too_many_pixels",
+                    f"{w}x{h} = {w * h} pixels > clean.max_image_pixels="
+                    f"{cfg.max_image_pixels} (decompression-bomb guard)",
+                )
             im.load()  # full decode: catches truncated and corrupt data
     except Rejected:
         raise
@@ -145,8 +162,10 @@ def decode(data: bytes, cfg: CleanParams) -> tuple[Image.Image, bool]:
         # Pillow's own text quotes its hard limit (twice ours): only the image's pixel count is taken from it.
         found = re.search(r"\((\d+) pixels\)", str(exc))
         claims = f"{found.group(1)} pixels" if found else "more pixels than that"
-        raise Rejected("too_many_pixels", f"header claims {claims} > clean.max_image_pixels={cfg.max_image_pixels} "
-                                          "(decompression-bomb guard)") from None
+        raise Rejected(
+            "too_many_pixels",
+            f"header claims {claims} > clean.max_image_pixels={cfg.max_image_pixels} (decompression-bomb guard)",
+        ) from None
     except Image.UnidentifiedImageError:
         fmt = _sniff(data)
         if fmt:  # looks like an image but its header is damaged: corrupt, not a stray HTML page or caption
@@ -219,8 +238,15 @@ def check_image(root: Path, rel: str, cfg: CleanParams) -> Checked:
     except Rejected as r:
         return Checked(r.reason, r.detail, raw_md5)
     out, suffix = _encode(rgb, cfg) if changed else (data, "")  # RGB input: original bytes, no JPEG re-encoding
-    return Checked(raw_md5=raw_md5, data=out, suffix=suffix, md5=hashlib.md5(out).hexdigest(), width=rgb.width,
-                   height=rgb.height, phash=phash64(rgb) if cfg.near_dup_hamming else None)
+    return Checked(
+        raw_md5=raw_md5,
+        data=out,
+        suffix=suffix,
+        md5=hashlib.md5(out).hexdigest(),
+        width=rgb.width,
+        height=rgb.height,
+        phash=phash64(rgb) if cfg.near_dup_hamming else None,
+    )
 
 
 # --- phase 1 over the manifest ----------------------------------------------------------------------------------------
@@ -272,39 +298,71 @@ def is_sharded(paths: pl.Series) -> bool:
     return bool(paths.str.contains(_SHARD_MARK, literal=True).any())
 
 
-def verify_images(df: pl.DataFrame, root: Path, staging: Path, cfg: CleanParams, shard_size: int | None,
-                  pool_min: int = POOL_MIN_IMAGES) -> pl.DataFrame:
+def verify_images(
+    df: pl.DataFrame,
+    root: Path,
+    staging: Path,
+    cfg: CleanParams,
+    shard_size: int | None,
+    pool_min: int = POOL_MIN_IMAGES,
+) -> pl.DataFrame:
     """Phase 1: df plus _reason, _detail, _raw_md5, _staged, _out_md5, _width, _height, phash; images in staging."""
     rels = df["path"].to_list()
-    cols: dict[str, list] = {k: [] for k in ("_reason", "_detail", "_raw_md5", "_staged", "_out_md5", "_width",
-                                             "_height", "phash")}
+    cols: dict[str, list] = {
+        k: [] for k in ("_reason", "_detail", "_raw_md5", "_staged", "_out_md5", "_width", "_height", "phash")
+    }
     used: set[str] = set()
     with images.ImageWriter(staging, shard_size=shard_size) as writer:
         checked = _check_all(rels, root, cfg, pool_min)
         for rel, c in zip(rels, progress(checked, total=len(rels), desc="clean", unit="img")):
             staged = writer.write(_unique(output_name(rel, c.suffix), used), c.data) if c.reason is None else None
-            for key, value in (("_reason", c.reason), ("_detail", c.detail), ("_raw_md5", c.raw_md5),
-                               ("_staged", staged), ("_out_md5", c.md5), ("_width", c.width),
-                               ("_height", c.height), ("phash", c.phash)):
+            for key, value in (
+                ("_reason", c.reason),
+                ("_detail", c.detail),
+                ("_raw_md5", c.raw_md5),
+                ("_staged", staged),
+                ("_out_md5", c.md5),
+                ("_width", c.width),
+                ("_height", c.height),
+                ("phash", c.phash),
+            ):
                 cols[key].append(value)
-    schema = {"_reason": pl.String, "_detail": pl.String, "_raw_md5": pl.String, "_staged": pl.String,
-              "_out_md5": pl.String, "_width": pl.Int64, "_height": pl.Int64, "phash": pl.UInt64}
-    return pl.concat([df.drop([c for c in schema if c in df.columns]), pl.DataFrame(cols, schema=schema)],
-                     how="horizontal")
+    schema = {
+        "_reason": pl.String,
+        "_detail": pl.String,
+        "_raw_md5": pl.String,
+        "_staged": pl.String,
+        "_out_md5": pl.String,
+        "_width": pl.Int64,
+        "_height": pl.Int64,
+        "phash": pl.UInt64,
+    }
+    return pl.concat(
+        [df.drop([c for c in schema if c in df.columns]), pl.DataFrame(cols, schema=schema)], how="horizontal"
+    )
 
 
 # --- phase 2: metadata only -------------------------------------------------------------------------------------------
+
 
 def normalize_class_names(names: pl.Expr) -> pl.Expr:
     """NFKC (full-width letters, ligatures), trimmed, lower case, runs of whitespace/underscores -> '_'."""
     return names.str.normalize("NFKC").str.strip_chars().str.to_lowercase().str.replace_all(r"[\s_]+", "_")
 
 
-def _rejections(frame: pl.DataFrame, reason: str | pl.Expr, detail: str | pl.Expr,
-                duplicate_of: str | pl.Expr | None = None) -> pl.DataFrame:
+def _rejections(
+    frame: pl.DataFrame, reason: str | pl.Expr, detail: str | pl.Expr, duplicate_of: str | pl.Expr | None = None
+) -> pl.DataFrame:
     lit = lambda v: pl.lit(v, pl.String) if v is None or isinstance(v, str) else v  # noqa: E731
-    return frame.select("_row", "image_id", "path", "class_name", lit(reason).alias("reason"),
-                        lit(detail).alias("detail"), lit(duplicate_of).alias("duplicate_of"))
+    return frame.select(
+        "_row",
+        "image_id",
+        "path",
+        "class_name",
+        lit(reason).alias("reason"),
+        lit(detail).alias("detail"),
+        lit(duplicate_of).alias("duplicate_of"),
+    )
 
 
 def _exact_duplicates(ok: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -315,12 +373,16 @@ def _exact_duplicates(ok: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     n_classes = pl.when(pl.col("md5").is_not_null()).then(pl.col("class_name").n_unique().over("md5"))
     ok = ok.with_columns(first.alias("_first"), n_classes.fill_null(1).alias("_n_classes"))
     conflict = pl.col("_n_classes") > 1
-    classes = ok.filter(conflict).group_by("md5").agg(pl.col("class_name").unique().sort().str.join(", ")
-                                                      .alias("_classes"))
+    classes = (
+        ok.filter(conflict).group_by("md5").agg(pl.col("class_name").unique().sort().str.join(", ").alias("_classes"))
+    )
     conflicts = ok.filter(conflict).join(classes, on="md5", how="left", maintain_order="left")
-    q_conflict = _rejections(conflicts, "label_conflict",
-                             pl.format("the same bytes are labelled with {} classes: {}", "_n_classes", "_classes"),
-                             pl.when(pl.col("_first") != pl.col("image_id")).then(pl.col("_first")))
+    q_conflict = _rejections(
+        conflicts,
+        "label_conflict",
+        pl.format("the same bytes are labelled with {} classes: {}", "_n_classes", "_classes"),
+        pl.when(pl.col("_first") != pl.col("image_id")).then(pl.col("_first")),
+    )
     is_dup = ~conflict & pl.col("_first").is_not_null() & (pl.col("_first") != pl.col("image_id"))
     q = _rejections(ok.filter(is_dup), "duplicate", pl.format("same md5 as {}", "_first"), pl.col("_first"))
     return ok.filter(~is_dup & ~conflict).drop("_first", "_n_classes"), pl.concat([q_conflict, q])
@@ -334,47 +396,69 @@ def _near_duplicates(ok: pl.DataFrame, cfg: CleanParams) -> tuple[pl.DataFrame, 
     hashes = ok["phash"] if t else pl.Series("phash", [None] * ok.height, pl.UInt64)
     rep, stats = near_duplicate_groups(hashes, t)
     ids = ok["image_id"]
-    ok = ok.with_columns(ids.gather(rep).alias("dup_group"),
-                         pl.Series("_rep_hash", hashes.gather(rep), pl.UInt64))
+    ok = ok.with_columns(ids.gather(rep).alias("dup_group"), pl.Series("_rep_hash", hashes.gather(rep), pl.UInt64))
     in_group = pl.col("dup_group") != pl.col("image_id")
     sizes = ok.group_by("dup_group").len().filter(pl.col("len") > 1)
-    info = {"groups": sizes.height, "images": int(sizes["len"].sum()), "candidate_pairs": stats.candidate_pairs,
-            "capped_buckets": stats.capped_buckets}
+    info = {
+        "groups": sizes.height,
+        "images": int(sizes["len"].sum()),
+        "candidate_pairs": stats.candidate_pairs,
+        "capped_buckets": stats.capped_buckets,
+    }
     q = _rejections(ok.head(0), "near_duplicate", "", None)
     if t and cfg.near_dup_action == "drop":
         later = ok.filter(in_group)
         bits = (pl.col("phash") ^ pl.col("_rep_hash")).bitwise_count_ones()
-        q = _rejections(later, "near_duplicate",
-                        pl.format("pHash {} bits from {} (clean.near_dup_hamming={}, groups are transitive)",
-                                  bits, "dup_group", pl.lit(t)), pl.col("dup_group"))
+        q = _rejections(
+            later,
+            "near_duplicate",
+            pl.format(
+                "pHash {} bits from {} (clean.near_dup_hamming={}, groups are transitive)", bits, "dup_group", pl.lit(t)
+            ),
+            pl.col("dup_group"),
+        )
         ok = ok.filter(~in_group)
     return ok.drop("_rep_hash"), q, info
 
 
 def _class_limits(ok: pl.DataFrame, cfg: CleanParams) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Drop classes below min_per_class; cap the others at max_per_class (first N in manifest order)."""
-    ok = ok.with_columns(pl.len().over("class_name").alias("_n"), pl.int_range(pl.len()).over("class_name")
-                         .alias("_rank"))
+    ok = ok.with_columns(
+        pl.len().over("class_name").alias("_n"), pl.int_range(pl.len()).over("class_name").alias("_rank")
+    )
     too_few = pl.col("_n") < cfg.min_per_class
     over = ~too_few & (pl.col("_rank") >= (cfg.max_per_class or 1 << 62))
-    q = pl.concat([
-        _rejections(ok.filter(too_few), "too_few_in_class",
-                    f"class has fewer than clean.min_per_class={cfg.min_per_class}"),
-        _rejections(ok.filter(over), "over_class_cap", f"beyond clean.max_per_class={cfg.max_per_class}")])
+    q = pl.concat(
+        [
+            _rejections(
+                ok.filter(too_few), "too_few_in_class", f"class has fewer than clean.min_per_class={cfg.min_per_class}"
+            ),
+            _rejections(ok.filter(over), "over_class_cap", f"beyond clean.max_per_class={cfg.max_per_class}"),
+        ]
+    )
     return ok.filter(~too_few & ~over).drop("_n", "_rank"), q
 
 
 def _contiguous_class_ids(df: pl.DataFrame) -> pl.DataFrame:
     """0..C-1 over the surviving classes, in the order of their original ids (a source's official ids stay put when
     nothing is dropped; the emoji and folder sources number classes by name, so that order is kept too)."""
-    ids = (df.group_by("class_name").agg(pl.col("class_id").min()).sort("class_id", "class_name")
-           .with_row_index("_new").select("class_name", pl.col("_new").cast(pl.Int64)))
-    return (df.join(ids, on="class_name", how="left", maintain_order="left")
-            .with_columns(pl.col("_new").alias("class_id")).drop("_new"))
+    ids = (
+        df.group_by("class_name")
+        .agg(pl.col("class_id").min())
+        .sort("class_id", "class_name")
+        .with_row_index("_new")
+        .select("class_name", pl.col("_new").cast(pl.Int64))
+    )
+    return (
+        df.join(ids, on="class_name", how="left", maintain_order="left")
+        .with_columns(pl.col("_new").alias("class_id"))
+        .drop("_new")
+    )
 
 
-def select(df: pl.DataFrame, cfg: CleanParams,
-           timings: dict[str, float] | None = None) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+def select(
+    df: pl.DataFrame, cfg: CleanParams, timings: dict[str, float] | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     """Phase 2 (metadata only): which rows survive, and why the others do not.
 
     `df` is a manifest in manifest order; `md5` identifies exact duplicates, `phash` (UInt64) near-duplicates, and
@@ -404,9 +488,15 @@ def select(df: pl.DataFrame, cfg: CleanParams,
         multi = ok.group_by("dup_group").len().filter(pl.col("len") > 1)
         near.update(groups=multi.height, images=int(multi["len"].sum()))
     q = pl.concat(rejected + [q_dup, q_near, q_class]).sort("_row").drop("_row")
-    counts = {"input": df.height, "kept": ok.height, "classes": ok["class_name"].n_unique(), "quarantined": q.height,
-              "by_reason": {r: n for r, n in sorted(q.group_by("reason").len().iter_rows())},
-              "class_names_merged": merged, "near_dup": near}
+    counts = {
+        "input": df.height,
+        "kept": ok.height,
+        "classes": ok["class_name"].n_unique(),
+        "quarantined": q.height,
+        "by_reason": {r: n for r, n in sorted(q.group_by("reason").len().iter_rows())},
+        "class_names_merged": merged,
+        "near_dup": near,
+    }
     q = q.select(QUARANTINE_SCHEMA.keys()).cast(QUARANTINE_SCHEMA)
     clock.lap("quarantine + counts")
     return ok.drop("_row", "_reason", "_detail"), q, counts
@@ -427,6 +517,7 @@ class _Clock:
 
 # --- phase 3 and the stage ----------------------------------------------------------------------------------------
 
+
 def _commit(staged: list[str], staging: Path, out: Path, shard_size: int | None) -> list[str]:
     """Move the kept images out of staging: a rename per plain file, or a re-pack into consecutive shards."""
     if shard_size is None:
@@ -438,8 +529,9 @@ def _commit(staged: list[str], staging: Path, out: Path, shard_size: int | None)
         return [writer.write(output_name(rel, ""), images.read_bytes(staging, rel)) for rel in staged]
 
 
-def clean(cfg: CleanParams, raw_dir: Path, out: Path,
-          pool_min: int = POOL_MIN_IMAGES) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+def clean(
+    cfg: CleanParams, raw_dir: Path, out: Path, pool_min: int = POOL_MIN_IMAGES
+) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     """raw_dir/manifest.parquet -> out/{manifest.parquet, quarantine.parquet, images/ or shards/}; returns counts
     too."""
     raw_dir, out = Path(raw_dir), Path(out)
@@ -452,10 +544,13 @@ def clean(cfg: CleanParams, raw_dir: Path, out: Path,
         kept, q, counts = select(checked.with_columns(pl.col("_raw_md5").alias("md5")), cfg)
         paths = _commit(kept["_staged"].to_list(), staging, tmp, shard_size)
         shutil.rmtree(staging)
-        kept = kept.with_columns(pl.Series("path", paths, pl.String), pl.col("_out_md5").alias("md5"),
-                                 pl.col("_width").alias("width"), pl.col("_height").alias("height"))
-        kept = kept.drop([c for c in kept.columns if c.startswith("_")]
-                         + ([] if cfg.near_dup_hamming else ["phash"]))
+        kept = kept.with_columns(
+            pl.Series("path", paths, pl.String),
+            pl.col("_out_md5").alias("md5"),
+            pl.col("_width").alias("width"),
+            pl.col("_height").alias("height"),
+        )
+        kept = kept.drop([c for c in kept.columns if c.startswith("_")] + ([] if cfg.near_dup_hamming else ["phash"]))
         manifest.write(kept, tmp)
         write_parquet(tmp / QUARANTINE, q)
     return kept, q, counts

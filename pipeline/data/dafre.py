@@ -39,8 +39,10 @@ def release_paths(base: Path, images: str) -> tuple[Path, Path, Path]:
     image_root, labels_dir = base / images, base / "labels"
     packed = [a for a in ARCHIVES if (base / a).is_file()]
     if packed and not image_root.is_dir():
-        raise FileNotFoundError(f"acquire.dafre.path: {base} holds the release archives {packed}, not unpacked: run "
-                                f"`cd {base} && " + " && ".join(f"tar xzf {a}" for a in packed) + "` first")
+        raise FileNotFoundError(
+            f"acquire.dafre.path: {base} holds the release archives {packed}, not unpacked: run "
+            f"`cd {base} && " + " && ".join(f"tar xzf {a}" for a in packed) + "` first"
+        )
     if not labels_dir.is_dir() and any((base / f"{s}.csv").is_file() for s in labelcsv.SPLIT_FILES):
         labels_dir = base  # GLSim's layout: the label CSVs beside the image folder
     for folder, what in ((image_root, f"image folder ({images}/)"), (labels_dir, "label folder")):
@@ -62,12 +64,14 @@ def label_table(labels_dir: Path) -> pl.DataFrame:
     bad = table.filter(pl.col("post_id").is_null())
     if bad.height:
         row = bad.row(0, named=True)
-        raise labelcsv.LabelFileError(f"{row['file']}:{row['line']}: {row['dir']!r} is not a DAF:re image path "
-                                      "(<bucket>/<danbooru id>.jpg)")
+        raise labelcsv.LabelFileError(
+            f"{row['file']}:{row['line']}: {row['dir']!r} is not a DAF:re image path (<bucket>/<danbooru id>.jpg)"
+        )
     return table.with_columns(
         pl.format("dafre-{}", "post_id").alias("image_id"),
         pl.format("post-{}", "post_id").alias("group"),
-        pl.col("class_id").alias("official_class_id"))
+        pl.col("class_id").alias("official_class_id"),
+    )
 
 
 def from_dafre(cfg: DafreSource, root: Path, out: Path) -> pl.DataFrame:
@@ -88,8 +92,12 @@ CLI_HELP = "an unpacked DAF:re release (faces/ or fullMin256/ + labels/), offici
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path", required=True, help="release folder holding faces/ or fullMin256/ and labels/")
     p.add_argument("--images", choices=("faces", "fullMin256"), help="which image folder to import (default faces)")
-    p.add_argument("--shard-size", type=labelcsv.shard_size_arg, metavar="N",
-                   help="images per tar shard (default 2048); 0 or none: plain files under images/")
+    p.add_argument(
+        "--shard-size",
+        type=labelcsv.shard_size_arg,
+        metavar="N",
+        help="images per tar shard (default 2048); 0 or none: plain files under images/",
+    )
 
 
 def section_from_cli(args: argparse.Namespace) -> dict:

@@ -71,15 +71,22 @@ class EpochSampler(Sampler):
         total = len(self) * self.world
         if total > self.n:  # pad: repeat the permutation as often as needed (n may be smaller than world)
             order = (order * -(-total // self.n))[:total]
-        return iter((i, self.epoch) for i in order[self.rank:total:self.world])
+        return iter((i, self.epoch) for i in order[self.rank : total : self.world])
 
     def __len__(self) -> int:
         return -(-self.n // self.world) if self.pad else self.n // self.world
 
 
 class ManifestDataset(Dataset):
-    def __init__(self, df: pl.DataFrame, image_root: str | Path, transform, cache: bool = False, seed: int = 0,
-                 device_params: BatchAugment | None = None):
+    def __init__(
+        self,
+        df: pl.DataFrame,
+        image_root: str | Path,
+        transform,
+        cache: bool = False,
+        seed: int = 0,
+        device_params: BatchAugment | None = None,
+    ):
         self.root = Path(image_root)
         self.device_params = device_params if device_params is not None and device_params.needs_params else None
         self.paths = df["path"].to_list()

@@ -70,8 +70,9 @@ def popcount(x: np.ndarray) -> np.ndarray:
     return np.bitwise_count(x)
 
 
-def _band_edges(h: np.ndarray, shift: int, width: int, max_distance: int, stats: SearchStats,
-                max_bucket: int, window: int) -> list[np.ndarray]:
+def _band_edges(
+    h: np.ndarray, shift: int, width: int, max_distance: int, stats: SearchStats, max_bucket: int, window: int
+) -> list[np.ndarray]:
     """Verified pairs (2 x k arrays of indices into h) among hashes that share this band's value."""
     mask = np.uint64((1 << width) - 1)
     key = (h >> np.uint64(shift)) & mask
@@ -124,8 +125,9 @@ def components(n: int, edges: np.ndarray) -> np.ndarray:
         np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
 
 
-def near_duplicate_groups(hashes: pl.Series, max_distance: int, max_bucket: int = MAX_BUCKET,
-                          window: int = WINDOW) -> tuple[np.ndarray, SearchStats]:
+def near_duplicate_groups(
+    hashes: pl.Series, max_distance: int, max_bucket: int = MAX_BUCKET, window: int = WINDOW
+) -> tuple[np.ndarray, SearchStats]:
     """For each row, the index of the earliest row (in the given order) of its near-duplicate group.
 
     Rows with a null hash are their own group. max_distance 0 disables the search (every row alone); identical
@@ -145,11 +147,11 @@ def near_duplicate_groups(hashes: pl.Series, max_distance: int, max_bucket: int 
     h = uniq["h"].to_numpy()
     layout = band_layout(max_distance)
     stats.bands = len(layout)
-    edges = [e for shift, width in layout for e in _band_edges(h, shift, width, max_distance, stats, max_bucket,
-                                                               window)]
+    edges = [
+        e for shift, width in layout for e in _band_edges(h, shift, width, max_distance, stats, max_bucket, window)
+    ]
     node_label = components(uniq.height, np.concatenate(edges, axis=1) if edges else np.zeros((2, 0), np.int64))
     first_row = uniq["first"].to_numpy().astype(np.int64)
     node_of_row = rows.join(uniq.select("h", "node"), on="h", how="left")
     label[node_of_row["row"].to_numpy()] = first_row[node_label[node_of_row["node"].to_numpy()]]
     return label, stats
-

@@ -32,8 +32,9 @@ JPEG_MAGIC = b"\xff\xd8"
 class EncodedDataset(Dataset):
     """(bytes as uint8 tensor, class id, crop (top, left, flip) int64, BatchAugment params) per (index, epoch)."""
 
-    def __init__(self, df: pl.DataFrame, image_root: str | Path, crop: PaperAugment, augment: BatchAugment,
-                 seed: int = 0):
+    def __init__(
+        self, df: pl.DataFrame, image_root: str | Path, crop: PaperAugment, augment: BatchAugment, seed: int = 0
+    ):
         self.root, self.crop, self.augment, self.seed = Path(image_root), crop, augment, seed
         self.paths, self.labels = df["path"].to_list(), df["class_id"].to_list()
 
@@ -90,8 +91,11 @@ class DeviceDecoder:
             groups.setdefault(tuple(img.shape), []).append(k)
         for ks in groups.values():
             square = torch.nn.functional.interpolate(
-                torch.stack([decoded[k] for k in ks]).float(), size=(self.big, self.big), mode=self.mode,
-                align_corners=False if self.mode != "nearest" else None)
+                torch.stack([decoded[k] for k in ks]).float(),
+                size=(self.big, self.big),
+                mode=self.mode,
+                align_corners=False if self.mode != "nearest" else None,
+            )
             crop = self._crop(square.permute(0, 2, 3, 1), crops[ks], device)
             batch[torch.tensor(ks, device=device)] = crop.round_().clamp_(0, 255).to(torch.uint8)  # as cv2 rounds
         return batch

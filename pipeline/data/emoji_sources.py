@@ -6,7 +6,6 @@ The build script (tools/build_emoji.py, which makes datasets/emoji) and the pret
 Pillow and numpy are used.
 """
 
-
 import io
 import json
 import logging
@@ -275,5 +274,3 @@ def locate_packages(packages: Path) -> PackagePaths:
         if not folder.is_dir():
             raise FileNotFoundError(f"missing image folder {folder}")
     return paths
-
-

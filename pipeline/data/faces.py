@@ -33,12 +33,23 @@ from pipeline.io import write_parquet
 from pipeline.progress import progress
 
 REJECTED = "rejected.parquet"
-REJECTED_SCHEMA = {"image_id": pl.String, "path": pl.String, "class_name": pl.String, "reason": pl.String,
-                   "detail": pl.String}
+REJECTED_SCHEMA = {
+    "image_id": pl.String,
+    "path": pl.String,
+    "class_name": pl.String,
+    "reason": pl.String,
+    "detail": pl.String,
+}
 # Added to the manifest. Box: x1/y1 exclusive, in pixels of the original (uncropped, unscaled) image; null when the
 # image passed through or was kept whole. faces_found: detections scoring at least faces.threshold.
-FACE_SCHEMA = {"face_x0": pl.Int64, "face_y0": pl.Int64, "face_x1": pl.Int64, "face_y1": pl.Int64,
-               "face_score": pl.Float64, "faces_found": pl.Int64}
+FACE_SCHEMA = {
+    "face_x0": pl.Int64,
+    "face_y0": pl.Int64,
+    "face_x1": pl.Int64,
+    "face_y1": pl.Int64,
+    "face_score": pl.Float64,
+    "faces_found": pl.Int64,
+}
 WHITE = (255, 255, 255)
 JPEG_QUALITY = 95
 
@@ -55,14 +66,17 @@ class Face:
 
 # --- detection ----------------------------------------------------------------------------------------------------
 
+
 def load_animeface_detector() -> Callable:
     """animeface.detect, imported on first use so the disabled pass-through needs neither the package nor a check."""
     major = int(PIL.__version__.split(".")[0])
     if major >= 12:
         # animeface 2.0.3 hands Image.getdata() to its C extension; with Pillow >= 12 it returns no faces at all,
         # without an error, so every image would be dropped as no_face. Refuse loudly instead.
-        raise FacesError(f"animeface finds no faces with Pillow {PIL.__version__} (>= 12): "
-                         "install the pinned pillow==11.3.0 from requirements.txt")
+        raise FacesError(
+            f"animeface finds no faces with Pillow {PIL.__version__} (>= 12): "
+            "install the pinned pillow==11.3.0 from requirements.txt"
+        )
     try:
         import animeface
     except ImportError as exc:
@@ -94,8 +108,12 @@ def detect(image: Image.Image, cfg: FacesParams) -> list[Face]:
     for f in animeface_detect(small):
         b = f.face.pos
         # floor/ceil: the mapped box never loses a pixel of the face to rounding
-        box = (max(0, math.floor(b.x / sx)), max(0, math.floor(b.y / sy)),
-               min(rgb.width, math.ceil((b.x + b.width) / sx)), min(rgb.height, math.ceil((b.y + b.height) / sy)))
+        box = (
+            max(0, math.floor(b.x / sx)),
+            max(0, math.floor(b.y / sy)),
+            min(rgb.width, math.ceil((b.x + b.width) / sx)),
+            min(rgb.height, math.ceil((b.y + b.height) / sy)),
+        )
         found.append(Face(box=box, score=float(f.likelihood)))
     return sorted(found, key=lambda f: f.score, reverse=True)
 
@@ -113,8 +131,10 @@ def choose(found: list[Face], cfg: FacesParams) -> Face | None:
             raise Rejected("no_face", "animeface found no face")
         raise Rejected("low_confidence", f"best score {found[0].score:.3f} < faces.threshold={cfg.threshold}")
     if cfg.one_face_only and len(confident) > 1:
-        raise Rejected("several_faces", f"{len(confident)} faces score >= faces.threshold={cfg.threshold} "
-                                        "and faces.one_face_only is set")
+        raise Rejected(
+            "several_faces",
+            f"{len(confident)} faces score >= faces.threshold={cfg.threshold} and faces.one_face_only is set",
+        )
     return max(confident, key=lambda f: f.score)
 
 
@@ -126,6 +146,7 @@ def crop_box(box: tuple[int, int, int, int], size: tuple[int, int], margin: floa
 
 
 # --- reading and writing images -----------------------------------------------------------------------------------
+
 
 def _load(root: Path, rel: str) -> tuple[bytes, Image.Image]:
     """(original bytes, fully decoded image), or Rejected('unreadable'): missing, unsafe path, corrupt, bomb, ..."""
@@ -192,6 +213,7 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 # --- the stage ----------------------------------------------------------------------------------------------------
 
+
 def _null_faces(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(pl.lit(None, dtype).alias(name) for name, dtype in FACE_SCHEMA.items())
 
@@ -209,8 +231,13 @@ def _pass_through(df: pl.DataFrame, raw: Path, dest: Path) -> tuple[pl.DataFrame
             _link_or_copy(raw / rel, dest / rel)
         else:
             missing += 1  # kept in the manifest: clean quarantines it as missing, with the reason
-    metrics = {"kept": df.height, "faces_kept": 0, "kept_whole": df.height, "mean_detect_s": None,
-               "missing_files": missing}
+    metrics = {
+        "kept": df.height,
+        "faces_kept": 0,
+        "kept_whole": df.height,
+        "mean_detect_s": None,
+        "missing_files": missing,
+    }
     return _null_faces(df), [], metrics
 
 
@@ -226,8 +253,15 @@ def _crop_all(cfg: FacesParams, df: pl.DataFrame, raw: Path, dest: Path) -> tupl
                 seconds.append(time.perf_counter() - start)
                 face = choose(found, cfg)
             except Rejected as r:
-                rejected.append(dict(image_id=row["image_id"], path=row["path"], class_name=row["class_name"],
-                                     reason=r.reason, detail=r.detail))
+                rejected.append(
+                    dict(
+                        image_id=row["image_id"],
+                        path=row["path"],
+                        class_name=row["class_name"],
+                        reason=r.reason,
+                        detail=r.detail,
+                    )
+                )
                 continue
             if face is None:  # kept whole: the original bytes, not a re-encode
                 name, out_bytes, size, cols = _member(row["path"]), data, im.size, {"faces_found": 0}
@@ -235,19 +269,35 @@ def _crop_all(cfg: FacesParams, df: pl.DataFrame, raw: Path, dest: Path) -> tupl
                 png = im.format == "PNG"  # the decoded format, not the suffix: misnamed files stay what they are
                 crop = im.crop(crop_box(face.box, im.size, cfg.margin))
                 name, out_bytes, size = _crop_name(row["path"], png), _encode(crop, png), crop.size
-                cols = dict(zip(("face_x0", "face_y0", "face_x1", "face_y1"), face.box),
-                            face_score=face.score, faces_found=sum(f.score >= cfg.threshold for f in found))
+                cols = dict(
+                    zip(("face_x0", "face_y0", "face_x1", "face_y1"), face.box),
+                    face_score=face.score,
+                    faces_found=sum(f.score >= cfg.threshold for f in found),
+                )
             if name in names:  # two shards may hold the same member name: keep both, apart
                 name = f"{row['image_id']}/{name}"
             names.add(name)
             rel = writer.write(name, out_bytes)
-            kept.append({**row, **dict.fromkeys(FACE_SCHEMA), **cols, "path": rel,
-                         "md5": hashlib.md5(out_bytes).hexdigest(), "width": size[0], "height": size[1]})
+            kept.append(
+                {
+                    **row,
+                    **dict.fromkeys(FACE_SCHEMA),
+                    **cols,
+                    "path": rel,
+                    "md5": hashlib.md5(out_bytes).hexdigest(),
+                    "width": size[0],
+                    "height": size[1],
+                }
+            )
     schema = {**{c: t for c, t in df.schema.items() if c not in FACE_SCHEMA}, **FACE_SCHEMA}
     out_df = pl.DataFrame(kept, schema=schema) if kept else pl.DataFrame(schema=schema)
     faces_kept = out_df["face_score"].is_not_null().sum()
-    metrics = {"kept": out_df.height, "faces_kept": int(faces_kept), "kept_whole": out_df.height - int(faces_kept),
-               "mean_detect_s": round(sum(seconds) / len(seconds), 4) if seconds else None}
+    metrics = {
+        "kept": out_df.height,
+        "faces_kept": int(faces_kept),
+        "kept_whole": out_df.height - int(faces_kept),
+        "mean_detect_s": round(sum(seconds) / len(seconds), 4) if seconds else None,
+    }
     return out_df, rejected, metrics
 
 
@@ -271,6 +321,11 @@ def faces(cfg: FacesParams, raw: Path, out: Path) -> tuple[pl.DataFrame, dict]:
         write_parquet(tmp / REJECTED, rejected_df)
         manifest.write(out_df, tmp)  # last: a manifest means the folder is complete
     by_reason = {r: n for r, n in sorted(rejected_df.group_by("reason").len().iter_rows())}
-    metrics = {"enabled": cfg.enabled, "input": df.height, **counts, "rejected": rejected_df.height,
-               "by_reason": by_reason}
+    metrics = {
+        "enabled": cfg.enabled,
+        "input": df.height,
+        **counts,
+        "rejected": rejected_df.height,
+        "by_reason": by_reason,
+    }
     return out_df, metrics

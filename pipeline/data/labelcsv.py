@@ -45,12 +45,16 @@ class LabelFileError(ValueError):
 
 # -------------------------------------------------------------------------------------------------------- parsing
 
+
 def _lines(path: Path) -> pl.DataFrame:
     """The file's non-blank lines with their 1-based line numbers (utf-8, a BOM and CRLF endings tolerated)."""
     text = path.read_text(encoding="utf-8-sig")
     raw = pl.DataFrame({"raw": text.splitlines()}, schema={"raw": pl.String})
-    return (raw.with_row_index("line", offset=1).with_columns(pl.col("line").cast(pl.Int64))
-            .filter(pl.col("raw").str.strip_chars() != ""))
+    return (
+        raw.with_row_index("line", offset=1)
+        .with_columns(pl.col("line").cast(pl.Int64))
+        .filter(pl.col("raw").str.strip_chars() != "")
+    )
 
 
 def _drop_header(lines: pl.DataFrame, headers: set[tuple[str, ...]]) -> pl.DataFrame:
@@ -69,13 +73,14 @@ def _two_fields(lines: pl.DataFrame, path: Path, second: str, what: str, commas:
     """
     rest = r"(.*?)" if commas else r"([^,]*?)"
     parts = lines.with_columns(
-        pl.col("raw").str.extract_groups(rf"^\s*(\d+)\s*,\s*{rest}\s*$").struct.rename_fields(["id", second])
-        .alias("m")).unnest("m")
+        pl.col("raw").str.extract_groups(rf"^\s*(\d+)\s*,\s*{rest}\s*$").struct.rename_fields(["id", second]).alias("m")
+    ).unnest("m")
     bad = parts.filter(pl.col("id").is_null() | (pl.col(second) == ""))
     if bad.height:
         line, raw = bad.row(0, named=True)["line"], bad.row(0, named=True)["raw"]
-        raise LabelFileError(f"{path}:{line}: malformed row {raw!r}, expected {what} "
-                             f"({bad.height} malformed row(s) in the file)")
+        raise LabelFileError(
+            f"{path}:{line}: malformed row {raw!r}, expected {what} ({bad.height} malformed row(s) in the file)"
+        )
     return parts.with_columns(pl.col("id").cast(pl.Int64))
 
 
@@ -89,8 +94,13 @@ def read_split_file(path: Path, split: str) -> pl.DataFrame:
             dirs.append(safe_relpath(d).as_posix())  # normalised: 'a/./b.jpg' and 'a/b.jpg' are one file
         except ValueError as exc:
             raise LabelFileError(f"{path}:{line}: {exc}") from None
-    return parts.select(pl.lit(split).alias("split"), pl.lit(str(path), pl.Categorical).alias("file"), "line",
-                        pl.col("id").alias("class_id"), pl.Series("dir", dirs, pl.String))
+    return parts.select(
+        pl.lit(split).alias("split"),
+        pl.lit(str(path), pl.Categorical).alias("file"),
+        "line",
+        pl.col("id").alias("class_id"),
+        pl.Series("dir", dirs, pl.String),
+    )
 
 
 def read_class_names(path: Path) -> pl.DataFrame:
@@ -103,8 +113,11 @@ def read_class_names(path: Path) -> pl.DataFrame:
         raise LabelFileError(f"{path}:{again['line']}: class id {again['id']} already named on line {first['line']}")
     # Names such as "a, b" may arrive quoted; the split above keeps everything after the first comma.
     name = pl.col("class_name")
-    unquoted = pl.when(name.str.starts_with('"') & name.str.ends_with('"') & (name.str.len_chars() >= 2)) \
-        .then(name.str.slice(1, name.str.len_chars() - 2).str.replace_all('""', '"', literal=True)).otherwise(name)
+    unquoted = (
+        pl.when(name.str.starts_with('"') & name.str.ends_with('"') & (name.str.len_chars() >= 2))
+        .then(name.str.slice(1, name.str.len_chars() - 2).str.replace_all('""', '"', literal=True))
+        .otherwise(name)
+    )
     return parts.select(pl.col("id").alias("class_id"), unquoted.alias("class_name"))
 
 
@@ -136,8 +149,10 @@ def read_labels(labels_dir: Path, class_names: Path | None) -> pl.DataFrame:
     unknown = table.filter(pl.col("class_name").is_null())
     if unknown.height:
         row = unknown.row(0, named=True)
-        raise LabelFileError(f"{row['file']}:{row['line']}: class id {row['class_id']} is not in {class_names} "
-                             f"({unknown.height} row(s) with unknown class ids)")
+        raise LabelFileError(
+            f"{row['file']}:{row['line']}: class id {row['class_id']} is not in {class_names} "
+            f"({unknown.height} row(s) with unknown class ids)"
+        )
     return table.select(LABEL_COLUMNS)
 
 
@@ -147,11 +162,13 @@ def _check_unique(table: pl.DataFrame, column: str, what: str) -> None:
     if dup.height:
         value = dup[column][0]
         first, again = dup.filter(pl.col(column) == value).head(2).iter_rows(named=True)
-        raise LabelFileError(f"{again['file']}:{again['line']}: duplicate {what} {value!r} "
-                             f"(already on {first['file']}:{first['line']})")
+        raise LabelFileError(
+            f"{again['file']}:{again['line']}: duplicate {what} {value!r} (already on {first['file']}:{first['line']})"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------- importing
+
 
 def _image_size(data: bytes) -> tuple[int | None, int | None]:
     """Header-only read; undecodable files are kept here and quarantined by `clean`, which records the reasons."""
@@ -193,8 +210,9 @@ def _copy_all(dirs: pl.Series, image_root: Path, writer: ImageWriter, desc: str)
     return pl.concat(chunks, how="vertical")
 
 
-def import_images(table: pl.DataFrame, image_root: Path, out: Path, *, source: str,
-                  shard_size: int | None) -> pl.DataFrame:
+def import_images(
+    table: pl.DataFrame, image_root: Path, out: Path, *, source: str, shard_size: int | None
+) -> pl.DataFrame:
     """Copy the images of a label table under `out` and return its manifest rows (present images, table order).
 
     `table` has LABEL_COLUMNS plus image_id and group; other columns are kept as manifest extras. Images go to
@@ -209,18 +227,24 @@ def import_images(table: pl.DataFrame, image_root: Path, out: Path, *, source: s
     write_parquet(out / MISSING, missing.select("image_id", pl.col("dir").alias("path"), "split", "reason"))
     if missing.height:
         examples = ", ".join(missing["dir"].head(3).to_list())
-        print(f"{source}: {missing.height} of {table.height} images missing under {image_root} (e.g. {examples}); "
-              f"listed in {MISSING} of the output folder", file=sys.stderr)  # `out` may be a temporary sibling
+        print(
+            f"{source}: {missing.height} of {table.height} images missing under {image_root} (e.g. {examples}); "
+            f"listed in {MISSING} of the output folder",
+            file=sys.stderr,
+        )  # `out` may be a temporary sibling
     present = done.filter(pl.col("reason").is_null()).with_columns(pl.lit(source).alias("source"))
     if present.height == 0:  # every image missing: a wrong folder (or --images), not a few lost files
         examples = ", ".join(f"{d} ({r})" for d, r in missing.select("dir", "reason").head(3).iter_rows())
-        raise FileNotFoundError(f"{source}: none of the {table.height} images of the label files exist under "
-                                f"{image_root} (e.g. {examples}); nothing was written")
+        raise FileNotFoundError(
+            f"{source}: none of the {table.height} images of the label files exist under "
+            f"{image_root} (e.g. {examples}); nothing was written"
+        )
     extras = [c for c in present.columns if c not in manifest.SCHEMA and c not in (*LABEL_COLUMNS, "reason")]
     return present.select(*manifest.SCHEMA, *extras).cast(manifest.SCHEMA)
 
 
 # ----------------------------------------------------------------------------------------------------- the source
+
 
 def _resolve(root: Path, cfg: CsvSource) -> tuple[Path, Path, Path | None]:
     """(image root, labels folder, class-name file or None) with the documented defaults."""
@@ -268,12 +292,20 @@ def shard_size_arg(text: str) -> int:
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path", required=True, help="image root that the CSVs' dir column is relative to")
     p.add_argument("--labels", metavar="DIR", help="folder with train.csv/val.csv/test.csv (default: PATH/labels)")
-    p.add_argument("--class-names", metavar="FILE",
-                   help=f"`id,name` CSV (default: LABELS/{CLASS_NAMES_FILE} if present, else class_<id>)")
-    p.add_argument("--dataset", metavar="NAME",
-                   help=f"registry name whose class count is checked: {', '.join(registry.keys())}")
-    p.add_argument("--shard-size", type=shard_size_arg, metavar="N",
-                   help="images per tar shard; default (or 0 / none): plain files under images/")
+    p.add_argument(
+        "--class-names",
+        metavar="FILE",
+        help=f"`id,name` CSV (default: LABELS/{CLASS_NAMES_FILE} if present, else class_<id>)",
+    )
+    p.add_argument(
+        "--dataset", metavar="NAME", help=f"registry name whose class count is checked: {', '.join(registry.keys())}"
+    )
+    p.add_argument(
+        "--shard-size",
+        type=shard_size_arg,
+        metavar="N",
+        help="images per tar shard; default (or 0 / none): plain files under images/",
+    )
 
 
 def section_from_cli(args: argparse.Namespace) -> dict:

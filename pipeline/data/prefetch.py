@@ -27,8 +27,14 @@ if TYPE_CHECKING:
 class DeviceLoader:
     """With a `decoder` (train.decode: device) the workers' batches are encoded images and crops, decoded here."""
 
-    def __init__(self, loader: DataLoader, device: torch.device, augment: BatchAugment,
-                 channels_last: bool = False, decoder: DeviceDecoder | None = None):
+    def __init__(
+        self,
+        loader: DataLoader,
+        device: torch.device,
+        augment: BatchAugment,
+        channels_last: bool = False,
+        decoder: DeviceDecoder | None = None,
+    ):
         self.loader, self.device, self.augment, self.decoder = loader, device, augment, decoder
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._started: Iterator | None = None

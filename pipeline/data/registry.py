@@ -37,26 +37,69 @@ _ENTRIES = (
     DatasetInfo("flowers", "Oxford Flowers-102", 102, 2_040, 6_149, "official"),
     DatasetInfo("food", "Food-101", 101, 75_750, 25_250, "official"),
     DatasetInfo("vegfru", "VegFru (veg200 + fru92)", 292, 43_800, 116_931, "official train+val / test"),
-    DatasetInfo("inat17", "iNaturalist 2017", 5_089, 579_184, 95_986, "official train / official val as test",
-                "CSVs not stored; sizes from the iNat17 release, unverified"),
-    DatasetInfo("moe", "moeImouto (nagadomi animeface, Kaggle)", 173, 11_454, 2_943, "80/20 per class (author-made)",
-                "mean/std 0.5", aliases=("moeimouto",)),
-    DatasetInfo("dafb", "DAF:re Full", 3_263, 322_947 + 46_050, 94_440, "author split 0.7 / 0.1 / 0.2 per class",
-                "fullMin256/ + labels/; mean/std 0.5", aliases=("danbooruFull",)),
-    DatasetInfo("daf", "DAF:re Faces", 3_263, 322_947 + 46_050, 94_440, "author split 0.7 / 0.1 / 0.2 per class",
-                "faces/ + labels/; mean/std 0.5", aliases=("danbooruFaces", "dafre")),
+    DatasetInfo(
+        "inat17",
+        "iNaturalist 2017",
+        5_089,
+        579_184,
+        95_986,
+        "official train / official val as test",
+        "CSVs not stored; sizes from the iNat17 release, unverified",
+    ),
+    DatasetInfo(
+        "moe",
+        "moeImouto (nagadomi animeface, Kaggle)",
+        173,
+        11_454,
+        2_943,
+        "80/20 per class (author-made)",
+        "mean/std 0.5",
+        aliases=("moeimouto",),
+    ),
+    DatasetInfo(
+        "dafb",
+        "DAF:re Full",
+        3_263,
+        322_947 + 46_050,
+        94_440,
+        "author split 0.7 / 0.1 / 0.2 per class",
+        "fullMin256/ + labels/; mean/std 0.5",
+        aliases=("danbooruFull",),
+    ),
+    DatasetInfo(
+        "daf",
+        "DAF:re Faces",
+        3_263,
+        322_947 + 46_050,
+        94_440,
+        "author split 0.7 / 0.1 / 0.2 per class",
+        "faces/ + labels/; mean/std 0.5",
+        aliases=("danbooruFaces", "dafre"),
+    ),
     DatasetInfo("ncfm", "NCFM fish (Kaggle)", 8, 3_397, 380, "0.9 / 0.1", "fish.csv (3,777 rows)"),
-    DatasetInfo("cotton", "Cotton80 (UFG)", 80, 240, 240, "official (file suffix _train / _test)",
-                f"cotton_square_new; {_UFG}"),
-    DatasetInfo("soylocal", "SoyLocal (UFG)", 200, 600, 600, "official", f"soybean200_square; {_UFG}",
-                aliases=("soy",)),
+    DatasetInfo(
+        "cotton", "Cotton80 (UFG)", 80, 240, 240, "official (file suffix _train / _test)", f"cotton_square_new; {_UFG}"
+    ),
+    DatasetInfo(
+        "soylocal", "SoyLocal (UFG)", 200, 600, 600, "official", f"soybean200_square; {_UFG}", aliases=("soy",)
+    ),
     DatasetInfo("soyglobal", "SoyGlobal (UFG)", 1_938, 5_814, 5_814, "official", f"soybean2000; {_UFG}"),
-    DatasetInfo("soygene", "SoyGene (UFG)", 1_110, 12_763, 11_143, "official anno/train.txt, test.txt",
-                f"images; {_UFG}"),
-    DatasetInfo("soyageing", "SoyAgeing R1+R3+R4+R5+R6 (UFG)", 198, 4_950, 4_950, "official",
-                f"per-subset folders R*/images; {_UFG}"),
-    *(DatasetInfo(f"soyageingr{r}", f"SoyAgeing R{r} (UFG)", 198, 990, 990, "official", f"R{r}/images; {_UFG}")
-      for r in (1, 3, 4, 5, 6)),  # R2 is not used by the reference code
+    DatasetInfo(
+        "soygene", "SoyGene (UFG)", 1_110, 12_763, 11_143, "official anno/train.txt, test.txt", f"images; {_UFG}"
+    ),
+    DatasetInfo(
+        "soyageing",
+        "SoyAgeing R1+R3+R4+R5+R6 (UFG)",
+        198,
+        4_950,
+        4_950,
+        "official",
+        f"per-subset folders R*/images; {_UFG}",
+    ),
+    *(
+        DatasetInfo(f"soyageingr{r}", f"SoyAgeing R{r} (UFG)", 198, 990, 990, "official", f"R{r}/images; {_UFG}")
+        for r in (1, 3, 4, 5, 6)
+    ),  # R2 is not used by the reference code
     DatasetInfo("imagenet", "ImageNet-1k val", 1_000, None, 50_000, "evaluation only"),
     DatasetInfo("sketch", "ImageNet-Sketch", 1_000, None, 50_889, "evaluation only"),
 )
@@ -99,8 +142,10 @@ def _size_notes(info: DatasetInfo, df: pl.DataFrame) -> list[str]:
     """
     if "split" not in df.columns or df["split"].is_null().all():
         return []
-    found = {"trainval": df.filter(pl.col("split").is_in(["train", "val"])).height,
-             "test": df.filter(pl.col("split") == "test").height}
+    found = {
+        "trainval": df.filter(pl.col("split").is_in(["train", "val"])).height,
+        "test": df.filter(pl.col("split") == "test").height,
+    }
     notes = []
     for part, expected in (("trainval", info.trainval), ("test", info.test)):
         if expected is not None and found[part] != expected:

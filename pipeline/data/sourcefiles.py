@@ -51,8 +51,9 @@ def list_files(root: Path, extensions: set[str]) -> Listing:
             if d.startswith("."):
                 out.skipped.append((rel, "hidden folder"))
             elif (here / d).is_symlink():
-                out.skipped.append((rel, "symlinked folder (not followed: it may lead outside the root or back "
-                                         "into it)"))
+                out.skipped.append(
+                    (rel, "symlinked folder (not followed: it may lead outside the root or back into it)")
+                )
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (here / d).is_symlink())
         for f in sorted(files):
             path = here / f

@@ -41,8 +41,14 @@ def _rule(rank: pl.Expr, n: pl.Expr, cfg: SplitParams) -> pl.Expr:
     train_end = (n.cast(pl.Float64) * r.train).floor().cast(pl.Int64)
     # round(): 0.7 + 0.1 is 0.7999999999999999 in floating point; DAF:re multiplies by the literal 0.8.
     val_end = (n.cast(pl.Float64) * round(r.train + r.val, 12)).floor().cast(pl.Int64)
-    return (pl.when(rank < train_end).then(pl.lit("train")).when(rank < val_end).then(pl.lit("val"))
-            .otherwise(pl.lit("test")).alias("split"))
+    return (
+        pl.when(rank < train_end)
+        .then(pl.lit("train"))
+        .when(rank < val_end)
+        .then(pl.lit("val"))
+        .otherwise(pl.lit("test"))
+        .alias("split")
+    )
 
 
 def per_class(df: pl.DataFrame, cfg: SplitParams, seed: int) -> pl.DataFrame:
@@ -59,9 +65,11 @@ def official(df: pl.DataFrame, cfg: SplitParams) -> pl.DataFrame:
     """The source's split column as is; every row must have one."""
     missing = df.filter(pl.col("split").is_null())
     if missing.height:
-        raise SplitError(f"split.strategy 'official': {missing.height} of {df.height} images have no split from "
-                         f"their source (e.g. {missing['image_id'].head(3).to_list()}); only sources with an "
-                         "official split (DAF:re, CUB, ...) fill it: choose per_class or group")
+        raise SplitError(
+            f"split.strategy 'official': {missing.height} of {df.height} images have no split from "
+            f"their source (e.g. {missing['image_id'].head(3).to_list()}); only sources with an "
+            "official split (DAF:re, CUB, ...) fill it: choose per_class or group"
+        )
     return df
 
 
@@ -81,11 +89,18 @@ def by_group(df: pl.DataFrame, cfg: SplitParams, seed: int = 0) -> pl.DataFrame:
     present = set(df.select(g.unique())[cfg.group_column].to_list())
     unknown = sorted((set(cfg.test_groups) | set(cfg.val_groups)) - present)
     if unknown:
-        raise SplitError(f"split.test_groups/val_groups: groups {unknown} are not in column {cfg.group_column!r} "
-                         f"(present: {sorted(present, key=str)[:20]})")
+        raise SplitError(
+            f"split.test_groups/val_groups: groups {unknown} are not in column {cfg.group_column!r} "
+            f"(present: {sorted(present, key=str)[:20]})"
+        )
     return df.with_columns(
-        pl.when(g.is_in(cfg.test_groups)).then(pl.lit("test")).when(g.is_in(cfg.val_groups)).then(pl.lit("val"))
-        .otherwise(pl.lit("train")).alias("split"))
+        pl.when(g.is_in(cfg.test_groups))
+        .then(pl.lit("test"))
+        .when(g.is_in(cfg.val_groups))
+        .then(pl.lit("val"))
+        .otherwise(pl.lit("train"))
+        .alias("split")
+    )
 
 
 def _groups_by_ratio(df: pl.DataFrame, cfg: SplitParams, seed: int) -> pl.DataFrame:
@@ -99,12 +114,21 @@ def _groups_by_ratio(df: pl.DataFrame, cfg: SplitParams, seed: int) -> pl.DataFr
     order = np.random.default_rng(seed).permutation(sizes.height)
     sizes = sizes[order].with_columns((pl.col("len").cum_sum() - pl.col("len")).alias("_before"))
     n = df.height
-    assign = sizes.select("_g", pl.when(pl.col("_before") < r.test * n).then(pl.lit("test"))
-                          .when(pl.col("_before") < (r.test + r.val) * n).then(pl.lit("val"))
-                          .otherwise(pl.lit("train")).alias("_split"))
-    return (df.with_columns(pl.col(col).cast(pl.String).alias("_g"))
-            .join(assign, on="_g", how="left", maintain_order="left", nulls_equal=True)
-            .with_columns(pl.col("_split").alias("split")).drop("_g", "_split"))
+    assign = sizes.select(
+        "_g",
+        pl.when(pl.col("_before") < r.test * n)
+        .then(pl.lit("test"))
+        .when(pl.col("_before") < (r.test + r.val) * n)
+        .then(pl.lit("val"))
+        .otherwise(pl.lit("train"))
+        .alias("_split"),
+    )
+    return (
+        df.with_columns(pl.col(col).cast(pl.String).alias("_g"))
+        .join(assign, on="_g", how="left", maintain_order="left", nulls_equal=True)
+        .with_columns(pl.col("_split").alias("split"))
+        .drop("_g", "_split")
+    )
 
 
 def merged_units(df: pl.DataFrame, column: str) -> pl.Series:
@@ -126,27 +150,48 @@ def _groups_by_class_ratio(df: pl.DataFrame, cfg: SplitParams, seed: int) -> pl.
     draw, so neither the group nor the near-duplicate group straddles splits. A group spanning classes is an error."""
     r = cfg.ratios
     frame = df.with_columns(merged_units(df, cfg.group_column).alias("_u"))
-    spans = (frame.group_by("_u").agg(pl.col("class_name").n_unique().alias("k"), pl.col(cfg.group_column).first())
-             .filter(pl.col("k") > 1))
+    spans = (
+        frame.group_by("_u")
+        .agg(pl.col("class_name").n_unique().alias("k"), pl.col(cfg.group_column).first())
+        .filter(pl.col("k") > 1)
+    )
     if spans.height:
-        raise SplitError(f"split.group_assign 'ratio_per_class': {spans.height} groups of {cfg.group_column!r} hold "
-                         f"images of several classes (e.g. {spans[cfg.group_column].head(3).to_list()}, counting "
-                         "groups joined by near-duplicates); use group_assign: ratio")
+        raise SplitError(
+            f"split.group_assign 'ratio_per_class': {spans.height} groups of {cfg.group_column!r} hold "
+            f"images of several classes (e.g. {spans[cfg.group_column].head(3).to_list()}, counting "
+            "groups joined by near-duplicates); use group_assign: ratio"
+        )
     sizes = frame.group_by("class_name", "_u").len().sort("class_name", "_u")
     order = np.random.default_rng(seed).permutation(sizes.height)
-    sizes = (sizes[order].sort("class_name", maintain_order=True)
-             .with_columns((pl.col("len").cum_sum() - pl.col("len")).over("class_name").alias("_before"),
-                           pl.col("len").sum().over("class_name").alias("_n")))
-    assign = sizes.select("_u", pl.when(pl.col("_before") < r.train * pl.col("_n")).then(pl.lit("train"))
-                          .when(pl.col("_before") < round(r.train + r.val, 12) * pl.col("_n")).then(pl.lit("val"))
-                          .otherwise(pl.lit("test")).alias("_split"))
-    return (frame.join(assign, on="_u", how="left", maintain_order="left")
-            .with_columns(pl.col("_split").alias("split")).drop("_u", "_split"))
+    sizes = (
+        sizes[order]
+        .sort("class_name", maintain_order=True)
+        .with_columns(
+            (pl.col("len").cum_sum() - pl.col("len")).over("class_name").alias("_before"),
+            pl.col("len").sum().over("class_name").alias("_n"),
+        )
+    )
+    assign = sizes.select(
+        "_u",
+        pl.when(pl.col("_before") < r.train * pl.col("_n"))
+        .then(pl.lit("train"))
+        .when(pl.col("_before") < round(r.train + r.val, 12) * pl.col("_n"))
+        .then(pl.lit("val"))
+        .otherwise(pl.lit("test"))
+        .alias("_split"),
+    )
+    return (
+        frame.join(assign, on="_u", how="left", maintain_order="left")
+        .with_columns(pl.col("_split").alias("split"))
+        .drop("_u", "_split")
+    )
 
 
-STRATEGIES = {"per_class": lambda df, cfg, seed: per_class(df, cfg, seed),
-              "group": lambda df, cfg, seed: by_group(df, cfg, seed),
-              "official": lambda df, cfg, seed: official(df, cfg)}
+STRATEGIES = {
+    "per_class": lambda df, cfg, seed: per_class(df, cfg, seed),
+    "group": lambda df, cfg, seed: by_group(df, cfg, seed),
+    "official": lambda df, cfg, seed: official(df, cfg),
+}
 
 
 def keep_dup_groups_together(df: pl.DataFrame) -> tuple[pl.DataFrame, int]:
@@ -161,8 +206,13 @@ def keep_dup_groups_together(df: pl.DataFrame) -> tuple[pl.DataFrame, int]:
 
 def _straddling(df: pl.DataFrame, key: str | pl.Expr) -> pl.DataFrame:
     key = pl.col(key) if isinstance(key, str) else key
-    return (df.filter(key.is_not_null()).group_by(key.alias("_key")).agg(pl.col("split").n_unique().alias("k"))
-            .filter(pl.col("k") > 1).sort("_key"))
+    return (
+        df.filter(key.is_not_null())
+        .group_by(key.alias("_key"))
+        .agg(pl.col("split").n_unique().alias("k"))
+        .filter(pl.col("k") > 1)
+        .sort("_key")
+    )
 
 
 def check(df: pl.DataFrame, cfg: SplitParams) -> None:
@@ -192,9 +242,11 @@ def check(df: pl.DataFrame, cfg: SplitParams) -> None:
 
 def per_class_counts(df: pl.DataFrame) -> pl.DataFrame:
     """class_id, class_name, train, val, test, total: one row per class (a CSV beside the metrics json)."""
-    counts = (df.group_by("class_id", "class_name").agg(
-        *[(pl.col("split") == s).sum().cast(pl.Int64).alias(s) for s in manifest.SPLITS], pl.len().alias("total"))
-        .sort("class_id"))
+    counts = (
+        df.group_by("class_id", "class_name")
+        .agg(*[(pl.col("split") == s).sum().cast(pl.Int64).alias(s) for s in manifest.SPLITS], pl.len().alias("total"))
+        .sort("class_id")
+    )
     return counts.with_columns(pl.col("total").cast(pl.Int64))
 
 
@@ -207,6 +259,10 @@ def split(df: pl.DataFrame, cfg: SplitParams, seed: int) -> tuple[pl.DataFrame, 
     counts = {s: int(table[s].sum()) for s in manifest.SPLITS}
     classes = {s: int((table[s] > 0).sum()) for s in manifest.SPLITS}
     train = table["train"] if table.height else pl.Series([0])
-    return out, {"images": counts, "classes": classes, "total": out.height, "dup_group_moves": moved,
-                 "train_per_class": {"min": int(train.min()), "median": float(train.median()),
-                                     "max": int(train.max())}}
+    return out, {
+        "images": counts,
+        "classes": classes,
+        "total": out.height,
+        "dup_group_moves": moved,
+        "train_per_class": {"min": int(train.min()), "median": float(train.median()), "max": int(train.max())},
+    }

@@ -44,11 +44,20 @@ def _write_shard(out: Path, shard_no: int, first: int, count: int, short_side: i
     return [f"{name}/{i:07d}.jpg" for i in range(first, first + count)]
 
 
-def write_jpeg_shards(out: Path, n: int, classes: int = 16, short_side: int = 256, seed: int = 0,
-                      shard_size: int = 1024, processes: int = 1) -> pl.DataFrame:
+def write_jpeg_shards(
+    out: Path,
+    n: int,
+    classes: int = 16,
+    short_side: int = 256,
+    seed: int = 0,
+    shard_size: int = 1024,
+    processes: int = 1,
+) -> pl.DataFrame:
     """`n` JPEGs of `short_side` x 1.25*short_side under `out/shards/`; returns the manifest (path, class_id)."""
-    jobs = [(Path(out), k, first, min(shard_size, n - first), short_side, seed)
-            for k, first in enumerate(range(0, n, shard_size))]
+    jobs = [
+        (Path(out), k, first, min(shard_size, n - first), short_side, seed)
+        for k, first in enumerate(range(0, n, shard_size))
+    ]
     if processes > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(min(processes, len(jobs))) as pool:
             paths = [p for shard in pool.map(_write_shard, *zip(*jobs)) for p in shard]

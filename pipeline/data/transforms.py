@@ -34,8 +34,11 @@ def data_config(model: nn.Module) -> dict:
     import timm.data
 
     cfg = timm.data.resolve_model_data_config(model)
-    return {"mean": [float(x) for x in cfg["mean"]], "std": [float(x) for x in cfg["std"]],
-            "interpolation": cfg.get("interpolation", "bilinear")}
+    return {
+        "mean": [float(x) for x in cfg["mean"]],
+        "std": [float(x) for x in cfg["std"]],
+        "interpolation": cfg.get("interpolation", "bilinear"),
+    }
 
 
 def eval_resize(cfg: TrainParams) -> dict:
@@ -57,9 +60,11 @@ def train_transform(cfg: TrainParams, dcfg: dict, seed: int) -> A.Compose | Pape
     half). Seeded: it draws from its own generator (`set_random_seed`), never from numpy/torch global state."""
     size, interp = cfg.img_size, _interp(dcfg)
     if cfg.augment == "rrc":
-        ops = [A.RandomResizedCrop(size=(size, size), scale=(cfg.scale_min, 1.0), interpolation=interp),
-               A.HorizontalFlip(p=cfg.hflip),
-               A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=cfg.color_jitter)]
+        ops = [
+            A.RandomResizedCrop(size=(size, size), scale=(cfg.scale_min, 1.0), interpolation=interp),
+            A.HorizontalFlip(p=cfg.hflip),
+            A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=cfg.color_jitter),
+        ]
         return A.Compose(ops, seed=seed)
     return PaperAugment(size, int(size * cfg.resize_ratio), interp, cfg.hflip, seed)  # med: + the device half
 
@@ -90,7 +95,7 @@ class PaperAugment:
         size = self.size
         img = cv2.resize(image, (self.big, self.big), interpolation=self.interpolation)
         top, left, flip = self.draw()
-        img = img[top:top + size, left:left + size]
+        img = img[top : top + size, left : left + size]
         if flip:
             img = cv2.flip(img, 1)  # a copy: NumPy copies a reversed 3-channel view 50x slower
         return {"image": img}
@@ -100,8 +105,9 @@ def batch_augment(cfg: TrainParams, dcfg: dict) -> BatchAugment:
     """The device half of the training augmentation of `cfg.augment`: normalisation, and for med TrivialAugmentWide
     and random erasing."""
     med = cfg.augment == "med"
-    return BatchAugment(mean=tuple(dcfg["mean"]), std=tuple(dcfg["std"]), erase_prob=ERASE_PROB if med else 0.0,
-                        trivial=med)
+    return BatchAugment(
+        mean=tuple(dcfg["mean"]), std=tuple(dcfg["std"]), erase_prob=ERASE_PROB if med else 0.0, trivial=med
+    )
 
 
 def eval_batch_augment(dcfg: dict) -> BatchAugment:

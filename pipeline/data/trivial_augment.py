@@ -168,8 +168,16 @@ def _affine(img, magnitude: float, shear=(0.0, 0.0), translate=(0, 0)):
     import torchvision.transforms.functional as F
     from torchvision.transforms import InterpolationMode
 
-    return F.affine(img, angle=0.0, translate=list(translate), scale=1.0, shear=list(shear),
-                    interpolation=InterpolationMode.NEAREST, fill=None, center=[0, 0])
+    return F.affine(
+        img,
+        angle=0.0,
+        translate=list(translate),
+        scale=1.0,
+        shear=list(shear),
+        interpolation=InterpolationMode.NEAREST,
+        fill=None,
+        center=[0, 0],
+    )
 
 
 def _pil_ops() -> dict:

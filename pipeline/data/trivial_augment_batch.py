@@ -105,8 +105,11 @@ def _equalize(x, p):
     step = (h * w - hist.gather(1, last)) // 255
     step = torch.where(used.sum(1, keepdim=True) > 1, step, torch.zeros_like(step))
     start = torch.cumsum(hist, 1) - hist + step // 2
-    lut = torch.where(step > 0, torch.minimum(start // step.clamp_min(1), torch.tensor(255, device=x.device)),
-                      torch.arange(256, device=x.device))
+    lut = torch.where(
+        step > 0,
+        torch.minimum(start // step.clamp_min(1), torch.tensor(255, device=x.device)),
+        torch.arange(256, device=x.device),
+    )
     return lut.gather(1, flat).view(n, c, h, w).permute(0, 2, 3, 1).to(torch.uint8)
 
 
@@ -126,7 +129,17 @@ def _affine(x, p):
 
 
 _BATCH_OPS = {
-    "ShearX": _affine, "ShearY": _affine, "TranslateX": _affine, "TranslateY": _affine, "Rotate": _affine,
-    "Brightness": _brightness, "Color": _color, "Contrast": _contrast, "Sharpness": _sharpness,
-    "Posterize": _posterize, "Solarize": _solarize, "AutoContrast": _autocontrast, "Equalize": _equalize,
+    "ShearX": _affine,
+    "ShearY": _affine,
+    "TranslateX": _affine,
+    "TranslateY": _affine,
+    "Rotate": _affine,
+    "Brightness": _brightness,
+    "Color": _color,
+    "Contrast": _contrast,
+    "Sharpness": _sharpness,
+    "Posterize": _posterize,
+    "Solarize": _solarize,
+    "AutoContrast": _autocontrast,
+    "Equalize": _equalize,
 }

@@ -45,8 +45,16 @@ def to_image(t: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarray
     return np.clip(arr, 0.0, 1.0)
 
 
-def save(stem: Path, image: np.ndarray, crop: np.ndarray, sim: np.ndarray, idx: np.ndarray,
-         box: list[int], model: GLSimViT, title: str) -> dict[str, str]:
+def save(
+    stem: Path,
+    image: np.ndarray,
+    crop: np.ndarray,
+    sim: np.ndarray,
+    idx: np.ndarray,
+    box: list[int],
+    model: GLSimViT,
+    title: str,
+) -> dict[str, str]:
     """Write `<stem>.gls.png` (figure) and `<stem>.crop.png`; returns their paths by kind."""
     figure, crop_png = stem.with_name(stem.name + ".gls.png"), stem.with_name(stem.name + ".crop.png")
     fig = _figure(image, crop, sim, idx, box, model.patch_px, model.box, title)
@@ -58,8 +66,18 @@ def save(stem: Path, image: np.ndarray, crop: np.ndarray, sim: np.ndarray, idx: 
 
 
 @torch.inference_mode()
-def write_samples(path: Path, model: torch.nn.Module, dataset, picks: np.ndarray, image_ids: list, classes: list[str],
-                  predicted: np.ndarray, confidence: np.ndarray, data_config: dict, device: torch.device) -> None:
+def write_samples(
+    path: Path,
+    model: torch.nn.Module,
+    dataset,
+    picks: np.ndarray,
+    image_ids: list,
+    classes: list[str],
+    predicted: np.ndarray,
+    confidence: np.ndarray,
+    data_config: dict,
+    device: torch.device,
+) -> None:
     """An .npz of dataset items `picks` as the model saw them: image (N, H, W, 3) uint8, image_id, actual, and the
     caller's predicted class index and confidence for them; for GLSim also crop, similarity (N, gh, gw), selected
     (N, k), box (N, 4: x0 y0 x1 y1), patch_px, box_rule (the only reason to run the model here). Plain arrays only:
@@ -68,17 +86,23 @@ def write_samples(path: Path, model: torch.nn.Module, dataset, picks: np.ndarray
     arrays: dict[str, np.ndarray] = {"image_id": np.array([str(image_ids[i]) for i in picks], dtype=str)}
     if len(picks):
         x = torch.stack([dataset[int(i)][0] for i in picks]).to(device)
-        arrays |= {"image": _uint8([to_image(t, mean, std) for t in x]),
-                   "actual": np.array([classes[dataset.labels[int(i)]] for i in picks], dtype=str),
-                   "predicted": np.array([classes[int(p)] for p in predicted], dtype=str),
-                   "confidence": np.asarray(confidence, dtype=np.float32)}
+        arrays |= {
+            "image": _uint8([to_image(t, mean, std) for t in x]),
+            "actual": np.array([classes[dataset.labels[int(i)]] for i in picks], dtype=str),
+            "predicted": np.array([classes[int(p)] for p in predicted], dtype=str),
+            "confidence": np.asarray(confidence, dtype=np.float32),
+        }
         if isinstance(model, GLSimViT):
             out = model.forward_with_crops(x)
             sim, idx = similarity_maps(model, x)
-            arrays |= {"crop": _uint8([to_image(t, mean, std) for t in out.crops]),
-                       "similarity": sim.float().cpu().numpy(), "selected": idx.cpu().numpy(),
-                       "box": out.boxes.cpu().numpy().astype(np.int64), "patch_px": np.array(model.patch_px),
-                       "box_rule": np.array(model.box)}
+            arrays |= {
+                "crop": _uint8([to_image(t, mean, std) for t in out.crops]),
+                "similarity": sim.float().cpu().numpy(),
+                "selected": idx.cpu().numpy(),
+                "box": out.boxes.cpu().numpy().astype(np.int64),
+                "patch_px": np.array(model.patch_px),
+                "box_rule": np.array(model.box),
+            }
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
         np.savez_compressed(f, **arrays)
 
@@ -87,8 +111,16 @@ def _uint8(images: list[np.ndarray]) -> np.ndarray:
     return np.round(np.stack(images) * 255).astype(np.uint8)
 
 
-def _figure(image: np.ndarray, crop: np.ndarray, sim: np.ndarray, idx: np.ndarray, box: list[int],
-            patch_px: tuple[int, int], rule: str, title: str) -> Figure:
+def _figure(
+    image: np.ndarray,
+    crop: np.ndarray,
+    sim: np.ndarray,
+    idx: np.ndarray,
+    box: list[int],
+    patch_px: tuple[int, int],
+    rule: str,
+    title: str,
+) -> Figure:
     h, w = image.shape[:2]
     fig = Figure(figsize=(12.5, 4.8), layout="constrained")  # constrained: titles and colour bar never clipped
     fig.suptitle(title)
@@ -103,8 +135,17 @@ def _figure(image: np.ndarray, crop: np.ndarray, sim: np.ndarray, idx: np.ndarra
     return fig
 
 
-def draw_selection(axes, image: np.ndarray, crop: np.ndarray, sim: np.ndarray, idx: np.ndarray, box,
-                   patch_px: tuple[int, int], rule: str, legend: bool = True):
+def draw_selection(
+    axes,
+    image: np.ndarray,
+    crop: np.ndarray,
+    sim: np.ndarray,
+    idx: np.ndarray,
+    box,
+    patch_px: tuple[int, int],
+    rule: str,
+    legend: bool = True,
+):
     """Three axes: the model input; the input under the similarity map with the top-k patches and their box; the
     crop. Returns the heat-map image (for a colour bar). Titles are the caller's."""
     h, w = image.shape[:2]
@@ -113,13 +154,30 @@ def draw_selection(axes, image: np.ndarray, crop: np.ndarray, sim: np.ndarray, i
     axes[0].imshow(image)
     axes[1].imshow(image)
     # Pixel-centred extent as imshow gives the image itself, so patch cells line up with the pixels they cover.
-    heat = axes[1].imshow(sim, cmap="inferno", alpha=0.6, interpolation="nearest",
-                          extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    heat = axes[1].imshow(
+        sim, cmap="inferno", alpha=0.6, interpolation="nearest", extent=(-0.5, w - 0.5, h - 0.5, -0.5)
+    )
     rows, cols = idx // gw, idx % gw
-    axes[1].scatter((cols + 0.5) * patch_px[1] - 0.5, (rows + 0.5) * patch_px[0] - 0.5, s=18, c="cyan",
-                    edgecolors="black", linewidths=0.5, label=f"top-{len(idx)} patches")
-    axes[1].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=2,
-                                label=f"GLS box ({rule} rule)"))
+    axes[1].scatter(
+        (cols + 0.5) * patch_px[1] - 0.5,
+        (rows + 0.5) * patch_px[0] - 0.5,
+        s=18,
+        c="cyan",
+        edgecolors="black",
+        linewidths=0.5,
+        label=f"top-{len(idx)} patches",
+    )
+    axes[1].add_patch(
+        Rectangle(
+            (x0 - 0.5, y0 - 0.5),
+            x1 - x0,
+            y1 - y0,
+            fill=False,
+            edgecolor="lime",
+            linewidth=2,
+            label=f"GLS box ({rule} rule)",
+        )
+    )
     if legend:
         axes[1].legend(loc="lower right", fontsize=8, framealpha=0.8)
     axes[2].imshow(crop)

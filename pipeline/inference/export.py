@@ -29,17 +29,31 @@ class ExportError(ValueError):
 
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a trained model as a timm/HF folder or an ONNX file",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "export",
+        help="write a trained model as a timm/HF folder or an ONNX file",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a train output folder (model.pt, config.yaml)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, type=Path, help="output folder (new, empty or an earlier export)")
-    p.add_argument("--check-images", nargs="*", default=None, metavar="PATH",
-                   help="onnx: images (files/folders) to compare onnxruntime with PyTorch on (default: 4 seeded "
-                        "random inputs)")
-    p.add_argument("--metrics", nargs="*", type=Path, default=None, metavar="JSON",
-                   help="hf: metrics files for the model card (default: metrics/train/<name>.json and "
-                        "metrics/evaluate/<name>.json of the project, when present)")
+    p.add_argument(
+        "--check-images",
+        nargs="*",
+        default=None,
+        metavar="PATH",
+        help="onnx: images (files/folders) to compare onnxruntime with PyTorch on (default: 4 seeded random inputs)",
+    )
+    p.add_argument(
+        "--metrics",
+        nargs="*",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="hf: metrics files for the model card (default: metrics/train/<name>.json and "
+        "metrics/evaluate/<name>.json of the project, when present)",
+    )
     p.set_defaults(fn=main)
 
 
@@ -57,16 +71,21 @@ def main(args: argparse.Namespace) -> int:
             export_hf(model_dir, tmp, metrics)
         else:
             report = export_onnx(model_dir, tmp, args.check_images)
-            print(f"export onnx: onnxruntime vs PyTorch on {report['images']} check images: max |logit diff| "
-                  f"{report['max_abs_logit_diff']:.2e}, top-1 identical, "
-                  + ("crop boxes identical" if "boxes_identical" in report else "no crop"))
+            print(
+                f"export onnx: onnxruntime vs PyTorch on {report['images']} check images: max |logit diff| "
+                f"{report['max_abs_logit_diff']:.2e}, top-1 identical, "
+                + ("crop boxes identical" if "boxes_identical" in report else "no crop")
+            )
     print(f"export {args.format}: {model_dir} -> {args.out}")
     return 0
 
 
 def _default_metrics(root: Path, name: str) -> list[Path]:
-    return [p for p in (root / "metrics" / "train" / f"{name}.json", root / "metrics" / "evaluate" / f"{name}.json")
-            if p.is_file()]
+    return [
+        p
+        for p in (root / "metrics" / "train" / f"{name}.json", root / "metrics" / "evaluate" / f"{name}.json")
+        if p.is_file()
+    ]
 
 
 def _load(model_dir: Path):
@@ -80,18 +99,32 @@ def hf_config(model, ckpt: dict) -> dict:
     """timm's config.json keys (what timm's save_for_hf writes and its hub loader reads) plus this pipeline's spec."""
     spec, dcfg = ModelSpec.of(ckpt), ckpt["data_config"]
     size = spec.img_size or 224
-    pretrained_cfg = {"input_size": [3, size, size], "mean": list(dcfg["mean"]), "std": list(dcfg["std"]),
-                      "interpolation": dcfg.get("interpolation", "bicubic"), "classifier": "head",
-                      "num_classes": len(ckpt["classes"])}
+    pretrained_cfg = {
+        "input_size": [3, size, size],
+        "mean": list(dcfg["mean"]),
+        "std": list(dcfg["std"]),
+        "interpolation": dcfg.get("interpolation", "bicubic"),
+        "classifier": "head",
+        "num_classes": len(ckpt["classes"]),
+    }
     if "eval_resize" in dcfg:
         pretrained_cfg["crop_pct"] = round(size / dcfg["eval_resize"], 6)
         pretrained_cfg["crop_mode"] = "squash"  # a square resize, then the centre crop (GLSim's test transform)
-    return {"architecture": spec.model.split(".", 1)[0], "num_classes": len(ckpt["classes"]),
-            "num_features": getattr(model, "num_features", None) or getattr(getattr(model, "vit", None),
-                                                                           "num_features", None),
-            "label_names": list(ckpt["classes"]), "pretrained_cfg": pretrained_cfg,
-            "anime_fgvc": {"format": ckpt["format"], "model_spec": spec.as_dict(), "data_config": dcfg,
-                           "precision": ckpt.get("precision", "fp32"), "epoch": ckpt.get("epoch")}}
+    return {
+        "architecture": spec.model.split(".", 1)[0],
+        "num_classes": len(ckpt["classes"]),
+        "num_features": getattr(model, "num_features", None)
+        or getattr(getattr(model, "vit", None), "num_features", None),
+        "label_names": list(ckpt["classes"]),
+        "pretrained_cfg": pretrained_cfg,
+        "anime_fgvc": {
+            "format": ckpt["format"],
+            "model_spec": spec.as_dict(),
+            "data_config": dcfg,
+            "precision": ckpt.get("precision", "fp32"),
+            "epoch": ckpt.get("epoch"),
+        },
+    }
 
 
 def export_hf(model_dir: Path, out: Path, metrics: list[Path]) -> None:
@@ -106,8 +139,9 @@ def export_hf(model_dir: Path, out: Path, metrics: list[Path]) -> None:
         save_file(state, str(tmp), metadata={"format": "pt"})
     config = hf_config(model, ckpt)
     write_json(out / "config.json", config)
-    card = model_card(model_dir, config, [(p, json.loads(p.read_text())) for p in metrics],
-                      md5_file(model_dir / "model.pt"))
+    card = model_card(
+        model_dir, config, [(p, json.loads(p.read_text())) for p in metrics], md5_file(model_dir / "model.pt")
+    )
     write_text(out / "README.md", card)
     if (model_dir / "config.yaml").is_file():
         write_text(out / "training_config.yaml", (model_dir / "config.yaml").read_text())
@@ -140,22 +174,42 @@ def export_onnx(model_dir: Path, out: Path, check_images: list[str] | None) -> d
     names = ["logits", "boxes"] if glsim else ["logits"]
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
-        program = torch.onnx.export(net, (x,), dynamo=True, input_names=["image"], output_names=names,
-                                    dynamic_shapes=({0: batch},), verbose=False)
+        program = torch.onnx.export(
+            net,
+            (x,),
+            dynamo=True,
+            input_names=["image"],
+            output_names=names,
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
         program.save(str(out / "model.onnx"))
     except Exception as exc:  # noqa: BLE001 - the exporter's own reason is the message
-        what = ("GLSim's data-dependent crop (top-k similarities -> box -> grid_sample) could not be captured as "
-                "graph ops by torch.export" if glsim else f"{spec.method} {spec.model}")
-        raise ExportError(f"export onnx: {what}: {type(exc).__name__}: {' '.join(str(exc).split())[:600]}") \
-            from None
+        what = (
+            "GLSim's data-dependent crop (top-k similarities -> box -> grid_sample) could not be captured as "
+            "graph ops by torch.export"
+            if glsim
+            else f"{spec.method} {spec.model}"
+        )
+        raise ExportError(f"export onnx: {what}: {type(exc).__name__}: {' '.join(str(exc).split())[:600]}") from None
     report = compare_onnx(net, out / "model.onnx", x, names)
     from pipeline.io import write_json
 
     dcfg = ckpt["data_config"]
-    write_json(out / "preprocess.json", {"input": "image", "outputs": names, "img_size": spec.img_size,
-                                         "eval_resize": dcfg.get("eval_resize"), "mean": list(dcfg["mean"]),
-                                         "std": list(dcfg["std"]), "interpolation": dcfg.get("interpolation"),
-                                         "label_names": list(ckpt["classes"]), "check": report})
+    write_json(
+        out / "preprocess.json",
+        {
+            "input": "image",
+            "outputs": names,
+            "img_size": spec.img_size,
+            "eval_resize": dcfg.get("eval_resize"),
+            "mean": list(dcfg["mean"]),
+            "std": list(dcfg["std"]),
+            "interpolation": dcfg.get("interpolation"),
+            "label_names": list(ckpt["classes"]),
+            "check": report,
+        },
+    )
     return report
 
 
@@ -173,15 +227,18 @@ def compare_onnx(net, path: Path, x, names: list[str]) -> dict:
     diff = float(np.abs(got[0] - want[0]).max())
     report = {"images": int(x.shape[0]), "max_abs_logit_diff": diff}
     if diff > MAX_LOGIT_DIFF:
-        raise ExportError(f"export onnx: onnxruntime's logits differ from PyTorch's by up to {diff:.3g} "
-                          f"(limit {MAX_LOGIT_DIFF})")
+        raise ExportError(
+            f"export onnx: onnxruntime's logits differ from PyTorch's by up to {diff:.3g} (limit {MAX_LOGIT_DIFF})"
+        )
     if not np.array_equal(got[0].argmax(1), want[0].argmax(1)):
         raise ExportError("export onnx: onnxruntime's top-1 class differs from PyTorch's on some check images")
     if len(names) == 2:
         if not np.array_equal(got[1], want[1]):
-            raise ExportError("export onnx: the exported graph computes other GLSim crop boxes than PyTorch "
-                              f"(onnxruntime {got[1].tolist()} vs {want[1].tolist()}): the box must follow the "
-                              "image, not be a constant of the traced example")
+            raise ExportError(
+                "export onnx: the exported graph computes other GLSim crop boxes than PyTorch "
+                f"(onnxruntime {got[1].tolist()} vs {want[1].tolist()}): the box must follow the "
+                "image, not be a constant of the traced example"
+            )
         report["boxes_identical"] = True
         report["distinct_boxes"] = len({tuple(b) for b in want[1].tolist()})
     return report

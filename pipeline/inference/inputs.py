@@ -32,11 +32,17 @@ def collect_images(paths: list[str | Path]) -> list[Path]:
     seen: set[Path] = set()
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
-                           and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            found = sorted(
+                f
+                for f in path.rglob("*")
+                if f.suffix.lower() in IMAGE_EXTENSIONS
+                and f.is_file()
+                and not any(part.startswith(".") for part in f.relative_to(path).parts)
+            )
             if not found:
-                raise PredictError(f"{path}: folder holds no images (searched recursively for "
-                                   f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+                raise PredictError(
+                    f"{path}: folder holds no images (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
         elif path.is_file():
             found = [path]
         elif path.exists():
@@ -71,8 +77,10 @@ def resolve_checkpoint(spec: str, base: BaseParams, root: Path, download_dir: Pa
     if spec.startswith(RUNS_SCHEME):
         return _download(spec, base, root, download_dir)
     if _URI.match(spec):
-        raise PredictError(f"--model {spec}: unsupported URI; give a checkpoint path or {RUNS_SCHEME}<run_id>/"
-                           f"<artifact path> (the train stage logs {RUNS_SCHEME}<run_id>/model.pt)")
+        raise PredictError(
+            f"--model {spec}: unsupported URI; give a checkpoint path or {RUNS_SCHEME}<run_id>/"
+            f"<artifact path> (the train stage logs {RUNS_SCHEME}<run_id>/model.pt)"
+        )
     path = Path(spec)
     if path.is_dir():
         return _model_in_folder(path, base)
@@ -97,24 +105,22 @@ def _model_in_folder(folder: Path, base: BaseParams) -> Path:
 def _download(uri: str, base: BaseParams, root: Path, dest: Path) -> Path:
     run_id, _, artifact = uri.removeprefix(RUNS_SCHEME).strip("/").partition("/")
     if not run_id or not artifact:
-        raise PredictError(f"--model {uri}: expected {RUNS_SCHEME}<run_id>/<artifact path>, "
-                           f"e.g. {RUNS_SCHEME}<run_id>/model.pt")
+        raise PredictError(
+            f"--model {uri}: expected {RUNS_SCHEME}<run_id>/<artifact path>, e.g. {RUNS_SCHEME}<run_id>/model.pt"
+        )
     from pipeline import tracking
 
     db = tracking.local_db(base, root)
     if db is not None and not db.is_file():
         # Checked here: MLflow would silently create an empty store and then report a missing run.
-        raise PredictError(f"--model {uri}: no MLflow store at {db} (base.mlflow_dir in the params file, or "
-                           "set MLFLOW_TRACKING_URI)")
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
+        raise PredictError(
+            f"--model {uri}: no MLflow store at {db} (base.mlflow_dir in the params file, or set MLFLOW_TRACKING_URI)"
+        )
     store = tracking.tracking_uri(base, root)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=store))
-    except (MlflowException, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PredictError(f"--model {uri}: cannot download it from the MLflow store {store} ({reason})") from None
+        local = tracking.download_artifact(uri, store, dest)
+    except tracking.ArtifactError as exc:
+        raise PredictError(f"--model {uri}: cannot download it from the MLflow store {store} ({exc})") from None
     if not local.is_file():
         raise PredictError(f"--model {uri}: {artifact!r} is a folder of artifacts, not a checkpoint file")
     return local

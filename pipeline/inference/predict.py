@@ -35,21 +35,38 @@ DEFAULT_MODEL = "models/cnn"  # the train@cnn output of the default params.yaml 
 
 def add_predict_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `predict` on the pipeline CLI's subparsers; the handler is args.fn(args) -> exit code."""
-    p = sub.add_parser("predict", help="top-k classes of a checkpoint for image files and folders",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "predict",
+        help="top-k classes of a checkpoint for image files and folders",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"checkpoint path or runs:/<run_id>/<artifact path> (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"checkpoint path or runs:/<run_id>/<artifact path> (default {DEFAULT_MODEL})",
+    )
     p.add_argument("--top-k", type=_positive, default=5, help="classes per image (default 5; at most all classes)")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line (JSON Lines)")
-    p.add_argument("--faces", action="store_true", help="classify the best anime face (animeface) as the faces "
-                                                        "stage crops it; reports its box")
-    p.add_argument("--explain", metavar="DIR", type=Path,
-                   help="GLSim checkpoints: write <name>.gls.png (similarity heatmap + box) and <name>.crop.png")
+    p.add_argument(
+        "--faces",
+        action="store_true",
+        help="classify the best anime face (animeface) as the faces stage crops it; reports its box",
+    )
+    p.add_argument(
+        "--explain",
+        metavar="DIR",
+        type=Path,
+        help="GLSim checkpoints: write <name>.gls.png (similarity heatmap + box) and <name>.crop.png",
+    )
     p.add_argument("--batch-size", type=_positive, default=16, help="images per forward pass (default 16)")
     p.add_argument("--device", help="auto | cpu | cuda[:N] (default: base.device of the params)")
-    p.add_argument("--params", help="params file for the base, faces and clean settings (default: params.yaml "
-                                    "when present, else the built-in defaults)")
+    p.add_argument(
+        "--params",
+        help="params file for the base, faces and clean settings (default: params.yaml "
+        "when present, else the built-in defaults)",
+    )
     p.set_defaults(fn=main)
     return p
 
@@ -89,8 +106,10 @@ def main(args: argparse.Namespace) -> int:
         print(origin_line(args.model, path, params.base, root), file=sys.stderr, flush=True)
     method = ModelSpec.of(ckpt).method
     if args.explain is not None and method != "glsim":
-        raise PredictError(f"--explain {args.explain}: needs a GLSim checkpoint (train.method: glsim); "
-                           f"{args.model} is a {method} model, which selects no region to show")
+        raise PredictError(
+            f"--explain {args.explain}: needs a GLSim checkpoint (train.method: glsim); "
+            f"{args.model} is a {method} model, which selects no region to show"
+        )
 
     predictor = Predictor(model, ckpt, device, params.clean, params.faces if args.faces else None)
     names = _ExplainNames(args.explain) if args.explain is not None else None
@@ -109,13 +128,17 @@ def origin_line(spec: str, path: Path, base, root: Path) -> str:
     origin = tracking.model_origin(base, root, path, run_id)
     if origin is None:
         store = tracking.local_db(base, root) or "MLFLOW_TRACKING_URI"
-        return (f"model: {spec}: no MLflow train run in {store} wrote this "
-                "checkpoint "
-                "(trained elsewhere or the store was reset): run and data version unknown")
+        return (
+            f"model: {spec}: no MLflow train run in {store} wrote this "
+            "checkpoint "
+            "(trained elsewhere or the store was reset): run and data version unknown"
+        )
     dirty = " (uncommitted changes)" if origin["git_dirty"] == "true" else ""
-    return (f"model: {spec} from MLflow run {origin['run_id']} ({origin['run_name']}), data version "
-            f"{origin['data_version'] or 'unknown'} (split manifest md5), code deps {origin['deps_md5'] or 'unknown'}, "
-            f"git {origin['git_commit'] or 'unknown'}{dirty}")
+    return (
+        f"model: {spec} from MLflow run {origin['run_id']} ({origin['run_name']}), data version "
+        f"{origin['data_version'] or 'unknown'} (split manifest md5), code deps {origin['deps_md5'] or 'unknown'}, "
+        f"git {origin['git_commit'] or 'unknown'}{dirty}"
+    )
 
 
 def load_params_and_root(path: str | None):
@@ -131,7 +154,7 @@ def load_params_and_root(path: str | None):
 
 def _chunks(items: list, n: int) -> Iterator[list]:
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]
 
 
 class Predictor:
@@ -163,8 +186,7 @@ class Predictor:
         original = upright(Image.open(io.BytesIO(data)))[0]  # the box must match decode's upright image
         found = [f for f in detect(original, self.faces) if f.score >= self.faces.threshold]  # best first
         if not found:
-            return np.asarray(decode(data, self.clean)[0]), {"box": None, "score": None, "crop": None,
-                                                              "faces_found": 0}
+            return np.asarray(decode(data, self.clean)[0]), {"box": None, "score": None, "crop": None, "faces_found": 0}
         face = found[0]
         box = crop_box(face.box, original.size, self.faces.margin)
         # RGB first (no resize), then the crop, then clean's downscale: the order of the faces and clean stages.
@@ -174,8 +196,12 @@ class Predictor:
             buf = io.BytesIO()
             rgb.save(buf, format="PNG")  # lossless: clean.decode applies its own resize rule to the same pixels
             rgb = decode(buf.getvalue(), self.clean)[0]
-        return np.asarray(rgb), {"box": list(face.box), "score": round(face.score, 4), "crop": list(box),
-                                 "faces_found": len(found)}
+        return np.asarray(rgb), {
+            "box": list(face.box),
+            "score": round(face.score, 4),
+            "crop": list(box),
+            "faces_found": len(found),
+        }
 
     def predict(self, paths: list[Path], k: int, explain: _ExplainNames | None = None) -> list[dict]:
         import torch
@@ -191,9 +217,13 @@ class Predictor:
             top = logits.float().softmax(1).topk(k, dim=1)
         results = []
         for i, path in enumerate(paths):
-            result = {"path": str(path),
-                      "top_k": [{"class_name": self.classes[j], "probability": round(float(p), 6)}
-                                for p, j in zip(top.values[i].tolist(), top.indices[i].tolist())]}
+            result = {
+                "path": str(path),
+                "top_k": [
+                    {"class_name": self.classes[j], "probability": round(float(p), 6)}
+                    for p, j in zip(top.values[i].tolist(), top.indices[i].tolist())
+                ],
+            }
             if self.faces is not None:
                 result["face"] = prepared[i][1]
             results.append(result)
@@ -209,9 +239,15 @@ class Predictor:
         for i, (path, result) in enumerate(zip(paths, results)):
             best = result["top_k"][0]
             result["explain"] = explain.save(
-                names.stem(path), explain.to_image(x[i], mean, std), explain.to_image(out.crops[i], mean, std),
-                sim[i].cpu().numpy(), idx[i].cpu().numpy(), out.boxes[i].tolist(), self.model,
-                f"{path.name}: {best['class_name']} ({best['probability']:.1%})")
+                names.stem(path),
+                explain.to_image(x[i], mean, std),
+                explain.to_image(out.crops[i], mean, std),
+                sim[i].cpu().numpy(),
+                idx[i].cpu().numpy(),
+                out.boxes[i].tolist(),
+                self.model,
+                f"{path.name}: {best['class_name']} ({best['probability']:.1%})",
+            )
 
 
 class _ExplainNames:
@@ -234,12 +270,17 @@ def format_table(result: dict) -> str:
     lines = [result["path"]]
     if "face" in result:  # only with --faces
         face = result["face"]
-        lines.append(f"  face: box {tuple(face['box'])}, score {face['score']:.2f} ({face['faces_found']} found)"
-                     if face["box"] else "  face: none found, whole image classified")
+        lines.append(
+            f"  face: box {tuple(face['box'])}, score {face['score']:.2f} ({face['faces_found']} found)"
+            if face["box"]
+            else "  face: none found, whole image classified"
+        )
     width = max(5, *(len(c["class_name"]) for c in result["top_k"]))
     lines.append(f"  {'#':>2}  {'class':<{width}}  probability")
-    lines += [f"  {rank:>2}  {c['class_name']:<{width}}  {c['probability']:.4f}"
-              for rank, c in enumerate(result["top_k"], start=1)]
+    lines += [
+        f"  {rank:>2}  {c['class_name']:<{width}}  {c['probability']:.4f}"
+        for rank, c in enumerate(result["top_k"], start=1)
+    ]
     if "explain" in result:
         lines.append(f"  explain: {result['explain']['figure']}, {result['explain']['crop']}")
     return "\n".join(lines) + "\n"

@@ -66,8 +66,9 @@ def gls_similarity(feats: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Ten
     return (patches @ g.transpose(1, 2)).squeeze(-1)
 
 
-def boxes_from_indices(idx: torch.Tensor, grid: tuple[int, int], patch: tuple[int, int],
-                       img_hw: tuple[int, int], rule: str = "paper") -> torch.Tensor:
+def boxes_from_indices(
+    idx: torch.Tensor, grid: tuple[int, int], patch: tuple[int, int], img_hw: tuple[int, int], rule: str = "paper"
+) -> torch.Tensor:
     """Pixel box (x0, y0, x1, y1) covering the rows and columns of the selected patches, batched.
 
     idx: (B, k) flat indices on the (gh, gw) grid. rule "paper" ends the box at the *start* of the last selected
@@ -91,8 +92,15 @@ def boxes_from_indices(idx: torch.Tensor, grid: tuple[int, int], patch: tuple[in
     return torch.stack([x0, y0, x1, y1], dim=1)
 
 
-def select_boxes(feats: torch.Tensor, top_k: int, grid: tuple[int, int], patch: tuple[int, int],
-                 img_hw: tuple[int, int], rule: str = "paper", num_prefix_tokens: int = 1) -> torch.Tensor:
+def select_boxes(
+    feats: torch.Tensor,
+    top_k: int,
+    grid: tuple[int, int],
+    patch: tuple[int, int],
+    img_hw: tuple[int, int],
+    rule: str = "paper",
+    num_prefix_tokens: int = 1,
+) -> torch.Tensor:
     """The whole GLS selection: similarity, top-k patches, their box; (B, 1 + N, D) tokens -> (B, 4) boxes."""
     sim = gls_similarity(feats, num_prefix_tokens)
     idx = sim.topk(top_k, dim=1).indices
@@ -119,20 +127,57 @@ def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
+def _aggregator(vit: VisionTransformer, init: str, drop_path: float, proj_drop: float) -> nn.Sequential:
+    """A.1 step 6: one encoder-type block (the encoder's width, heads, MLP ratio and LayerNorm eps) and a LayerNorm."""
+    dim = vit.embed_dim
+    first = vit.blocks[0]
+    eps = getattr(first.norm1, "eps", 1e-6)  # the encoder's LayerNorm eps (train.layer_norm_eps)
+    block = Block(
+        dim,
+        num_heads=first.attn.num_heads,
+        mlp_ratio=first.mlp.fc1.out_features / dim,
+        qkv_bias=True,
+        proj_drop=proj_drop,
+        drop_path=drop_path,
+        norm_layer=partial(LayerNorm, eps=eps),
+    )
+    output_dropout_only([block])
+    aggregator = nn.Sequential(block, LayerNorm(dim, eps=eps))
+    for m in aggregator.modules():
+        if isinstance(m, nn.Linear):
+            if init == "paper":  # the authors' init_weights
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.normal_(m.bias, std=1e-6)
+            else:  # the ViT's own init convention for linear layers
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+    return aggregator
+
+
 class GLSimViT(nn.Module):
     """Two passes of one timm ViT (full crop + GLS crop), an aggregator over the two CLS tokens, a zero-init head."""
 
-    def __init__(self, vit: VisionTransformer, num_classes: int, top_k: int | None = None, box: str = "paper", *,
-                 drop_path: float = 0.0, proj_drop: float = 0.0, init: str = "timm",
-                 dataset: str | None = None) -> None:
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        num_classes: int,
+        top_k: int | None = None,
+        box: str = "paper",
+        *,
+        drop_path: float = 0.0,
+        proj_drop: float = 0.0,
+        init: str = "timm",
+        dataset: str | None = None,
+    ) -> None:
         """drop_path / proj_drop: the aggregator block's stochastic depth and hidden dropout (the authors build it with
         the encoder's sd and hidden_dropout_prob). init "paper": the authors' init_weights, Xavier-uniform weights and
         N(0, 1e-6) biases for every Linear of the aggregator; "timm": the ViT's trunc-normal(0.02) and zero biases.
         dataset: registry name for the default top-k (default_top_k)."""
         super().__init__()
         if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
-            raise ValueError("train.model: glsim needs a timm VisionTransformer with a CLS token "
-                             "(e.g. vit_base_patch16_224)")
+            raise ValueError(
+                "train.model: glsim needs a timm VisionTransformer with a CLS token (e.g. vit_base_patch16_224)"
+            )
         if box not in BOX_RULES:
             raise ValueError(f"train.glsim_box: unknown rule {box!r}, expected one of {BOX_RULES}")
         vit.reset_classifier(0)  # the head sits after the aggregator
@@ -145,27 +190,12 @@ class GLSimViT(nn.Module):
         if top_k is None:
             top_k = min(default_top_k(dataset), n_patches)
         elif top_k > n_patches:
-            raise ValueError(f"train.glsim_top_k: {top_k} exceeds the {n_patches} patches at img_size "
-                             f"{self.img_hw[0]}")
+            raise ValueError(f"train.glsim_top_k: {top_k} exceeds the {n_patches} patches at img_size {self.img_hw[0]}")
         self.top_k, self.box = top_k, box
-        dim = vit.embed_dim
-        first = vit.blocks[0]
         if init not in INITS:
             raise ValueError(f"train.init: unknown init {init!r}, expected one of {INITS}")
-        eps = getattr(first.norm1, "eps", 1e-6)  # the encoder's LayerNorm eps (train.layer_norm_eps)
-        block = Block(dim, num_heads=first.attn.num_heads, mlp_ratio=first.mlp.fc1.out_features / dim, qkv_bias=True,
-                      proj_drop=proj_drop, drop_path=drop_path, norm_layer=partial(LayerNorm, eps=eps))
-        output_dropout_only([block])
-        self.aggregator = nn.Sequential(block, LayerNorm(dim, eps=eps))  # A.1 step 6: one encoder-type block + LN
-        for m in self.aggregator.modules():
-            if isinstance(m, nn.Linear):
-                if init == "paper":  # the authors' init_weights
-                    nn.init.xavier_uniform_(m.weight)
-                    nn.init.normal_(m.bias, std=1e-6)
-                else:  # the ViT's own init convention for linear layers
-                    nn.init.trunc_normal_(m.weight, std=0.02)
-                    nn.init.zeros_(m.bias)
-        self.head = nn.Linear(dim, num_classes)
+        self.aggregator = _aggregator(vit, init, drop_path, proj_drop)
+        self.head = nn.Linear(vit.embed_dim, num_classes)
         nn.init.zeros_(self.head.weight)  # A.1 step 7: zero-initialised head
         nn.init.zeros_(self.head.bias)
 
@@ -175,8 +205,9 @@ class GLSimViT(nn.Module):
     @torch.no_grad()
     def select(self, feats: torch.Tensor) -> torch.Tensor:
         """GLS selection on final-layer tokens: similarity, top-k, box. No gradient (A.1 step 3)."""
-        return select_boxes(feats, self.top_k, self.grid, self.patch_px, self.img_hw, self.box,
-                            self.vit.num_prefix_tokens)
+        return select_boxes(
+            feats, self.top_k, self.grid, self.patch_px, self.img_hw, self.box, self.vit.num_prefix_tokens
+        )
 
     def forward_with_crops(self, x: torch.Tensor) -> GLSimOutput:
         if tuple(x.shape[-2:]) != self.img_hw:
@@ -194,9 +225,26 @@ class GLSimViT(nn.Module):
         return self.forward_with_crops(x).logits
 
 
-def build(vit: VisionTransformer, num_classes: int, *, glsim_top_k: int | None = None, glsim_box: str = "paper",
-          drop_path_rate: float = 0.0, proj_drop_rate: float = 0.0, init: str = "timm", dataset: str | None = None,
-          **_: object) -> GLSimViT:
+def build(
+    vit: VisionTransformer,
+    num_classes: int,
+    *,
+    glsim_top_k: int | None = None,
+    glsim_box: str = "paper",
+    drop_path_rate: float = 0.0,
+    proj_drop_rate: float = 0.0,
+    init: str = "timm",
+    dataset: str | None = None,
+    **_: object,
+) -> GLSimViT:
     """The registry's builder (pipeline/methods.py): GLSim over the headless ViT."""
-    return GLSimViT(vit, num_classes, top_k=glsim_top_k, box=glsim_box, drop_path=drop_path_rate,
-                    proj_drop=proj_drop_rate, init=init, dataset=dataset)
+    return GLSimViT(
+        vit,
+        num_classes,
+        top_k=glsim_top_k,
+        box=glsim_box,
+        drop_path=drop_path_rate,
+        proj_drop=proj_drop_rate,
+        init=init,
+        dataset=dataset,
+    )

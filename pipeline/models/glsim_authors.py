@@ -32,11 +32,18 @@ import torch
 PREFIX = "model."  # their wrapper's attribute holding ViTGLSim
 UNUSED = ("anchor_class_token",)  # present in their checkpoints (anchor_class_token: True), unused by the forward
 _BLOCK = {"proj": "attn.proj", "norm1": "norm1", "norm2": "norm2", "pwff.fc1": "mlp.fc1", "pwff.fc2": "mlp.fc2"}
-_TOP = {"patch_embedding.weight": "vit.patch_embed.proj.weight", "patch_embedding.bias": "vit.patch_embed.proj.bias",
-        "class_token": "vit.cls_token", "positional_embedding.pos_embedding": "vit.pos_embed",
-        "encoder_norm.weight": "vit.norm.weight", "encoder_norm.bias": "vit.norm.bias",
-        "aggregator_norm.weight": "aggregator.1.weight", "aggregator_norm.bias": "aggregator.1.bias",
-        "head.weight": "head.weight", "head.bias": "head.bias"}
+_TOP = {
+    "patch_embedding.weight": "vit.patch_embed.proj.weight",
+    "patch_embedding.bias": "vit.patch_embed.proj.bias",
+    "class_token": "vit.cls_token",
+    "positional_embedding.pos_embedding": "vit.pos_embed",
+    "encoder_norm.weight": "vit.norm.weight",
+    "encoder_norm.bias": "vit.norm.bias",
+    "aggregator_norm.weight": "aggregator.1.weight",
+    "aggregator_norm.bias": "aggregator.1.bias",
+    "head.weight": "head.weight",
+    "head.bias": "head.bias",
+}
 _STACKS = {"encoder": "vit.blocks", "aggregator": "aggregator.0"}  # aggregator: one block, index 0
 _BLOCK_KEY = re.compile(r"^(encoder|aggregator)\.blocks\.(\d+)\.(.+)\.(weight|bias)$")
 
@@ -80,8 +87,10 @@ def authors_to_ours(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
             continue
         ours[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     if unknown:
-        raise AuthorsFormatError(f"{len(unknown)} tensors of the authors' GLSim checkpoint have no counterpart in "
-                                 f"GLSimViT: {sorted(unknown)}")
+        raise AuthorsFormatError(
+            f"{len(unknown)} tensors of the authors' GLSim checkpoint have no counterpart in "
+            f"GLSimViT: {sorted(unknown)}"
+        )
     return ours, sorted(dropped)
 
 
@@ -118,7 +127,15 @@ def ours_to_authors(state: dict[str, torch.Tensor], prefix: str = PREFIX) -> dic
 def config_summary(config: object) -> dict:
     """What the checkpoint's `config` (their argparse Namespace) says about the model, for messages and the
     data config: image size, classes, top-k, mean/std choice. Missing entries are left out."""
-    fields = ("model_name", "image_size", "num_classes", "dynamic_top", "dataset_name", "custom_mean_std",
-              "test_resize_size", "layer_norm_eps")
+    fields = (
+        "model_name",
+        "image_size",
+        "num_classes",
+        "dynamic_top",
+        "dataset_name",
+        "custom_mean_std",
+        "test_resize_size",
+        "layer_norm_eps",
+    )
     values = vars(config) if hasattr(config, "__dict__") else (config if isinstance(config, dict) else {})
     return {k: values[k] for k in fields if k in values}

@@ -157,15 +157,19 @@ class ILAViT(nn.Module):
         if init not in INITS:
             raise ValueError(f"train.init: unknown init {init!r}, expected one of {INITS}")
         if not isinstance(vit, VisionTransformer) or vit.cls_token is None or vit.num_prefix_tokens != 1:
-            raise ValueError("train.model: ila needs a timm VisionTransformer with exactly one CLS token and no "
-                             "register tokens (e.g. vit_base_patch16_224)")
+            raise ValueError(
+                "train.model: ila needs a timm VisionTransformer with exactly one CLS token and no "
+                "register tokens (e.g. vit_base_patch16_224)"
+            )
         if not all(isinstance(b, Block) for b in vit.blocks):
             raise ValueError("train.model: ila needs timm's standard ViT Block in every layer")
         depth, dim = len(vit.blocks), vit.embed_dim
         grid = min(vit.patch_embed.grid_size)
         if grid < 5:  # two unpadded 3x3 convs remove 4 from each side
-            raise ValueError(f"train.img_size: {vit.patch_embed.img_size[0]} gives a {grid}x{grid} token grid; the "
-                             f"two down-sampling ILAs need at least 5x5 (img_size >= 5 x patch size)")
+            raise ValueError(
+                f"train.img_size: {vit.patch_embed.img_size[0]} gives a {grid}x{grid} token grid; the "
+                f"two down-sampling ILAs need at least 5x5 (img_size >= 5 x patch size)"
+            )
         self.variant = variant
         self.vit = vit
         self.pretrained_cfg = vit.pretrained_cfg  # mean/std for the data pipeline (timm.data.resolve_data_config)
@@ -221,7 +225,8 @@ class ILAViT(nn.Module):
         return self.vit(x)
 
 
-def build(vit: VisionTransformer, num_classes: int, *, ila_variant: str = "ila", init: str = "timm",
-          **_: object) -> ILAViT:
+def build(
+    vit: VisionTransformer, num_classes: int, *, ila_variant: str = "ila", init: str = "timm", **_: object
+) -> ILAViT:
     """The registry's builder (pipeline/methods.py): the ViT (already with num_classes outputs) with ILAs."""
     return ILAViT(vit, ila_variant, init=init)

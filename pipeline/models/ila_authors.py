@@ -47,18 +47,30 @@ from pipeline.models.ila import downsample_locations
 PREFIX = "model."  # their wrapper's attribute holding their ViT
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _W = ("weight", "bias")
-_TOP = {"patch_embedding.weight": "vit.patch_embed.proj.weight", "patch_embedding.bias": "vit.patch_embed.proj.bias",
-        "class_token": "vit.cls_token", "positional_embedding.pos_embedding": "vit.pos_embed",
-        "encoder_norm.weight": "vit.norm.weight", "encoder_norm.bias": "vit.norm.bias",
-        "head.head.weight": "vit.head.weight", "head.head.bias": "vit.head.bias"}
+_TOP = {
+    "patch_embedding.weight": "vit.patch_embed.proj.weight",
+    "patch_embedding.bias": "vit.patch_embed.proj.bias",
+    "class_token": "vit.cls_token",
+    "positional_embedding.pos_embedding": "vit.pos_embed",
+    "encoder_norm.weight": "vit.norm.weight",
+    "encoder_norm.bias": "vit.norm.bias",
+    "head.head.weight": "vit.head.weight",
+    "head.head.bias": "vit.head.bias",
+}
 _BLOCK = {"proj": "attn.proj", "norm1": "norm1", "norm2": "norm2", "pwff.fc1": "mlp.fc1", "pwff.fc2": "mlp.fc2"}
 _ADAPTER = {"adapter_attn": "adapter_attn", "adapter_pwffn": "adapter_mlp"}
 _ADAPTER_PART = {"adapter_down": "down", "adapter_up": "up"}
-_ILA = {**{f"adapter_down.{w}": f"down.{w}" for w in _W}, **{f"adapter_up.{w}": f"up.{w}" for w in _W},
-        **{f"adapter_conv.0.{w}": f"dwconv.{w}" for w in _W}, **{f"adapter_conv.2.{w}": f"pwconv.{w}" for w in _W},
-        **{f"adapter_cls.{w}": f"cls_conv.{w}" for w in _W}, "ds_conv.weight": "rsds.weight",
-        **{f"norm1.1.{b}": f"norm1.{b}" for b in _BN}, **{f"adapter_conv.1.0.{b}": f"norm2.{b}" for b in _BN},
-        **{f"norm3.1.{b}": f"norm3.{b}" for b in _BN}}
+_ILA = {
+    **{f"adapter_down.{w}": f"down.{w}" for w in _W},
+    **{f"adapter_up.{w}": f"up.{w}" for w in _W},
+    **{f"adapter_conv.0.{w}": f"dwconv.{w}" for w in _W},
+    **{f"adapter_conv.2.{w}": f"pwconv.{w}" for w in _W},
+    **{f"adapter_cls.{w}": f"cls_conv.{w}" for w in _W},
+    "ds_conv.weight": "rsds.weight",
+    **{f"norm1.1.{b}": f"norm1.{b}" for b in _BN},
+    **{f"adapter_conv.1.0.{b}": f"norm2.{b}" for b in _BN},
+    **{f"norm3.1.{b}": f"norm3.{b}" for b in _BN},
+}
 _BLOCK_KEY = re.compile(r"^encoder\.blocks\.(\d+)\.(.+)\.(weight|bias)$")
 _ILA_KEY = re.compile(r"^encoder\.(ila|ila_ds)\.(\d+)\.(.+)$")
 
@@ -78,6 +90,7 @@ def is_authors_ila(state: dict) -> bool:
 
 def detect_variant(keys: set[str]) -> str:
     """ila / ila+ / ila++ (ila.VARIANTS), or "vit" for their ViT without ILA modules; names without the prefix."""
+
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
@@ -85,12 +98,16 @@ def detect_variant(keys: set[str]) -> str:
     adapters = any(".adapter_attn." in k or ".adapter_pwffn." in k for k in keys)
     if not ds:
         if plain or adapters:
-            raise AuthorsFormatError("the checkpoint has inter-layer / block adapters but no down-sampling ILA "
-                                     "(encoder.ila_ds.*): not one of ILAViT's variants ila, ila+, ila++")
+            raise AuthorsFormatError(
+                "the checkpoint has inter-layer / block adapters but no down-sampling ILA "
+                "(encoder.ila_ds.*): not one of ILAViT's variants ila, ila+, ila++"
+            )
         return "vit"
     if plain and adapters:
-        raise AuthorsFormatError("the checkpoint has both plain ILAs (encoder.ila.*) and block adapters: ILAViT "
-                                 "builds ila+ or ila++, not both")
+        raise AuthorsFormatError(
+            "the checkpoint has both plain ILAs (encoder.ila.*) and block adapters: ILAViT "
+            "builds ila+ or ila++, not both"
+        )
     return "ila+" if plain else "ila++" if adapters else "ila"
 
 
@@ -112,8 +129,9 @@ def _prefixes(depth: int, variant: str) -> tuple[dict[int, str], dict[int, str]]
     return inner, outer
 
 
-def authors_to_ours(state: dict[str, torch.Tensor],
-                    saved_ds_locs: list[int] | None = None) -> tuple[dict[str, torch.Tensor], str]:
+def authors_to_ours(
+    state: dict[str, torch.Tensor], saved_ds_locs: list[int] | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
     """Their state dict -> ILAViT names (or a plain ViT's `vit.*` for their baselines). Returns (ours, variant); an
     unknown key or an incomplete q/k/v triple raises AuthorsFormatError naming every such key. saved_ds_locs: their
     config's ila_ds_locs, checked against ILAViT's down-sampling blocks."""
@@ -121,8 +139,10 @@ def authors_to_ours(state: dict[str, torch.Tensor],
     variant = detect_variant(set(theirs))
     depth = 1 + max(int(m.group(1)) for k in theirs if (m := _BLOCK_KEY.match(k)))
     if variant != "vit" and saved_ds_locs is not None and list(saved_ds_locs) != list(downsample_locations(depth)):
-        raise AuthorsFormatError(f"the checkpoint's ila_ds_locs {list(saved_ds_locs)} are not ILAViT's down-sampling "
-                                 f"blocks {list(downsample_locations(depth))} for {depth} blocks")
+        raise AuthorsFormatError(
+            f"the checkpoint's ila_ds_locs {list(saved_ds_locs)} are not ILAViT's down-sampling "
+            f"blocks {list(downsample_locations(depth))} for {depth} blocks"
+        )
     inner, outer = _prefixes(depth, variant)
     locations = dict(zip(("ila_ds", "ila"), ila_locations(depth, variant)))
     ours, unknown, qkv = {}, [], {}
@@ -149,8 +169,10 @@ def authors_to_ours(state: dict[str, torch.Tensor],
             unknown.append(key)
     ours |= _stack_qkv(qkv, unknown)
     if unknown:
-        raise AuthorsFormatError(f"{len(unknown)} tensors of the authors' ILA checkpoint ({variant}) have no "
-                                 f"counterpart in ILAViT: {sorted(unknown)}")
+        raise AuthorsFormatError(
+            f"{len(unknown)} tensors of the authors' ILA checkpoint ({variant}) have no "
+            f"counterpart in ILAViT: {sorted(unknown)}"
+        )
     return ours, variant
 
 
@@ -193,12 +215,17 @@ def ours_to_authors(state: dict[str, torch.Tensor], prefix: str = PREFIX) -> dic
 
 _OUR_ILA = {v: k for k, v in _ILA.items()}
 _OUR_BLOCK = {v: k for k, v in _BLOCK.items()}
-_OUR_ADAPTER = {f"{ours}.{p_ours}.{w}": f"{theirs}.{p_theirs}.{w}" for theirs, ours in _ADAPTER.items()
-                for p_theirs, p_ours in _ADAPTER_PART.items() for w in _W}
+_OUR_ADAPTER = {
+    f"{ours}.{p_ours}.{w}": f"{theirs}.{p_theirs}.{w}"
+    for theirs, ours in _ADAPTER.items()
+    for p_theirs, p_ours in _ADAPTER_PART.items()
+    for w in _W
+}
 
 
-def _their_block_tensors(i: int, rest: str, value: torch.Tensor, ds: list[int],
-                         plain: list[int]) -> dict[str, torch.Tensor]:
+def _their_block_tensors(
+    i: int, rest: str, value: torch.Tensor, ds: list[int], plain: list[int]
+) -> dict[str, torch.Tensor]:
     """Their name(s) of our tensor `rest` of block i (wrappers' `.block.` removed); {} when it has none."""
     if rest.startswith("ila."):
         where = f"ila_ds.{ds.index(i)}" if i in ds else f"ila.{plain.index(i)}" if i in plain else None
@@ -215,7 +242,18 @@ def _their_block_tensors(i: int, rest: str, value: torch.Tensor, ds: list[int],
 def config_summary(config: object) -> dict:
     """What the checkpoint's `config` (their argparse Namespace) says about the model and its data: image size,
     classes, mean/std choice, test resize, where the ILAs sit. Missing entries are left out."""
-    fields = ("model_name", "image_size", "num_classes", "dataset_name", "custom_mean_std", "test_resize_size",
-              "layer_norm_eps", "ila_ds_locs", "ila_locs", "adapter", "adapter_dim")
+    fields = (
+        "model_name",
+        "image_size",
+        "num_classes",
+        "dataset_name",
+        "custom_mean_std",
+        "test_resize_size",
+        "layer_norm_eps",
+        "ila_ds_locs",
+        "ila_locs",
+        "adapter",
+        "adapter_dim",
+    )
     values = vars(config) if hasattr(config, "__dict__") else (config if isinstance(config, dict) else {})
     return {k: values[k] for k in fields if k in values}

@@ -31,8 +31,10 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-FLOP_NOTE = ("torch.utils.flop_counter, forward at batch 1; matmul/conv/attention only; multiply-add = 2 FLOPs; "
-             "macs = flops / 2 (the papers' 'FLOPs')")
+FLOP_NOTE = (
+    "torch.utils.flop_counter, forward at batch 1; matmul/conv/attention only; multiply-add = 2 FLOPs; "
+    "macs = flops / 2 (the papers' 'FLOPs')"
+)
 
 
 def macs(flops: int | float) -> int | float:
@@ -68,8 +70,11 @@ def count_flops(fn, *args: Any) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
-    with explicit_attention(owner if isinstance(owner, nn.Module) else None), \
-            FlopCounterMode(display=False) as counter, torch.no_grad():
+    with (
+        explicit_attention(owner if isinstance(owner, nn.Module) else None),
+        FlopCounterMode(display=False) as counter,
+        torch.no_grad(),
+    ):
         fn(*args)
     return int(counter.get_total_flops())
 
@@ -92,8 +97,9 @@ def encoder_tokens(model: nn.Module, x: torch.Tensor) -> tuple[list[int] | None,
         return None, 0
     starts = group_starts(len(vit.blocks))
     seen: dict[int, list[int]] = {i: [] for i in starts}
-    hooks = [vit.blocks[i].register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args[0].shape[1]))
-             for i in starts]
+    hooks = [
+        vit.blocks[i].register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args[0].shape[1])) for i in starts
+    ]
     try:
         with torch.no_grad():
             model(x)
@@ -127,8 +133,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure_throughput(model: nn.Module, img_size: int, batch_size: int, device: torch.device,
-                       warmup: int = 2, iters: int = 5) -> tuple[float, float]:
+def measure_throughput(
+    model: nn.Module, img_size: int, batch_size: int, device: torch.device, warmup: int = 2, iters: int = 5
+) -> tuple[float, float]:
     """(images/s, peak memory MB) of forward passes at batch_size after warm-up.
 
     Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the growth of the process's peak RSS during the
@@ -140,8 +147,9 @@ def measure_throughput(model: nn.Module, img_size: int, batch_size: int, device:
         return _throughput(model, img_size, batch_size, device, warmup, iters)
 
 
-def _throughput(model: nn.Module, img_size: int, batch_size: int, device: torch.device, warmup: int,
-                iters: int) -> tuple[float, float]:
+def _throughput(
+    model: nn.Module, img_size: int, batch_size: int, device: torch.device, warmup: int, iters: int
+) -> tuple[float, float]:
     import torch
 
     from pipeline.runtime import synchronize, time_calls
@@ -158,9 +166,20 @@ def _throughput(model: nn.Module, img_size: int, batch_size: int, device: torch.
     return batch_size * iters / seconds, peak
 
 
-def profile(method: str, model_name: str, img_size: int, num_classes: int, *, variant: str | None = None,
-            device: str = "cpu", batch_size: int = 8, warmup: int = 2, iters: int = 5, weights: str = "none",
-            **options: Any) -> dict[str, Any]:
+def profile(
+    method: str,
+    model_name: str,
+    img_size: int,
+    num_classes: int,
+    *,
+    variant: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 8,
+    warmup: int = 2,
+    iters: int = 5,
+    weights: str = "none",
+    **options: Any,
+) -> dict[str, Any]:
     """Build (method, model_name) like training does and profile it; see the module docstring for the fields.
 
     options: build_model keyword options (patch_size, backbone_cnn, glsim_top_k, glsim_box, dataset). variant: the ILA
@@ -180,26 +199,53 @@ def profile(method: str, model_name: str, img_size: int, num_classes: int, *, va
     model = model.to(dev).eval()
     total, trainable = count_params(model)
     result: dict[str, Any] = {
-        "model": model_name, "method": method, "variant": getattr(model, "variant", None), "img_size": img_size,
-        "num_classes": num_classes, "device": str(dev), "params_total": total, "params_trainable": trainable}
+        "model": model_name,
+        "method": method,
+        "variant": getattr(model, "variant", None),
+        "img_size": img_size,
+        "num_classes": num_classes,
+        "device": str(dev),
+        "params_total": total,
+        "params_trainable": trainable,
+    }
     img_per_s = peak_mb = None
     if dev.type != "meta":  # measured first, so the peak-RSS delta is not hidden by the later single-image passes
         img_per_s, peak_mb = measure_throughput(model, img_size, batch_size, dev, warmup, iters)
-    x = torch.randn(1, 3, img_size, img_size, device=dev)
+    result |= _counts(model, img_size, dev)
+    result |= {
+        "img_per_s": None if img_per_s is None else round(img_per_s, 2),
+        "peak_mem_mb": None if peak_mb is None else round(peak_mb, 1),
+        "batch_size": batch_size,
+    }
+    return result
+
+
+def _counts(model: nn.Module, img_size: int, device: torch.device) -> dict[str, Any]:
+    """FLOPs, MACs, tokens and encoder passes of one image (any device, meta included)."""
+    import torch
+
+    x = torch.randn(1, 3, img_size, img_size, device=device)
     tokens, passes = encoder_tokens(model, x)
     flops = count_flops(model, x)
-    result |= {"flops": flops, "macs": macs(flops), "flops_counter": FLOP_NOTE, "tokens": tokens,
-               "encoder_passes": passes, "selection_flops": selection_flops(model, x),
-               "selection_flops_paper": selection_flops_paper(model),
-               "img_per_s": None if img_per_s is None else round(img_per_s, 2),
-               "peak_mem_mb": None if peak_mb is None else round(peak_mb, 1), "batch_size": batch_size}
-    return result
+    return {
+        "flops": flops,
+        "macs": macs(flops),
+        "flops_counter": FLOP_NOTE,
+        "tokens": tokens,
+        "encoder_passes": passes,
+        "selection_flops": selection_flops(model, x),
+        "selection_flops_paper": selection_flops_paper(model),
+    }
 
 
 def add_profile_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `profile` on the pipeline CLI's subparsers; the handler is args.fn(args) -> exit code."""
-    p = sub.add_parser("profile", help="parameters, FLOPs, tokens, throughput and peak memory of one model",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "profile",
+        help="parameters, FLOPs, tokens, throughput and peak memory of one model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
     p.add_argument("--method", required=True, choices=METHOD_NAMES)
     p.add_argument("--variant", choices=ILA_VARIANTS, help="ILA variant (method ila; default ila)")
@@ -209,8 +255,9 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--patch-size", type=int, help="as train.patch_size")
     p.add_argument("--backbone-cnn", help="as train.backbone_cnn (hybrid ViT over this CNN's features)")
     p.add_argument("--top-k", type=int, dest="glsim_top_k", help="as train.glsim_top_k")
-    p.add_argument("--box", choices=("paper", "corrected"), default="paper", dest="glsim_box",
-                   help="as train.glsim_box")
+    p.add_argument(
+        "--box", choices=("paper", "corrected"), default="paper", dest="glsim_box", help="as train.glsim_box"
+    )
     p.add_argument("--dataset", help="registry name of the data (glsim's default top-k doubles for dogs)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | meta (count only, no measurement)")
     p.add_argument("--batch-size", type=int, default=8, help="images per timed forward (default 8)")
@@ -235,9 +282,19 @@ def run(args: argparse.Namespace) -> int:
     options = {"patch_size": args.patch_size, "backbone_cnn": args.backbone_cnn}
     if args.method == "glsim":
         options |= {"glsim_top_k": args.glsim_top_k, "glsim_box": args.glsim_box, "dataset": args.dataset}
-    result = profile(args.method, args.model, args.img_size, args.num_classes, variant=args.variant,
-                     device=device, batch_size=args.batch_size, warmup=args.warmup, iters=args.iters,
-                     weights=args.weights, **options)
+    result = profile(
+        args.method,
+        args.model,
+        args.img_size,
+        args.num_classes,
+        variant=args.variant,
+        device=device,
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        iters=args.iters,
+        weights=args.weights,
+        **options,
+    )
     if args.json:
         print(json.dumps(result))
     else:

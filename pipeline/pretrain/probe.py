@@ -29,7 +29,7 @@ def features(model, kind: str, x):
     cls = tokens[:, 0]
     if kind == "vit_cls":
         return cls
-    return torch.cat([cls, tokens[:, model.num_prefix_tokens:].mean(1)], dim=1)
+    return torch.cat([cls, tokens[:, model.num_prefix_tokens :].mean(1)], dim=1)
 
 
 def embed_split(model, kind: str, df, image_root: Path, img_size: int, batch_size: int = 64):
@@ -90,8 +90,12 @@ def probe(model, kind: str, df, image_root: Path, img_size: int) -> dict:
         if best is None or val > best[0]:
             best = (val, l2, head)
     val, l2, head = best
-    return {"val_top1": round(val, 2), "test_top1": round(top1(head, "test"), 2), "l2": l2,
-            "dim": int(feats["train"][0].shape[1])}
+    return {
+        "val_top1": round(val, 2),
+        "test_top1": round(top1(head, "test"), 2),
+        "l2": l2,
+        "dim": int(feats["train"][0].shape[1]),
+    }
 
 
 def student_from_file(name: str, weights: Path, img_size: int):
@@ -126,9 +130,11 @@ def main(args, params: Params, root: Path) -> list[dict]:
     weights = Path(args.weights) if args.weights else root / "weights" / f"{cfg.name}.safetensors"
     student = student_from_file(cfg.student, weights, cfg.img_size)
     rows = []
-    for label, model, kind in ((f"{cfg.teacher} (teacher, pooled)", teacher_model(), "cnn"),
-                               (f"{weights.stem} (CLS + mean patch)", student, "vit"),
-                               (f"{weights.stem} (CLS)", student, "vit_cls")):
+    for label, model, kind in (
+        (f"{cfg.teacher} (teacher, pooled)", teacher_model(), "cnn"),
+        (f"{weights.stem} (CLS + mean patch)", student, "vit"),
+        (f"{weights.stem} (CLS)", student, "vit_cls"),
+    ):
         rows.append({"model": label, **probe(model, kind, df, Path(args.images), cfg.img_size)})
     print("| features | dim | val top-1 % | held-out test top-1 % | L2 |\n|---|---|---|---|---|")
     for r in rows:

@@ -49,18 +49,29 @@ def card_stats(df: pl.DataFrame, quarantine: pl.DataFrame, group_col: str) -> di
     for s in manifest.SPLITS:
         part = df.filter(pl.col("split") == s)
         sizes = part.group_by("class_name").len()["len"]
-        splits[s] = {"images": part.height, "share": round(part.height / max(df.height, 1), 4),
-                     "classes": part["class_name"].n_unique(),
-                     "per_class_min": int(sizes.min() or 0), "per_class_median": float(sizes.median() or 0),
-                     "per_class_max": int(sizes.max() or 0),
-                     "groups": part[group_col].n_unique() if group_col in part.columns else None}
-    by_reason = ({r: n for r, n in sorted(quarantine.group_by("reason").len().iter_rows())}
-                 if quarantine.height else {})
-    stats = {"classes": per_class.height, "images": df.height, "splits": splits,
-             "images_per_class": {"min": int(counts.min() or 0), "median": float(counts.median() or 0),
-                                  "mean": round(float(counts.mean() or 0), 1), "max": int(counts.max() or 0)},
-             "largest_classes": [[n, c] for n, c in per_class.head(5).iter_rows()],
-             "quarantine": {"total": quarantine.height, "by_reason": by_reason}}
+        splits[s] = {
+            "images": part.height,
+            "share": round(part.height / max(df.height, 1), 4),
+            "classes": part["class_name"].n_unique(),
+            "per_class_min": int(sizes.min() or 0),
+            "per_class_median": float(sizes.median() or 0),
+            "per_class_max": int(sizes.max() or 0),
+            "groups": part[group_col].n_unique() if group_col in part.columns else None,
+        }
+    by_reason = {r: n for r, n in sorted(quarantine.group_by("reason").len().iter_rows())} if quarantine.height else {}
+    stats = {
+        "classes": per_class.height,
+        "images": df.height,
+        "splits": splits,
+        "images_per_class": {
+            "min": int(counts.min() or 0),
+            "median": float(counts.median() or 0),
+            "mean": round(float(counts.mean() or 0), 1),
+            "max": int(counts.max() or 0),
+        },
+        "largest_classes": [[n, c] for n, c in per_class.head(5).iter_rows()],
+        "quarantine": {"total": quarantine.height, "by_reason": by_reason},
+    }
     if "dup_group" in df.columns:
         multi = df.group_by("dup_group").len().filter(pl.col("len") > 1)
         stats["near_duplicate_groups"] = {"groups": multi.height, "images": int(multi["len"].sum())}
@@ -69,11 +80,14 @@ def card_stats(df: pl.DataFrame, quarantine: pl.DataFrame, group_col: str) -> di
 
 # --- figures ------------------------------------------------------------------------------------------------------
 
+
 def _long_tail(ax, df: pl.DataFrame) -> None:
     """Images per class, classes sorted by their total; one line per split on the same class order, log scale."""
-    table = (df.group_by("class_name").agg(pl.len().alias("total"),
-                                           *[(pl.col("split") == s).sum().alias(s) for s in manifest.SPLITS])
-             .sort(["total", "class_name"], descending=[True, False]))
+    table = (
+        df.group_by("class_name")
+        .agg(pl.len().alias("total"), *[(pl.col("split") == s).sum().alias(s) for s in manifest.SPLITS])
+        .sort(["total", "class_name"], descending=[True, False])
+    )
     x = np.arange(1, table.height + 1)
     ax.plot(x, table["total"].to_numpy(), color="black", lw=1.6, label="all")
     for s in manifest.SPLITS:
@@ -166,14 +180,17 @@ def thumbnail(root: Path, rel: str, side: int = THUMB) -> np.ndarray | None:
         return None
 
 
-def plot_sample_grid(df: pl.DataFrame, image_root: Path, n_classes: int, seed: int, group_col: str, out: Path,
-                     per_split: int = 2) -> None:
+def plot_sample_grid(
+    df: pl.DataFrame, image_root: Path, n_classes: int, seed: int, group_col: str, out: Path, per_split: int = 2
+) -> None:
     """A block of columns per split (train | val | test), one row per sampled class, up to per_split images each."""
     classes = _sample_classes(df, n_classes, seed)
     shown = df.filter(pl.col("class_name").is_in(classes))
     # As many columns per split as its best-filled sampled class needs (emoji: 2 train, 1 val, 1 test).
-    widths = {s: min(per_split, int(shown.filter(pl.col("split") == s).group_by("class_name").len()["len"].max() or 0))
-              for s in manifest.SPLITS}
+    widths = {
+        s: min(per_split, int(shown.filter(pl.col("split") == s).group_by("class_name").len()["len"].max() or 0))
+        for s in manifest.SPLITS
+    }
     cols = [(s, j) for s in manifest.SPLITS for j in range(widths[s])]
     fig = Figure(figsize=(1.5 * len(cols) + 1.8, 1.55 * len(classes) + 0.5))
     axes = fig.subplots(len(classes), len(cols), squeeze=False)
@@ -200,13 +217,15 @@ def plot_sample_grid(df: pl.DataFrame, image_root: Path, n_classes: int, seed: i
                 spine.set_linewidth(2)
         label = "\n".join(textwrap.wrap(name, 16)[:3])
         axes[i][0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
-    fig.suptitle(f"Samples per split ({len(classes)} classes drawn with seed {seed}; caption = {group_col})",
-                 fontsize=10)
+    fig.suptitle(
+        f"Samples per split ({len(classes)} classes drawn with seed {seed}; caption = {group_col})", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=100)
 
 
 # --- markdown -----------------------------------------------------------------------------------------------------
+
 
 def md_table(header: list[str], rows: list[list]) -> str:
     """A Markdown table; `|` inside a cell (a class name may hold one) is escaped. The report uses it too."""
@@ -216,33 +235,63 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 def card_markdown(stats: dict, group_col: str, clean_counts: dict, figures: str = "figures") -> str:
     ipc = stats["images_per_class"]
-    split_rows = [[s, v["images"], f"{100 * v['share']:.1f} %", v["classes"],
-                   f"{v['per_class_min']} / {v['per_class_median']:g} / {v['per_class_max']}",
-                   v["groups"] if v["groups"] is not None else "-"] for s, v in stats["splits"].items()]
+    split_rows = [
+        [
+            s,
+            v["images"],
+            f"{100 * v['share']:.1f} %",
+            v["classes"],
+            f"{v['per_class_min']} / {v['per_class_median']:g} / {v['per_class_max']}",
+            v["groups"] if v["groups"] is not None else "-",
+        ]
+        for s, v in stats["splits"].items()
+    ]
     kept, total = clean_counts.get("kept"), clean_counts.get("input")
     q = stats["quarantine"]
-    md = ["## Dataset card", "",
-          f"**{stats['classes']} classes, {stats['images']} images**"
-          + (f" (cleaning kept {kept} of {total})" if kept is not None and total is not None else "") + ".", "",
-          md_table(["split", "images", "share", "classes", "images per class (min / median / max)", f"{group_col}s"],
-                 split_rows), "",
-          f"Images per class: min {ipc['min']}, median {ipc['median']:g}, mean {ipc['mean']:g}, max {ipc['max']}; "
-          "largest: " + ", ".join(f"{name} ({n})" for name, n in stats["largest_classes"]) + "."]
+    md = [
+        "## Dataset card",
+        "",
+        f"**{stats['classes']} classes, {stats['images']} images**"
+        + (f" (cleaning kept {kept} of {total})" if kept is not None and total is not None else "")
+        + ".",
+        "",
+        md_table(
+            ["split", "images", "share", "classes", "images per class (min / median / max)", f"{group_col}s"],
+            split_rows,
+        ),
+        "",
+        f"Images per class: min {ipc['min']}, median {ipc['median']:g}, mean {ipc['mean']:g}, max {ipc['max']}; "
+        "largest: " + ", ".join(f"{name} ({n})" for name, n in stats["largest_classes"]) + ".",
+    ]
     near = stats.get("near_duplicate_groups")
     if near and near["groups"]:
-        md += ["", f"Near-duplicate groups: {near['groups']} groups, {near['images']} images, each group inside one "
-                   "split."]
-    md += ["", f"Quarantined: {q['total']} images"
-           + (" by reason:" if q["by_reason"] else " (none)."), ""]
+        md += [
+            "",
+            f"Near-duplicate groups: {near['groups']} groups, {near['images']} images, each group inside one split.",
+        ]
+    md += ["", f"Quarantined: {q['total']} images" + (" by reason:" if q["by_reason"] else " (none)."), ""]
     if q["by_reason"]:
         md += [md_table(["reason", "images"], [[r, n] for r, n in q["by_reason"].items()]), ""]
-    md += [f"![dataset: long tail, splits, quarantine]({figures}/{DATASET_FIGURE})", "",
-           f"![samples per split]({figures}/{SAMPLES_FIGURE})", ""]
+    md += [
+        f"![dataset: long tail, splits, quarantine]({figures}/{DATASET_FIGURE})",
+        "",
+        f"![samples per split]({figures}/{SAMPLES_FIGURE})",
+        "",
+    ]
     return "\n".join(md)
 
 
-def write_card(df: pl.DataFrame, quarantine: pl.DataFrame, image_root: Path, out_dir: Path, *, group_col: str,
-               grid_classes: int, seed: int, clean_counts: dict | None = None) -> Card:
+def write_card(
+    df: pl.DataFrame,
+    quarantine: pl.DataFrame,
+    image_root: Path,
+    out_dir: Path,
+    *,
+    group_col: str,
+    grid_classes: int,
+    seed: int,
+    clean_counts: dict | None = None,
+) -> Card:
     """Figures into out_dir/figures, dataset_card.md and dataset_card.json into out_dir; returns the section."""
     figs = out_dir / "figures"
     figs.mkdir(parents=True, exist_ok=True)

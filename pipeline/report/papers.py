@@ -29,9 +29,12 @@ class PaperResult:
 @cache
 def tables() -> pl.DataFrame:
     """Every row of both tables, with a `source` column."""
-    frames = [pl.read_csv(FOLDER / name, comment_prefix="#", schema_overrides={"ours": pl.String, "std": pl.Float64})
-              .select("dataset", "method", "ours", "img_size", "top1", "std").with_columns(source=pl.lit(label))
-              for name, label in TABLES.items()]
+    frames = [
+        pl.read_csv(FOLDER / name, comment_prefix="#", schema_overrides={"ours": pl.String, "std": pl.Float64})
+        .select("dataset", "method", "ours", "img_size", "top1", "std")
+        .with_columns(source=pl.lit(label))
+        for name, label in TABLES.items()
+    ]
     return pl.concat(frames)
 
 
@@ -53,10 +56,14 @@ def paper_top1(dataset: str | None, train_cfg: dict) -> PaperResult | None:
     """The papers' top-1 for this dataset, method and image size; None where they report none."""
     if not reports(dataset):
         return None
-    rows = tables().filter((pl.col("dataset") == dataset) & (pl.col("ours") == method_key(train_cfg))
-                           & (pl.col("img_size") == train_cfg["img_size"]))
+    rows = tables().filter(
+        (pl.col("dataset") == dataset)
+        & (pl.col("ours") == method_key(train_cfg))
+        & (pl.col("img_size") == train_cfg["img_size"])
+    )
     if rows.height == 0:
         return None
     row = rows.row(0, named=True)
-    return PaperResult(row["top1"] / 100, None if row["std"] is None else row["std"] / 100, row["method"],
-                       row["source"])
+    return PaperResult(
+        row["top1"] / 100, None if row["std"] is None else row["std"] / 100, row["method"], row["source"]
+    )

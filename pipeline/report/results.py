@@ -32,10 +32,16 @@ class VariantPaths:
         """dvc.yaml's layout: metrics/{train,evaluate}/<v>.json over the seeds; models/<v>/seed<N>/ and
         plots/<kind>/<v>/seed<N>.csv|npz of one seed (the figures show one run, the tables the mean)."""
         one = seed_dir(Path(), seed).name
-        return cls(models / name / one, metrics / "train" / f"{name}.json", plots / "history" / name / f"{one}.csv",
-                   metrics / "evaluate" / f"{name}.json", plots / "predictions" / name / f"{one}.csv",
-                   plots / "per_class" / name / f"{one}.csv", plots / "confused_pairs" / name / f"{one}.csv",
-                   plots / "samples" / name / f"{one}.npz")
+        return cls(
+            models / name / one,
+            metrics / "train" / f"{name}.json",
+            plots / "history" / name / f"{one}.csv",
+            metrics / "evaluate" / f"{name}.json",
+            plots / "predictions" / name / f"{one}.csv",
+            plots / "per_class" / name / f"{one}.csv",
+            plots / "confused_pairs" / name / f"{one}.csv",
+            plots / "samples" / name / f"{one}.npz",
+        )
 
 
 @dataclass(frozen=True)
@@ -59,27 +65,47 @@ class VariantResult:
 
 def load_variant(name: str, paths: VariantPaths) -> VariantResult:
     """Raises FileNotFoundError naming the first missing file (run `dvc repro` for that variant first)."""
-    for f in (paths.model_dir / "config.yaml", paths.model_dir / "model.pt", paths.train_metrics, paths.history,
-              paths.eval_metrics, paths.predictions, paths.per_class, paths.confused_pairs, paths.samples):
+    for f in (
+        paths.model_dir / "config.yaml",
+        paths.model_dir / "model.pt",
+        paths.train_metrics,
+        paths.history,
+        paths.eval_metrics,
+        paths.predictions,
+        paths.per_class,
+        paths.confused_pairs,
+        paths.samples,
+    ):
         if not f.is_file():
             raise FileNotFoundError(f"report: variant {name!r} has no {f} (run `dvc repro evaluate@{name}`)")
     with np.load(paths.samples, allow_pickle=False) as npz:
         samples = {k: npz[k] for k in npz.files}
     return VariantResult(
-        name=name, train_cfg=yaml.safe_load((paths.model_dir / "config.yaml").read_text())["train"],
+        name=name,
+        train_cfg=yaml.safe_load((paths.model_dir / "config.yaml").read_text())["train"],
         model_file=paths.model_dir / "model.pt",
-        train=json.loads(paths.train_metrics.read_text()), test=json.loads(paths.eval_metrics.read_text()),
-        history=read_history(paths.history), per_class=read_class_table(paths.per_class),
-        predictions=read_class_table(paths.predictions), confused_pairs=read_class_table(paths.confused_pairs),
-        samples=samples)
+        train=json.loads(paths.train_metrics.read_text()),
+        test=json.loads(paths.eval_metrics.read_text()),
+        history=read_history(paths.history),
+        per_class=read_class_table(paths.per_class),
+        predictions=read_class_table(paths.predictions),
+        confused_pairs=read_class_table(paths.confused_pairs),
+        samples=samples,
+    )
 
 
 # Numeric columns of evaluate's CSVs. Every other column (class names, image ids) is text, whatever it looks like:
 # type inference would read class folders `001` and `1` as the same number, or fail when a name after the first rows
 # is not numeric, and could give two variants' files different dtypes.
-CLASS_TABLE_NUMBERS = {"train_images": pl.Int64, "test_images": pl.Int64, "test_acc": pl.Float64,
-                       "count": pl.Int64, "actual_test_images": pl.Int64, "rate": pl.Float64,
-                       "confidence": pl.Float64}
+CLASS_TABLE_NUMBERS = {
+    "train_images": pl.Int64,
+    "test_images": pl.Int64,
+    "test_acc": pl.Float64,
+    "count": pl.Int64,
+    "actual_test_images": pl.Int64,
+    "rate": pl.Float64,
+    "confidence": pl.Float64,
+}
 
 
 def read_class_table(path: Path) -> pl.DataFrame:

@@ -19,9 +19,20 @@ from pipeline import methods
 # torch and timm are imported inside run(): building the CLI parser must stay light (no 3 s torch import).
 
 
-def run(model_name: str, method: str, img_size: int, batch_size: int, num_classes: int = 100, steps: int = 5,
-        rounds: int = 3, warmup: int = 2, precision: str = "fp32", device: str = "auto", threads: int = 2,
-        optimizer: str = "adamw") -> dict:
+def run(
+    model_name: str,
+    method: str,
+    img_size: int,
+    batch_size: int,
+    num_classes: int = 100,
+    steps: int = 5,
+    rounds: int = 3,
+    warmup: int = 2,
+    precision: str = "fp32",
+    device: str = "auto",
+    threads: int = 2,
+    optimizer: str = "adamw",
+) -> dict:
     import torch
     from torch import nn
 
@@ -51,14 +62,26 @@ def run(model_name: str, method: str, img_size: int, batch_size: int, num_classe
         note = "reference is the plain timm ViT of the same backbone (GLSim runs the encoder twice)"
     else:
         note = "same architecture"
-    return {"model": model_name, "method": method, "img_size": img_size, "batch_size": batch_size,
-            "precision": precision, "device": str(dev), "threads": torch.get_num_threads(),
-            "steps": steps, "rounds": rounds, "ours_img_per_s": round(ours_ips, 2),
-            "reference_img_per_s": round(ref_ips, 2), "ratio": round(ours_ips / ref_ips, 3), "note": note}
+    return {
+        "model": model_name,
+        "method": method,
+        "img_size": img_size,
+        "batch_size": batch_size,
+        "precision": precision,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "rounds": rounds,
+        "ours_img_per_s": round(ours_ips, 2),
+        "reference_img_per_s": round(ref_ips, 2),
+        "ratio": round(ours_ips / ref_ips, 3),
+        "note": note,
+    }
 
 
-def _ours(model_name: str, method: str, img_size: int, num_classes: int, optimizer: str, precision: str, x, y,
-          loss_fn, dev):
+def _ours(
+    model_name: str, method: str, img_size: int, num_classes: int, optimizer: str, precision: str, x, y, loss_fn, dev
+):
     """One step of our engine: build_model, the engine's memory format, timm's optimizer, engine.train_step."""
     import torch
     from timm.optim import create_optimizer_v2
@@ -71,8 +94,9 @@ def _ours(model_name: str, method: str, img_size: int, num_classes: int, optimiz
     if use_channels_last(method):  # as the engine trains it
         ours = ours.to(memory_format=torch.channels_last)
         ours_x = x.contiguous(memory_format=torch.channels_last)
-    ours_opt = create_optimizer_v2([p for p in ours.parameters() if p.requires_grad], opt=optimizer, lr=1e-4,
-                                   weight_decay=0.05, foreach=True)
+    ours_opt = create_optimizer_v2(
+        [p for p in ours.parameters() if p.requires_grad], opt=optimizer, lr=1e-4, weight_decay=0.05, foreach=True
+    )
 
     def ours_step():
         train_step(ours, ours_x, y, ours_opt, loss_fn, dev, precision)
@@ -107,11 +131,20 @@ def _reference(model_name: str, method: str, img_size: int, num_classes: int, pr
 
 
 def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="training-step img/s: our engine vs a plain reference loop; `bench loader`: "
-                                     "one worker's img/s per recipe vs decode + resize",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="step", choices=["step", "loader"],
-                   help="step (default): the training step; loader: the data loader's CPU work per worker")
+    p = sub.add_parser(
+        "bench",
+        help="training-step img/s: our engine vs a plain reference loop; `bench loader`: "
+        "one worker's img/s per recipe vs decode + resize",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "what",
+        nargs="?",
+        default="step",
+        choices=["step", "loader"],
+        help="step (default): the training step; loader: the data loader's CPU work per worker",
+    )
     p.add_argument("--images", type=int, default=96, help="loader: synthetic JPEGs per pass")
     p.add_argument("--model", default="tf_efficientnet_lite0", help="timm model name")
     p.add_argument("--method", default="cnn", help="cnn | vit | linear | glsim | ila")
@@ -130,14 +163,27 @@ def add_bench_parser(sub) -> None:
 def _main(args: argparse.Namespace) -> int:
     if args.what == "loader":
         return _main_loader(args)
-    r = run(args.model, args.method, args.img_size, args.batch_size, args.num_classes, args.steps, args.rounds,
-            precision=args.precision, device=args.device, threads=args.threads)
+    r = run(
+        args.model,
+        args.method,
+        args.img_size,
+        args.batch_size,
+        args.num_classes,
+        args.steps,
+        args.rounds,
+        precision=args.precision,
+        device=args.device,
+        threads=args.threads,
+    )
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"{r['method']}/{r['model']} {r['img_size']}px batch {r['batch_size']} {r['precision']} on "
-              f"{r['device']} ({r['threads']} threads): ours {r['ours_img_per_s']} img/s, reference "
-              f"{r['reference_img_per_s']} img/s, ratio {r['ratio']}", file=sys.stdout)
+        print(
+            f"{r['method']}/{r['model']} {r['img_size']}px batch {r['batch_size']} {r['precision']} on "
+            f"{r['device']} ({r['threads']} threads): ours {r['ours_img_per_s']} img/s, reference "
+            f"{r['reference_img_per_s']} img/s, ratio {r['ratio']}",
+            file=sys.stdout,
+        )
     return 0
 
 
@@ -149,8 +195,9 @@ def _main_loader(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r))
         return 0
-    print(f"one worker, {r['images']} JPEGs (256x320, tar shards) -> {r['img_size']} px, median of {r['rounds']} "
-          "rounds:")
+    print(
+        f"one worker, {r['images']} JPEGs (256x320, tar shards) -> {r['img_size']} px, median of {r['rounds']} rounds:"
+    )
     for name, ips in r["img_per_s_per_worker"].items():
         ratio = r["ratio"].get(name)
         print(f"  {name:<20} {ips:8.1f} img/s" + (f"   ratio {ratio:.3f} (to its decode + resize)" if ratio else ""))

@@ -28,8 +28,11 @@ NOT_IN_RUN_KEY = ("train.resume", "train.checkpoint_dir", "train.num_workers", "
 def result_params(flat: dict, prefixes: tuple[str, ...] = ("train.",), drop: tuple[str, ...] = ()) -> dict:
     """Of flattened params, those that decide a run's results: the keys under `prefixes`, the seed and the device,
     minus NOT_IN_RUN_KEY and `drop`. The engine's run key and the sweep's name both use it."""
-    return {k: v for k, v in flat.items() if (k.startswith(prefixes) or k in ("base.seed", "base.device"))
-            and k not in NOT_IN_RUN_KEY and k not in drop}
+    return {
+        k: v
+        for k, v in flat.items()
+        if (k.startswith(prefixes) or k in ("base.seed", "base.device")) and k not in NOT_IN_RUN_KEY and k not in drop
+    }
 
 
 def run_key(flat_params: dict, split_md5: str) -> str:
@@ -41,9 +44,16 @@ def run_key(flat_params: dict, split_md5: str) -> str:
 def rng_state() -> dict:
     """Python, NumPy and torch (CPU + CUDA) generator states as weights_only-loadable values."""
     np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -53,8 +63,9 @@ def set_rng_state(state: dict) -> None:
     random.setstate(_tuples(state["python"]))
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -75,6 +86,8 @@ def load_state(path: Path) -> dict | None:
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} is not a training state of this pipeline (format {STATE_FORMAT}); delete it "
-                         "to start the run from scratch")
+        raise ValueError(
+            f"{path} is not a training state of this pipeline (format {STATE_FORMAT}); delete it "
+            "to start the run from scratch"
+        )
     return state

@@ -64,14 +64,31 @@ class TrainOutputs:
     history_file: Path  # DVC plots: one row per epoch
 
 
-def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int, workers: int, device: torch.device,
-                rank: int = 0, world_size: int = 1, collate_fn=None) -> DataLoader:
+def make_loader(
+    ds: Dataset,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    workers: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    collate_fn=None,
+) -> DataLoader:
     """Order and augmentation come from EpochSampler's (index, epoch) keys: call loader.sampler.set_epoch(e).
     `batch_size` is per process; evaluation shards are padded to equal length (see EpochSampler)."""
     sampler = EpochSampler(len(ds), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=not train)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train and len(sampler) > batch_size,
-                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      worker_init_fn=_worker_init if workers > 0 else None, collate_fn=collate_fn)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=train and len(sampler) > batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        collate_fn=collate_fn,
+    )
 
 
 def _worker_init(worker_id: int) -> None:
@@ -81,22 +98,37 @@ def _worker_init(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
-def device_loaders(cfg: TrainParams, base, tr_df: pl.DataFrame, va_df: pl.DataFrame, image_root: Path, dcfg: dict,
-                   device: torch.device, d: Dist, channels_last: bool, cache: bool) -> tuple[DeviceLoader, ...]:
+def device_loaders(
+    cfg: TrainParams,
+    base,
+    tr_df: pl.DataFrame,
+    va_df: pl.DataFrame,
+    image_root: Path,
+    dcfg: dict,
+    device: torch.device,
+    d: Dist,
+    channels_last: bool,
+    cache: bool,
+) -> tuple[DeviceLoader, ...]:
     """(train, val) loaders whose workers decode and crop to uint8; normalisation and erasing run on `device`."""
     per_rank = cfg.batch_size // d.world
     aug = batch_augment(cfg, dcfg)
     crop = train_transform(cfg, dcfg, base.seed)
     if cfg.decode == "device":  # workers read bytes and draw parameters; the device decodes and crops
-        train_ds, collate, decoder = (EncodedDataset(tr_df, image_root, crop, aug, base.seed), device_decode.collate,
-                                      DeviceDecoder(crop.size, crop.big, dcfg["interpolation"]))
+        train_ds, collate, decoder = (
+            EncodedDataset(tr_df, image_root, crop, aug, base.seed),
+            device_decode.collate,
+            DeviceDecoder(crop.size, crop.big, dcfg["interpolation"]),
+        )
     else:
         train_ds, collate, decoder = ManifestDataset(tr_df, image_root, crop, cache, base.seed, aug), None, None
     val_ds = ManifestDataset(va_df, image_root, eval_transform(cfg.img_size, dcfg, normalize=False), cache)
     train = make_loader(train_ds, per_rank, True, base.seed, cfg.num_workers, device, d.rank, d.world, collate)
     val = make_loader(val_ds, per_rank, False, base.seed, cfg.num_workers, device, d.rank, d.world)
-    return (DeviceLoader(train, device, aug, channels_last, decoder),
-            DeviceLoader(val, device, eval_batch_augment(dcfg)))  # NCHW, as evaluate predicts
+    return (
+        DeviceLoader(train, device, aug, channels_last, decoder),
+        DeviceLoader(val, device, eval_batch_augment(dcfg)),
+    )  # NCHW, as evaluate predicts
 
 
 def use_channels_last(method: str, backbone_cnn: str | None = None) -> bool:
@@ -106,9 +138,17 @@ def use_channels_last(method: str, backbone_cnn: str | None = None) -> bool:
     return method == "cnn" or backbone_cnn is not None
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-               loss_fn: nn.Module, device: torch.device, precision: str, grad_clip: float | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+    precision: str,
+    grad_clip: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step; returns (loss, logits). `python -m pipeline bench` times exactly this function.
 
     grad_clip bounds the L2 norm of all gradients together (GLSim: 1.0); under DDP the gradients are already
@@ -133,8 +173,14 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
-            desc: str = "eval", bar: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    precision: str = "fp32",
+    desc: str = "eval",
+    bar: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, C) as float32 numpy and labels (N,), in loader order."""
     model.eval()
     logits, labels = [], []
@@ -172,9 +218,18 @@ def run_key(params: Params, split_md5: str, variant: str | None = None) -> str:
     return checkpoint.run_key(flat, split_md5)
 
 
-def train(params: Params, split_manifest: Path, image_root: Path, outputs: TrainOutputs, root: Path, *,
-          on_epoch: Callable[[dict], None] | None = None, run_name: str | None = None,
-          tags: dict[str, str] | None = None, on_timing: Callable[[dict], None] | None = None) -> dict:
+def train(
+    params: Params,
+    split_manifest: Path,
+    image_root: Path,
+    outputs: TrainOutputs,
+    root: Path,
+    *,
+    on_epoch: Callable[[dict], None] | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    on_timing: Callable[[dict], None] | None = None,
+) -> dict:
     """Train `params.train` on the train split, select on val; returns the summary that is also written.
 
     Sweeps (pipeline/tuning) call this same function: `on_epoch(row)` receives each epoch's history row after it is
@@ -194,6 +249,7 @@ def train(params: Params, split_manifest: Path, image_root: Path, outputs: Train
 @dataclass(frozen=True)
 class _Hooks:
     """What a caller (a sweep trial, gpu-check) adds to a run: callbacks, and the MLflow run's name and tags."""
+
     on_epoch: Callable[[dict], None] | None
     on_timing: Callable[[dict], None] | None
     run_name: str | None
@@ -211,6 +267,7 @@ class _Data:
 @dataclass
 class _Progress:
     """Everything an epoch advances; the resumable state (checkpoint.py) stores it."""
+
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"val_top1": -1.0, "epoch": 0})
     step: int = 0
@@ -224,8 +281,17 @@ class _Trainer:
     """One training run in phases: data, model, loaders, restore, then per epoch train + validate + checkpoint, and
     finish. The order of the phases is the order the random streams are drawn in: keep it."""
 
-    def __init__(self, params: Params, split_manifest: Path, image_root: Path, outputs: TrainOutputs, root: Path,
-                 d: Dist, device: torch.device, hooks: _Hooks):
+    def __init__(
+        self,
+        params: Params,
+        split_manifest: Path,
+        image_root: Path,
+        outputs: TrainOutputs,
+        root: Path,
+        d: Dist,
+        device: torch.device,
+        hooks: _Hooks,
+    ):
         self.params, self.cfg, self.base = params, params.train, params.base
         self.split_manifest, self.image_root, self.outputs, self.root = split_manifest, image_root, outputs, root
         self.d, self.device, self.hooks = d, device, hooks
@@ -234,8 +300,10 @@ class _Trainer:
     def run(self) -> dict:
         cfg, d = self.cfg, self.d
         if cfg.batch_size % d.world:
-            raise ValueError(f"train.batch_size: {cfg.batch_size} images per step do not split evenly over {d.world} "
-                             "processes (it is the global batch)")
+            raise ValueError(
+                f"train.batch_size: {cfg.batch_size} images per step do not split evenly over {d.world} "
+                "processes (it is the global batch)"
+            )
         # The cores are shared by the processes of one machine.
         seed_everything(self.base.seed, max(1, self.base.threads // d.local_world), self.device)
         self.data = self._data()
@@ -277,8 +345,15 @@ class _Trainer:
 
     def _model(self) -> None:
         cfg = self.cfg
-        model = build_model(cfg.method, cfg.model, len(self.data.classes), cfg.weights, cfg.img_size, root=self.root,
-                            **model_options(cfg, source_dataset(self.params.acquire)))
+        model = build_model(
+            cfg.method,
+            cfg.model,
+            len(self.data.classes),
+            cfg.weights,
+            cfg.img_size,
+            root=self.root,
+            **model_options(cfg, source_dataset(self.params.acquire)),
+        )
         self.dcfg = {**data_config(model), **eval_resize(cfg)}  # in the checkpoint: evaluate resizes the same way
         self.channels_last = use_channels_last(cfg.method, cfg.backbone_cnn)
         model = model.to(self.device)
@@ -286,14 +361,27 @@ class _Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.n_params, self.n_trainable = count_params(model)
-        self.meta = {"classes": self.data.classes, "data_config": self.dcfg,
-                     "precision": cfg.precision,  # evaluate predicts as it trained
-                     "model_spec": model.spec.as_dict()}  # what load_checkpoint rebuilds
+        self.meta = {
+            "classes": self.data.classes,
+            "data_config": self.dcfg,
+            "precision": cfg.precision,  # evaluate predicts as it trained
+            "model_spec": model.spec.as_dict(),
+        }  # what load_checkpoint rebuilds
 
     def _loaders(self) -> tuple[DeviceLoader, DeviceLoader]:
         """(train, val) loaders over the split, on the run's device."""
-        return device_loaders(self.cfg, self.base, self.data.train, self.data.val, self.image_root, self.dcfg,
-                              self.device, self.d, self.channels_last, self.data.cache)
+        return device_loaders(
+            self.cfg,
+            self.base,
+            self.data.train,
+            self.data.val,
+            self.image_root,
+            self.dcfg,
+            self.device,
+            self.d,
+            self.channels_last,
+            self.data.cache,
+        )
 
     def _optimization(self) -> None:
         cfg = self.cfg
@@ -310,8 +398,15 @@ class _Trainer:
         write_text(self.outputs.model_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         if cfg.recipe:
             over = recipe_overrides(cfg)
-            print(f"train: recipe {cfg.recipe}" + (", params.yaml overrides " + ", ".join(
-                f"{k}={v!r} (recipe {r!r})" for k, (v, r) in over.items()) if over else ""), flush=True)
+            print(
+                f"train: recipe {cfg.recipe}"
+                + (
+                    ", params.yaml overrides " + ", ".join(f"{k}={v!r} (recipe {r!r})" for k, (v, r) in over.items())
+                    if over
+                    else ""
+                ),
+                flush=True,
+            )
 
     def _restore(self) -> None:
         """Continue a killed run from its resumable state (train.resume), if one is there."""
@@ -324,11 +419,20 @@ class _Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
-        self.progress = _Progress(state["history"], state["best"], state["step"], state["images_seen"],
-                                  state["train_seconds"], state["epoch"], state["run_id"])
+        self.progress = _Progress(
+            state["history"],
+            state["best"],
+            state["step"],
+            state["images_seen"],
+            state["train_seconds"],
+            state["epoch"],
+            state["run_id"],
+        )
         if self.d.main:
-            print(f"train: resuming after epoch {state['epoch']}/{self.cfg.epochs} from {self.ckpt_dir / 'last.pt'}",
-                  flush=True)
+            print(
+                f"train: resuming after epoch {state['epoch']}/{self.cfg.epochs} from {self.ckpt_dir / 'last.pt'}",
+                flush=True,
+            )
 
     def _tracked_run(self, split_md5: str):
         """Rank 0's MLflow run (a resumed run continues its own), tagged once; other ranks track nothing."""
@@ -339,15 +443,30 @@ class _Trainer:
         run = tracking.start_or_resume_run(experiment_id, p.run_id, self.hooks.run_name or f"{cfg.method}-{cfg.model}")
         if p.run_id is None:
             tracking.log_params({k: v for k, v in flatten(self.params).items() if not k.startswith("variants.")})
-            tracking.set_tags({
-                "git_commit": tracking.git_commit(self.root), "split_manifest_md5": split_md5,
-                "device": str(self.device), "torch": torch.__version__, "timm": _timm_version(), "stage": "train",
-                "method": cfg.method, "model": cfg.model, "recipe": cfg.recipe or "none",
-                "processes": str(self.d.world),
-                "weights": describe_weights(cfg.model, cfg.weights, cfg.backbone_cnn), **self.hooks.tags})
+            tracking.set_tags(
+                {
+                    "git_commit": tracking.git_commit(self.root),
+                    "split_manifest_md5": split_md5,
+                    "device": str(self.device),
+                    "torch": torch.__version__,
+                    "timm": _timm_version(),
+                    "stage": "train",
+                    "method": cfg.method,
+                    "model": cfg.model,
+                    "recipe": cfg.recipe or "none",
+                    "processes": str(self.d.world),
+                    "weights": describe_weights(cfg.model, cfg.weights, cfg.backbone_cnn),
+                    **self.hooks.tags,
+                }
+            )
             tracking.tag_provenance(self.root, tracking.stage_name("train", self.hooks.tags), self.split_manifest)
-            tracking.log_params({"params_total": self.n_params, "params_trainable": self.n_trainable,
-                                 "num_classes": len(self.data.classes)})
+            tracking.log_params(
+                {
+                    "params_total": self.n_params,
+                    "params_trainable": self.n_trainable,
+                    "num_classes": len(self.data.classes),
+                }
+            )
         return run
 
     def _epoch(self, epoch: int) -> tuple[dict, float]:
@@ -356,22 +475,45 @@ class _Trainer:
         self.net.train(not getattr(self.model, "frozen_backbone", False))  # a linear probe keeps BatchNorm
         # statistics and dropout of the backbone fixed
         te = time.perf_counter()
-        loss_sum, correct, seen, p.step = _train_epoch(self.net, self.train_loader, self.optimizer, self.scheduler,
-                                                       self.loss_fn, device, self.cfg, p.step, self.scaler,
-                                                       self.channels_last, d, epoch)
+        loss_sum, correct, seen, p.step = _train_epoch(
+            self.net,
+            self.train_loader,
+            self.optimizer,
+            self.scheduler,
+            self.loss_fn,
+            device,
+            self.cfg,
+            p.step,
+            self.scaler,
+            self.channels_last,
+            d,
+            epoch,
+        )
         synchronize(device)
         pass_seconds = time.perf_counter() - te
         loss_sum, correct, seen = distributed.sum_all([loss_sum, correct, seen], d, device)
         p.images_seen, p.train_seconds = p.images_seen + int(seen), p.train_seconds + time.perf_counter() - te
         if self.hooks.on_timing is not None and d.main:
             self.hooks.on_timing({"epoch": epoch, "train_seconds": pass_seconds, "images": int(seen)})
-        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
-               "lr": self.optimizer.param_groups[0]["lr"]}
+        row = {
+            "epoch": epoch,
+            "train_loss": loss_sum / seen,
+            "train_top1": correct / seen,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
         epoch_seconds = time.perf_counter() - te
         distributed.sync_buffers(self.model, d)  # one set of BatchNorm statistics for validation and checkpoints
         if self.data.val.height:
-            row |= validate(self.model, self.val_loader, self.data.val.height, len(self.data.classes),
-                            self.cfg.precision, device, d, self.params.evaluate.top_k)
+            row |= validate(
+                self.model,
+                self.val_loader,
+                self.data.val.height,
+                len(self.data.classes),
+                self.cfg.precision,
+                device,
+                d,
+                self.params.evaluate.top_k,
+            )
         return row, epoch_seconds
 
     def _checkpoint(self, row: dict, epoch: int, epoch_seconds: float, run) -> None:
@@ -387,18 +529,31 @@ class _Trainer:
         if not self.d.main:
             return
         # Seconds go to MLflow only: in the DVC outputs they would change every rerun's hashes.
-        tracking.log_metrics({**{k: v for k, v in row.items() if k != "epoch"}, "epoch_seconds": epoch_seconds},
-                             step=epoch)
+        tracking.log_metrics(
+            {**{k: v for k, v in row.items() if k != "epoch"}, "epoch_seconds": epoch_seconds}, step=epoch
+        )
         if improved:
             save_checkpoint(self.ckpt_dir / "best.pt", self.model, {**self.meta, "epoch": epoch})
-        checkpoint.save_state(self.ckpt_dir / "last.pt", model=self.model.state_dict(),
-                              optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                              scaler=self.scaler.state_dict() if self.scaler is not None else None, epoch=epoch,
-                              step=p.step, history=p.history, best=p.best, images_seen=p.images_seen,
-                              train_seconds=p.train_seconds, run_id=run.info.run_id)
-        print(f"epoch {epoch}/{self.cfg.epochs}  loss {row['train_loss']:.3f}  train {row['train_top1']:.3f}"
-              + (f"  val {row['val_top1']:.3f}" if "val_top1" in row else "") + f"  ({epoch_seconds:.1f}s)",
-              flush=True)
+        checkpoint.save_state(
+            self.ckpt_dir / "last.pt",
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            epoch=epoch,
+            step=p.step,
+            history=p.history,
+            best=p.best,
+            images_seen=p.images_seen,
+            train_seconds=p.train_seconds,
+            run_id=run.info.run_id,
+        )
+        print(
+            f"epoch {epoch}/{self.cfg.epochs}  loss {row['train_loss']:.3f}  train {row['train_top1']:.3f}"
+            + (f"  val {row['val_top1']:.3f}" if "val_top1" in row else "")
+            + f"  ({epoch_seconds:.1f}s)",
+            flush=True,
+        )
         if self.hooks.on_epoch is not None:
             self.hooks.on_epoch(row)
 
@@ -406,13 +561,22 @@ class _Trainer:
         """The summary (a DVC metrics file: only what the same inputs reproduce; timings go to MLflow) and, on rank
         0, the DVC outputs and their MLflow copies."""
         p, data = self.progress, self.data
-        summary = {"best_epoch": p.best["epoch"], "epochs": self.cfg.epochs, "train_images": data.train.height,
-                   "val_images": data.val.height, "num_classes": len(data.classes), "params_total": self.n_params,
-                   "params_trainable": self.n_trainable, "processes": self.d.world}
+        summary = {
+            "best_epoch": p.best["epoch"],
+            "epochs": self.cfg.epochs,
+            "train_images": data.train.height,
+            "val_images": data.val.height,
+            "num_classes": len(data.classes),
+            "params_total": self.n_params,
+            "params_trainable": self.n_trainable,
+            "processes": self.d.world,
+        }
         if data.val.height:
             summary["best_val_top1"] = p.best["val_top1"]
-        timings = {"train_seconds": round(p.train_seconds, 2),
-                   "train_img_per_s": round(p.images_seen / max(p.train_seconds, 1e-9), 2)}
+        timings = {
+            "train_seconds": round(p.train_seconds, 2),
+            "train_img_per_s": round(p.images_seen / max(p.train_seconds, 1e-9), 2),
+        }
         if self.d.main:
             _write_outputs(self.ckpt_dir, self.outputs, p.history, summary, timings)
         return summary
@@ -421,10 +585,13 @@ class _Trainer:
         """Rank 0, finished: the resumable state has served its purpose."""
         cfg, best = self.cfg, self.progress.best
         shutil.rmtree(self.ckpt_dir, ignore_errors=True)
-        print(f"train: {cfg.method}/{cfg.model} {len(self.data.classes)} classes, best epoch {best['epoch']}"
-              + (f" val top-1 {best['val_top1']:.3f}" if self.data.val.height else "")
-              + f", {seconds:.0f}s" + (f" on {self.d.world} processes" if self.d.enabled else "")
-              + f", MLflow run {run.info.run_id}")
+        print(
+            f"train: {cfg.method}/{cfg.model} {len(self.data.classes)} classes, best epoch {best['epoch']}"
+            + (f" val top-1 {best['val_top1']:.3f}" if self.data.val.height else "")
+            + f", {seconds:.0f}s"
+            + (f" on {self.d.world} processes" if self.d.enabled else "")
+            + f", MLflow run {run.info.run_id}"
+        )
 
 
 def _begin_epoch(loader: DeviceLoader, seed: int, epoch: int, d: Dist) -> None:
@@ -436,8 +603,7 @@ def _begin_epoch(loader: DeviceLoader, seed: int, epoch: int, d: Dist) -> None:
     loader.start()
 
 
-def make_optimizer(model: nn.Module, cfg: TrainParams, updates_per_epoch: int,
-                   device: torch.device | None = None):
+def make_optimizer(model: nn.Module, cfg: TrainParams, updates_per_epoch: int, device: torch.device | None = None):
     """timm's optimizer and per-step cosine schedule (warm-up from 1e-6, as GLSim's trainer)."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -451,15 +617,33 @@ def make_optimizer(model: nn.Module, cfg: TrainParams, updates_per_epoch: int,
     warmup = cfg.warmup_epochs if cfg.warmup_steps is None else cfg.warmup_steps / updates_per_epoch
     # timm's default (warmup_prefix=False), as the GLSim/ILA trainers use it: the cosine spans the whole run and the
     # warm-up overlays its start, so the lr peaks a little below train.lr when the warm-up ends.
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=warmup,
-                                       warmup_lr=1e-6, min_lr=cfg.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=updates_per_epoch)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched="cosine",
+        num_epochs=cfg.epochs,
+        warmup_epochs=warmup,
+        warmup_lr=1e-6,
+        min_lr=cfg.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
     return optimizer, scheduler
 
 
-def _train_epoch(net: nn.Module, loader: DeviceLoader, optimizer, scheduler, loss_fn: nn.Module,
-                 device: torch.device, cfg: TrainParams, step: int, scaler, channels_last: bool, d: Dist,
-                 epoch: int) -> tuple[float, int, int, int]:
+def _train_epoch(
+    net: nn.Module,
+    loader: DeviceLoader,
+    optimizer,
+    scheduler,
+    loss_fn: nn.Module,
+    device: torch.device,
+    cfg: TrainParams,
+    step: int,
+    scaler,
+    channels_last: bool,
+    d: Dist,
+    epoch: int,
+) -> tuple[float, int, int, int]:
     """One pass over this rank's shard; returns (loss sum, correct, images, global step) of this rank.
 
     The sums stay on the device and are read once per epoch: a per-step .item() would make the CPU wait for the
@@ -480,8 +664,16 @@ def _train_epoch(net: nn.Module, loader: DeviceLoader, optimizer, scheduler, los
     return loss_sum.item(), int(correct.item()), seen, step
 
 
-def validate(model: nn.Module, loader: DataLoader, n: int, num_classes: int, precision: str,
-              device: torch.device, d: Dist, top_k: int = 5) -> dict:
+def validate(
+    model: nn.Module,
+    loader: DataLoader,
+    n: int,
+    num_classes: int,
+    precision: str,
+    device: torch.device,
+    d: Dist,
+    top_k: int = 5,
+) -> dict:
     """Val loss/top-1/top-k (evaluate.top_k) over the whole val split: each rank predicts its shard, all ranks get
     all logits."""
     logits, labels = predict(model, loader, device, precision, desc="val", bar=d.main)
@@ -491,19 +683,28 @@ def validate(model: nn.Module, loader: DataLoader, n: int, num_classes: int, pre
     return {"val_loss": float(loss), "val_top1": s["top1"], f"val_top{top_k}": s[f"top{top_k}"]}
 
 
-def _write_outputs(ckpt_dir: Path, outputs: TrainOutputs, history: list[dict], summary: dict,
-                   timings: dict) -> None:
+def _write_outputs(ckpt_dir: Path, outputs: TrainOutputs, history: list[dict], summary: dict, timings: dict) -> None:
     """Rank 0: the DVC outputs (best checkpoint, history, metrics) and their MLflow copies. The run is tagged with
     the checkpoint's md5, which is how evaluate, report and predict find it (no run id in the DVC outputs)."""
     shutil.copyfile(ckpt_dir / "best.pt", outputs.model_dir / "model.pt")
     _write_history(outputs.history_file, history)
     write_json(outputs.metrics_file, summary)
     tracking.set_tags({tracking.MODEL_MD5_TAG: md5_file(outputs.model_dir / "model.pt")})
-    tracking.log_metrics({k: float(v) for k, v in {**summary, **timings}.items()
-                          if k in ("best_val_top1", "train_seconds", "train_img_per_s")})
-    tracking.log_artifacts_as({"config.yaml": outputs.model_dir / "config.yaml",
-                               "model.pt": outputs.model_dir / "model.pt", "train_history.csv": outputs.history_file,
-                               "train_metrics.json": outputs.metrics_file})
+    tracking.log_metrics(
+        {
+            k: float(v)
+            for k, v in {**summary, **timings}.items()
+            if k in ("best_val_top1", "train_seconds", "train_img_per_s")
+        }
+    )
+    tracking.log_artifacts_as(
+        {
+            "config.yaml": outputs.model_dir / "config.yaml",
+            "model.pt": outputs.model_dir / "model.pt",
+            "train_history.csv": outputs.history_file,
+            "train_metrics.json": outputs.metrics_file,
+        }
+    )
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

@@ -44,12 +44,14 @@ class EvalOutputs:
     @classmethod
     def in_folder(cls, metrics: Path, folder: Path) -> EvalOutputs:
         """All but the metrics in one folder, under fixed names (tests, ad-hoc runs)."""
-        return cls(metrics, *(folder / n for n in ("predictions.csv", "per_class.csv", "confused_pairs.csv",
-                                                   "samples.npz")))
+        return cls(
+            metrics, *(folder / n for n in ("predictions.csv", "per_class.csv", "confused_pairs.csv", "samples.npz"))
+        )
 
 
-def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: Path, out: EvalOutputs,
-             root: Path) -> dict:
+def evaluate(
+    params: Params, split_manifest: Path, image_root: Path, model_dir: Path, out: EvalOutputs, root: Path
+) -> dict:
     """Test-split metrics of model_dir/model.pt (DVC metrics + plots in `out`), logged to the run that trained it."""
     base, cfg = params.base, params.evaluate
     device = resolve_device(base.device)
@@ -70,36 +72,82 @@ def evaluate(params: Params, split_manifest: Path, image_root: Path, model_dir: 
     train_counts = np.array([n_train.get(name, 0) for name in classes])
     groups = frequency_groups(train_counts, cfg.head_above, cfg.tail_below)
     by_group = group_accuracy(s["per_class"], groups)
-    metrics = {"test_top1": s["top1"], f"test_top{cfg.top_k}": s[f"top{cfg.top_k}"],
-               "test_macro_acc": s["macro_acc"], "test_class_acc_std": s["class_acc_std"], "test_images": s["n"],
-               "test_classes": int(test["class_id"].n_unique()), "chance_top1": 1.0 / len(classes),
-               "checkpoint_epoch": int(ckpt.get("epoch", 0))} | _cost(model, spec.img_size, device)
-    for g in GROUPS:  # a group without test classes is left out (JSON has no NaN), its class count is 0
-        if g in by_group:
-            metrics[f"test_{g}_acc"] = by_group[g]["acc"]
-        metrics[f"test_{g}_classes"] = by_group.get(g, {}).get("classes", 0)
+    metrics = _test_metrics(s, cfg.top_k, test, classes, ckpt, by_group) | _cost(model, spec.img_size, device)
     write_json(out.metrics, metrics)
     img_per_s = forward_throughput(model, spec.img_size, cfg.batch_size, device)  # MLflow only: differs every run
 
     pred, confidence = logits.argmax(1), torch.from_numpy(logits).softmax(1).max(1).values.numpy()
     _write_predictions(out.predictions, test["image_id"].to_list(), labels, pred, confidence, classes)
-    n_test = np.bincount(labels, minlength=len(classes))
-    _write_csv(out.per_class, ["class_name", "train_images", "test_images", "test_acc", "frequency"],
-               [[name, int(train_counts[c]), int(n_test[c]), f"{s['per_class'][c]:.4f}", groups[c]]
-                for c, name in enumerate(classes) if n_test[c]])
-    _write_csv(out.confused_pairs, ["actual", "predicted", "count", "actual_test_images", "rate"],
-               [[classes[a], classes[p], n, int(n_test[a]), f"{n / n_test[a]:.4f}"]
-                for a, p, n in confused_pairs(pred, labels, cfg.confused_pairs)])
-    picks = np.sort(np.random.default_rng(base.seed).choice(test.height, min(cfg.sample_images, test.height),
-                                                            replace=False))
-    write_samples(out.samples, model, dataset, picks, test["image_id"].to_list(), classes, pred[picks],
-                  confidence[picks], ckpt["data_config"], device)
+    _write_class_tables(out, classes, labels, pred, s["per_class"], train_counts, groups, cfg.confused_pairs)
+    picks = np.sort(
+        np.random.default_rng(base.seed).choice(test.height, min(cfg.sample_images, test.height), replace=False)
+    )
+    ids = test["image_id"].to_list()
+    write_samples(
+        out.samples, model, dataset, picks, ids, classes, pred[picks], confidence[picks], ckpt["data_config"], device
+    )
     _track(params, root, model_dir, split_manifest, out, metrics | {"test_img_per_s": img_per_s})
-    print(f"evaluate: test top-1 {metrics['test_top1']:.3f}, top-{cfg.top_k} {metrics[f'test_top{cfg.top_k}']:.3f} "
-          f"on {metrics['test_images']} images ({len(classes)} classes, chance {metrics['chance_top1']:.4f}); "
-          f"macro {metrics['test_macro_acc']:.3f} +- {metrics['test_class_acc_std']:.3f}; "
-          + ", ".join(f"{g} {by_group[g]['acc']:.3f} ({by_group[g]['classes']} classes)" for g in by_group))
+    print(_summary_line(metrics, cfg.top_k, len(classes), by_group))
     return metrics
+
+
+def _test_metrics(s: dict, top_k: int, test: pl.DataFrame, classes: list[str], ckpt: dict, by_group: dict) -> dict:
+    """The DVC metrics of one checkpoint: accuracies, counts, chance and per frequency group."""
+    metrics = {
+        "test_top1": s["top1"],
+        f"test_top{top_k}": s[f"top{top_k}"],
+        "test_macro_acc": s["macro_acc"],
+        "test_class_acc_std": s["class_acc_std"],
+        "test_images": s["n"],
+        "test_classes": int(test["class_id"].n_unique()),
+        "chance_top1": 1.0 / len(classes),
+        "checkpoint_epoch": int(ckpt.get("epoch", 0)),
+    }
+    for g in GROUPS:  # a group without test classes is left out (JSON has no NaN), its class count is 0
+        if g in by_group:
+            metrics[f"test_{g}_acc"] = by_group[g]["acc"]
+        metrics[f"test_{g}_classes"] = by_group.get(g, {}).get("classes", 0)
+    return metrics
+
+
+def _write_class_tables(
+    out: EvalOutputs,
+    classes: list[str],
+    labels: np.ndarray,
+    pred: np.ndarray,
+    per_class: np.ndarray,
+    train_counts: np.ndarray,
+    groups: list[str],
+    n_pairs: int,
+) -> None:
+    """The per-class accuracy table and the most frequent confusions (DVC plots)."""
+    n_test = np.bincount(labels, minlength=len(classes))
+    _write_csv(
+        out.per_class,
+        ["class_name", "train_images", "test_images", "test_acc", "frequency"],
+        [
+            [name, int(train_counts[c]), int(n_test[c]), f"{per_class[c]:.4f}", groups[c]]
+            for c, name in enumerate(classes)
+            if n_test[c]
+        ],
+    )
+    _write_csv(
+        out.confused_pairs,
+        ["actual", "predicted", "count", "actual_test_images", "rate"],
+        [
+            [classes[a], classes[p], n, int(n_test[a]), f"{n / n_test[a]:.4f}"]
+            for a, p, n in confused_pairs(pred, labels, n_pairs)
+        ],
+    )
+
+
+def _summary_line(metrics: dict, top_k: int, n_classes: int, by_group: dict) -> str:
+    return (
+        f"evaluate: test top-1 {metrics['test_top1']:.3f}, top-{top_k} {metrics[f'test_top{top_k}']:.3f} "
+        f"on {metrics['test_images']} images ({n_classes} classes, chance {metrics['chance_top1']:.4f}); "
+        f"macro {metrics['test_macro_acc']:.3f} +- {metrics['test_class_acc_std']:.3f}; "
+        + ", ".join(f"{g} {by_group[g]['acc']:.3f} ({by_group[g]['classes']} classes)" for g in by_group)
+    )
 
 
 def _test_split(df: pl.DataFrame, classes: list[str], split_manifest: Path, model_file: Path) -> pl.DataFrame:
@@ -110,30 +158,36 @@ def _test_split(df: pl.DataFrame, classes: list[str], split_manifest: Path, mode
         raise ValueError(f"{split_manifest}: the test split is empty")
     unknown = set(test["class_name"]) - set(classes)
     if unknown:
-        raise ValueError(f"{len(unknown)} test classes are not in the checkpoint {model_file} "
-                         f"(e.g. {sorted(unknown)[:3]}): re-run train on this split")
+        raise ValueError(
+            f"{len(unknown)} test classes are not in the checkpoint {model_file} "
+            f"(e.g. {sorted(unknown)[:3]}): re-run train on this split"
+        )
     index = {name: i for i, name in enumerate(classes)}
     return test.with_columns(pl.col("class_name").replace_strict(index, return_dtype=pl.Int64).alias("class_id"))
 
 
-def _track(params: Params, root: Path, model_dir: Path, split_manifest: Path, out: EvalOutputs,
-           metrics: dict) -> None:
+def _track(params: Params, root: Path, model_dir: Path, split_manifest: Path, out: EvalOutputs, metrics: dict) -> None:
     """Log the metrics and files to the MLflow run that trained the model (found by the checkpoint's md5)."""
     from pipeline import tracking
 
     experiment_id = tracking.setup(params.base, root)
     run = tracking.train_run_of(model_dir / "model.pt", experiment_id)
     if run is None:  # trained elsewhere (another store): the results get a run of their own
-        print(f"evaluate: no train run in MLflow wrote {model_dir / 'model.pt'}; logging to a new run",
-              file=sys.stderr)
-    with tracking.start_run(experiment_id, run.info.run_id if run is not None else None,
-                            run_name=f"evaluate-{model_dir.name}", tags={"stage": "evaluate"}):
+        print(f"evaluate: no train run in MLflow wrote {model_dir / 'model.pt'}; logging to a new run", file=sys.stderr)
+    with tracking.start_run(
+        experiment_id,
+        run.info.run_id if run is not None else None,
+        run_name=f"evaluate-{model_dir.name}",
+        tags={"stage": "evaluate"},
+    ):
         # On the train run the evaluate stage's own provenance is namespaced: the run's plain tags are train's.
-        tracking.tag_provenance(root, f"evaluate@{model_dir.name}", split_manifest,
-                                prefix="evaluate." if run is not None else "")
+        tracking.tag_provenance(
+            root, f"evaluate@{model_dir.name}", split_manifest, prefix="evaluate." if run is not None else ""
+        )
         tracking.log_metrics({k: float(v) for k, v in metrics.items()})
-        tracking.log_artifacts_as({"test_metrics.json": out.metrics, "per_class.csv": out.per_class,
-                                   "confused_pairs.csv": out.confused_pairs})
+        tracking.log_artifacts_as(
+            {"test_metrics.json": out.metrics, "per_class.csv": out.per_class, "confused_pairs.csv": out.confused_pairs}
+        )
 
 
 def _cost(model, img_size: int, device: torch.device) -> dict:
@@ -150,14 +204,17 @@ def forward_throughput(model, img_size: int, batch_size: int, device: torch.devi
     machine's other load, not the model)."""
     from pipeline.models.profile import measure_throughput
 
-    return max(measure_throughput(model, img_size, batch_size, device, warmup=1, iters=3)[0]
-               for _ in range(repeats))
+    return max(measure_throughput(model, img_size, batch_size, device, warmup=1, iters=3)[0] for _ in range(repeats))
 
 
-def _write_predictions(path: Path, image_ids: list, labels: np.ndarray, pred: np.ndarray, confidence: np.ndarray,
-                       classes: list[str]) -> None:
-    _write_csv(path, ["image_id", "actual", "predicted", "confidence"],
-               [[i, classes[y], classes[p], f"{c:.4f}"] for i, y, p, c in zip(image_ids, labels, pred, confidence)])
+def _write_predictions(
+    path: Path, image_ids: list, labels: np.ndarray, pred: np.ndarray, confidence: np.ndarray, classes: list[str]
+) -> None:
+    _write_csv(
+        path,
+        ["image_id", "actual", "predicted", "confidence"],
+        [[i, classes[y], classes[p], f"{c:.4f}"] for i, y, p, c in zip(image_ids, labels, pred, confidence)],
+    )
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -179,17 +236,30 @@ class EvalSeedOutputs:
     @classmethod
     def in_layout(cls, name: str, metrics: Path, plots: Path) -> EvalSeedOutputs:
         """dvc.yaml's evaluate@<name> outputs under the two roots."""
-        return cls(metrics / "evaluate" / f"{name}.json", metrics / "evaluate" / name,
-                   *(plots / kind / name for kind in ("predictions", "per_class", "confused_pairs", "samples")))
+        return cls(
+            metrics / "evaluate" / f"{name}.json",
+            metrics / "evaluate" / name,
+            *(plots / kind / name for kind in ("predictions", "per_class", "confused_pairs", "samples")),
+        )
 
     def of(self, seed: int) -> EvalOutputs:
-        return EvalOutputs(*(seed_dir(folder, seed).with_suffix(ext) for folder, ext in (
-            (self.seed_metrics_dir, ".json"), (self.predictions_dir, ".csv"), (self.per_class_dir, ".csv"),
-            (self.confused_pairs_dir, ".csv"), (self.samples_dir, ".npz"))))
+        return EvalOutputs(
+            *(
+                seed_dir(folder, seed).with_suffix(ext)
+                for folder, ext in (
+                    (self.seed_metrics_dir, ".json"),
+                    (self.predictions_dir, ".csv"),
+                    (self.per_class_dir, ".csv"),
+                    (self.confused_pairs_dir, ".csv"),
+                    (self.samples_dir, ".npz"),
+                )
+            )
+        )
 
 
-def evaluate_seeds(params: Params, split: Path, images: Path, model_dir: Path, out: EvalSeedOutputs,
-                   root: Path) -> dict:
+def evaluate_seeds(
+    params: Params, split: Path, images: Path, model_dir: Path, out: EvalSeedOutputs, root: Path
+) -> dict:
     """Evaluate each seed's model (model_dir/seed<N>/) on the test split; the summary also goes to the parent run."""
     from pipeline import tracking
 
@@ -197,8 +267,9 @@ def evaluate_seeds(params: Params, split: Path, images: Path, model_dir: Path, o
     for seed in params.base.seeds:
         one = seed_dir(model_dir, seed)
         if not (one / "model.pt").is_file():
-            raise FileNotFoundError(f"{one / 'model.pt'}: no model for seed {seed} of base.seeds (run train with "
-                                    "the same base.seeds first)")
+            raise FileNotFoundError(
+                f"{one / 'model.pt'}: no model for seed {seed} of base.seeds (run train with the same base.seeds first)"
+            )
         per_seed[seed] = evaluate(seed_params(params, seed), split, images, one, out.of(seed), root)
     summary = summarize_seeds(per_seed)
     write_json(out.metrics_file, summary)
@@ -206,6 +277,8 @@ def evaluate_seeds(params: Params, split: Path, images: Path, model_dir: Path, o
     group = tracking.parent_of(tracking.train_run_of(first, tracking.setup(params.base, root)))
     if group is not None:
         tracking.log_seed_summary(group, summary)
-    print(f"evaluate: test top-1 {summary['test_top1']:.4f} ± {summary['test_top1_std']:.4f} over "
-          f"{summary['n_seeds']} seeds ({', '.join(f'{v:.4f}' for v in summary['test_top1_seeds'])})")
+    print(
+        f"evaluate: test top-1 {summary['test_top1']:.4f} ± {summary['test_top1_std']:.4f} over "
+        f"{summary['n_seeds']} seeds ({', '.join(f'{v:.4f}' for v in summary['test_top1_seeds'])})"
+    )
     return summary

@@ -21,22 +21,39 @@ AUTHORS_RESIZE = 1.34  # GLSim's test_resize_size = int(image_size * 1.34)
 
 
 def add_evaluate_weights_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate-weights", help="evaluate external weights (e.g. the GLSim authors' checkpoints) "
-                       "on a manifest's test split", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("weights", metavar="WEIGHTS", help="file:PATH, hf-hub:ORG/NAME/FILE (local cache) or "
-                                                      "local-dir:PATH, as train.weights takes them")
-    p.add_argument("--split", required=True, type=Path, help="manifest with a split column (acquire dafre's "
-                                                             "data/raw/manifest.parquet, or the split stage's)")
+    p = sub.add_parser(
+        "evaluate-weights",
+        help="evaluate external weights (e.g. the GLSim authors' checkpoints) on a manifest's test split",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "weights",
+        metavar="WEIGHTS",
+        help="file:PATH, hf-hub:ORG/NAME/FILE (local cache) or local-dir:PATH, as train.weights takes them",
+    )
+    p.add_argument(
+        "--split",
+        required=True,
+        type=Path,
+        help="manifest with a split column (acquire dafre's data/raw/manifest.parquet, or the split stage's)",
+    )
     p.add_argument("--images", required=True, type=Path, help="folder the manifest's paths are relative to")
     p.add_argument("--out", required=True, type=Path, help="output folder: model/, metrics.json, predictions ...")
-    p.add_argument("--method", default=None, help="glsim, vit, cnn, ila (default: ila, or vit for a baseline "
-                                                   "without ILAs, for the ILA authors' checkpoints, else glsim)")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="glsim, vit, cnn, ila (default: ila, or vit for a baseline "
+        "without ILAs, for the ILA authors' checkpoints, else glsim)",
+    )
     p.add_argument("--model", default="vit_base_patch16_224", help="timm name (default vit_base_patch16_224)")
     p.add_argument("--img-size", type=int, help="default: the checkpoint's saved image size, else 224")
     p.add_argument("--top-k", type=int, help="GLSim top-k (default: the checkpoint's dynamic_top, else 8)")
-    p.add_argument("--params", default=None, help="params file for base/evaluate settings (default: params.yaml "
-                                                  "when present, else the built-in defaults)")
+    p.add_argument(
+        "--params",
+        default=None,
+        help="params file for base/evaluate settings (default: params.yaml when present, else the built-in defaults)",
+    )
     p.set_defaults(fn=main)
 
 
@@ -64,19 +81,33 @@ def main(args: argparse.Namespace) -> int:
     model = build_model(method, args.model, head.shape[0], args.weights, size, root=Path.cwd(), **options)
     df = manifest.read(args.split)
     classes = head_classes(df, head.shape[0])
-    dcfg = {"mean": tuple(model.pretrained_cfg["mean"]), "std": tuple(model.pretrained_cfg["std"]),
-            "interpolation": "bicubic" if saved else model.pretrained_cfg.get("interpolation", "bicubic")}
+    dcfg = {
+        "mean": tuple(model.pretrained_cfg["mean"]),
+        "std": tuple(model.pretrained_cfg["std"]),
+        "interpolation": "bicubic" if saved else model.pretrained_cfg.get("interpolation", "bicubic"),
+    }
     if saved:
         dcfg["eval_resize"] = saved.get("test_resize_size") or int(size * AUTHORS_RESIZE)
     model_dir = args.out / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model_dir / "model.pt", model, {
-        "classes": classes, "data_config": dcfg, "precision": "fp32", "weights": args.weights,
-        "model_spec": {"method": method, "model": args.model, "img_size": size}})
-    metrics = evaluate(params, args.split, args.images, model_dir, EvalOutputs.in_folder(args.out / "metrics.json",
-                                                                                        args.out), root)
-    print(f"evaluate-weights: {args.weights}: test top-1 {metrics['test_top1']:.4f} on {metrics['test_images']} "
-          f"images -> {args.out}")
+    save_checkpoint(
+        model_dir / "model.pt",
+        model,
+        {
+            "classes": classes,
+            "data_config": dcfg,
+            "precision": "fp32",
+            "weights": args.weights,
+            "model_spec": {"method": method, "model": args.model, "img_size": size},
+        },
+    )
+    metrics = evaluate(
+        params, args.split, args.images, model_dir, EvalOutputs.in_folder(args.out / "metrics.json", args.out), root
+    )
+    print(
+        f"evaluate-weights: {args.weights}: test top-1 {metrics['test_top1']:.4f} on {metrics['test_images']} "
+        f"images -> {args.out}"
+    )
     return 0
 
 
@@ -90,6 +121,7 @@ def head_classes(df, n: int) -> list[str]:
     names = dict(pairs.iter_rows())
     beyond = [i for i in names if not 0 <= i < n]
     if beyond:
-        raise ValueError(f"{column} {beyond[:5]} of the manifest is outside the weights' {n} head rows: "
-                         "weights of another dataset?")
+        raise ValueError(
+            f"{column} {beyond[:5]} of the manifest is outside the weights' {n} head rows: weights of another dataset?"
+        )
     return [names.get(i, f"class_{i}") for i in range(n)]

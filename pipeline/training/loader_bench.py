@@ -28,8 +28,14 @@ def _config(augment: str, img_size: int):
 
     recipe = RECIPES[augment]
     method = "ila" if recipe == "ila" else "vit"
-    return TrainParams.model_validate({"method": method, "model": "vit_base_patch16_224", "img_size": img_size,
-                                       **({"recipe": recipe} if recipe else {"augment": augment, "hflip": 0.5})})
+    return TrainParams.model_validate(
+        {
+            "method": method,
+            "model": "vit_base_patch16_224",
+            "img_size": img_size,
+            **({"recipe": recipe} if recipe else {"augment": augment, "hflip": 0.5}),
+        }
+    )
 
 
 def _recipe_pass(augment: str, df, root: Path, img_size: int, batch: int, epoch: int):
@@ -38,13 +44,15 @@ def _recipe_pass(augment: str, df, root: Path, img_size: int, batch: int, epoch:
     from pipeline.data.transforms import batch_augment, train_transform
 
     cfg = _config(augment, img_size)
-    ds = ManifestDataset(df, root, train_transform(cfg, DCFG, seed=0), cache=False, seed=0,
-                         device_params=batch_augment(cfg, DCFG))
+    ds = ManifestDataset(
+        df, root, train_transform(cfg, DCFG, seed=0), cache=False, seed=0, device_params=batch_augment(cfg, DCFG)
+    )
 
     def run() -> int:
         for i in range(len(ds)):
             ds[(i, epoch)]
         return len(ds)
+
     return run
 
 
@@ -60,6 +68,7 @@ def _encoded_pass(df, root: Path, img_size: int, epoch: int):
         for i in range(len(ds)):
             ds[(i, epoch)]
         return len(ds)
+
     return run
 
 
@@ -71,14 +80,16 @@ def _collate_pass(augment: str, df, root: Path, img_size: int, batch: int):
     from pipeline.data.transforms import batch_augment, train_transform
 
     cfg = _config(augment, img_size)
-    ds = ManifestDataset(df, root, train_transform(cfg, DCFG, seed=0), cache=False, seed=0,
-                         device_params=batch_augment(cfg, DCFG))
+    ds = ManifestDataset(
+        df, root, train_transform(cfg, DCFG, seed=0), cache=False, seed=0, device_params=batch_augment(cfg, DCFG)
+    )
     items = [ds[(i, 1)] for i in range(min(batch, len(ds)))]
 
     def run() -> int:
         for _ in range(0, len(df), batch):
             default_collate(items)
         return len(df)
+
     return run
 
 
@@ -94,11 +105,18 @@ def _reference_pass(df, root: Path, size: int):
         for i in range(len(ds)):
             cv2.resize(ds.load(i), (size, size), interpolation=cv2.INTER_CUBIC)
         return len(ds)
+
     return run
 
 
-def run(images: int = 96, img_size: int = 224, rounds: int = 5, batch: int = 32, augments=tuple(RECIPES),
-        image_root: Path | None = None) -> dict:
+def run(
+    images: int = 96,
+    img_size: int = 224,
+    rounds: int = 5,
+    batch: int = 32,
+    augments=tuple(RECIPES),
+    image_root: Path | None = None,
+) -> dict:
     """img/s of one worker per recipe and of the reference loop at that recipe's resize size, with their ratio."""
     import cv2
     import torch
@@ -123,17 +141,25 @@ def run(images: int = 96, img_size: int = 224, rounds: int = 5, batch: int = 32,
         times: dict[str, list[float]] = {k: [] for k in sides}
         names = list(sides)
         for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]  # each side goes first in turn
+            order = names[r % len(names) :] + names[: r % len(names)]  # each side goes first in turn
             for name in order:
                 t = time.process_time()  # this process's CPU seconds: other jobs on a shared machine do not count
                 n = sides[name]()
                 times[name].append(time.process_time() - t)
     ips = {k: n / statistics.median(v) for k, v in times.items()}
-    out = {"images": images, "img_size": img_size, "rounds": rounds, "batch": batch, "source": "JPEG 256x320, tar",
-           "img_per_s_per_worker": {k: round(v, 1) for k, v in ips.items()}, "ratio": {}}
+    out = {
+        "images": images,
+        "img_size": img_size,
+        "rounds": rounds,
+        "batch": batch,
+        "source": "JPEG 256x320, tar",
+        "img_per_s_per_worker": {k: round(v, 1) for k, v in ips.items()},
+        "ratio": {},
+    }
     for augment in augments:
         size = img_size if augment == "rrc" else int(img_size * _config(augment, img_size).resize_ratio)
         out["ratio"][augment] = round(ips[augment] / ips[f"decode_resize_{size}"], 3)
-    out[f"ratio_to_decode_resize_{img_size}"] = {a: round(ips[a] / ips[f"decode_resize_{img_size}"], 3)
-                                                 for a in augments}
+    out[f"ratio_to_decode_resize_{img_size}"] = {
+        a: round(ips[a] / ips[f"decode_resize_{img_size}"], 3) for a in augments
+    }
     return out

@@ -8,12 +8,9 @@ that failed before its run started.
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
 from ray import tune
 
 from pipeline import tracking
@@ -21,27 +18,22 @@ from pipeline.config import BaseParams, Params, flatten
 from pipeline.search_space import plain
 
 
-def parent_run(client: MlflowClient, experiment_id: str, name: str, params: Params, root: Path) -> str:
+def parent_run(store: tracking.Store, experiment_id: str, name: str, params: Params, root: Path) -> str:
     """The sweep's run: found again by its tags when a killed sweep resumes, else created with the params."""
-    found = client.search_runs([experiment_id], f"tags.tune_sweep = '{name}' and tags.tune_role = 'parent'",
-                               max_results=1)
+    found = store.runs(experiment_id, f"tags.tune_sweep = '{name}' and tags.tune_role = 'parent'", max_results=1)
     if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
+        store.reopen(found[0].info.run_id)
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=name, tags={
-        "stage": "tune", "tune_role": "parent", "tune_sweep": name, **tracking.provenance(root, "tune")})
-    flat = [Param(k, str(v)) for k, v in flatten(params).items() if k.startswith(("base.", "train.", "tune."))]
-    for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run.info.run_id, params=flat[i:i + 100])
-    return run.info.run_id
+    tags = {"stage": "tune", "tune_role": "parent", "tune_sweep": name, **tracking.provenance(root, "tune")}
+    flat = {k: v for k, v in flatten(params).items() if k.startswith(("base.", "train.", "tune."))}
+    return store.create_run(experiment_id, name, tags, flat)
 
 
-def finish_parent(client: MlflowClient, run_id: str, summary: dict, best: dict, best_file: Path) -> None:
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, 0) for k, v in summary.items() if isinstance(v, (int, float))]
-    client.log_batch(run_id, metrics=metrics, tags=_tags({f"best.train.{k}": v for k, v in best.items()}))
-    client.log_artifact(run_id, str(best_file))
-    client.set_terminated(run_id, "FINISHED")
+def finish_parent(store: tracking.Store, run_id: str, summary: dict, best: dict, best_file: Path) -> None:
+    metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+    store.log(run_id, metrics=metrics, tags={f"best.train.{k}": v for k, v in best.items()})
+    store.log_artifact(run_id, best_file)
+    store.end(run_id, "FINISHED")
 
 
 class TrialRuns(tune.Callback):
@@ -61,45 +53,39 @@ class TrialRuns(tune.Callback):
         self._close(trial, "FAILED", _error_line(trial, tracking.tracking_uri(self.base, self.root)))
 
     def _close(self, trial, status: str, error: str | None) -> None:
-        client = MlflowClient(tracking.tracking_uri(self.base, self.root))
-        exp_id = client.get_experiment_by_name(self.base.experiment).experiment_id
-        runs = client.search_runs([exp_id], f"tags.tune_trial_id = '{trial.trial_id}'")
+        store = tracking.Store.of(self.base, self.root)
+        exp_id = store.experiment_id(self.base.experiment)
+        runs = store.runs(exp_id, f"tags.tune_trial_id = '{trial.trial_id}'")
         if not runs:  # failed before the engine started its run: record the trial anyway
-            runs = [self._failed_run(client, exp_id, trial)]
+            runs = [self._failed_run(store, exp_id, trial)]
         *older, latest = sorted(runs, key=lambda r: r.info.start_time)
         for run in older:
             # A killed sweep interrupted this attempt before its first epoch; the trial went on in a newer run.
             if run.info.status == "RUNNING":
-                client.log_batch(run.info.run_id, tags=_tags({"tune_outcome": "interrupted"}))
-                client.set_terminated(run.info.run_id, "KILLED")
+                store.log(run.info.run_id, tags={"tune_outcome": "interrupted"})
+                store.end(run.info.run_id, "KILLED")
         last_epoch = (trial.last_result or {}).get("epoch", 0)
         tags = {"tune_outcome": "failed" if error else _outcome(latest, last_epoch)}
         if error:
             tags["tune_error"] = error
-        client.log_batch(latest.info.run_id, tags=_tags(tags))
+        store.log(latest.info.run_id, tags=tags)
         if latest.info.status != status:  # RUNNING when the trial's process ended before the engine closed its run
-            client.set_terminated(latest.info.run_id, status)
+            store.end(latest.info.run_id, status)
         # A stopped or failed trial is never resumed: its resumable state (~50 MB for the default model) can go.
         shutil.rmtree(self.trials_dir / trial.trial_id / "checkpoints", ignore_errors=True)
 
-    def _failed_run(self, client: MlflowClient, exp_id: str, trial):
-        parent = client.search_runs([exp_id], f"tags.tune_sweep = '{self.sweep}' and tags.tune_role = 'parent'",
-                                    max_results=1)
+    def _failed_run(self, store: tracking.Store, exp_id: str, trial):
+        parent = store.runs(exp_id, f"tags.tune_sweep = '{self.sweep}' and tags.tune_role = 'parent'", max_results=1)
         tags = {"stage": "tune", "tune_sweep": self.sweep, "tune_trial_id": trial.trial_id}
         if parent:
             tags["mlflow.parentRunId"] = parent[0].info.run_id
-        run = client.create_run(exp_id, run_name=f"trial-{trial.trial_id}", tags=tags)
-        client.log_batch(run.info.run_id, params=[Param(k, str(plain(v))) for k, v in trial.config.items()])
-        return client.get_run(run.info.run_id)
+        params = {k: plain(v) for k, v in trial.config.items()}
+        return store.get_run(store.create_run(exp_id, f"trial-{trial.trial_id}", tags, params))
 
 
 def _outcome(run, last_epoch: int) -> str:
     epochs = int(run.data.params.get("train.epochs", last_epoch))  # the trial's budget (tune.epochs)
     return "completed" if last_epoch >= epochs else "stopped_early"
-
-
-def _tags(values: dict) -> list[RunTag]:
-    return [RunTag(k, str(v)) for k, v in values.items()]
 
 
 def _error_line(trial, uri: str) -> str:

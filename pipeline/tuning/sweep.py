@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow import MlflowClient
 from ray import tune
 
 from pipeline import search_space as tune_space
@@ -43,6 +42,7 @@ class SweepError(ValueError):
 @dataclass(frozen=True)
 class SweepInputs:
     """What every trial needs besides its config; shipped once through Ray's object store."""
+
     params: Params
     split_manifest: Path
     image_root: Path
@@ -61,15 +61,25 @@ def sweep_name(params: Params, split_manifest: Path) -> str:
 def trial_params(params: Params, config: dict, folder: Path) -> Params:
     """The train stage's params with the trial's values, its epoch budget, its folder and its resources."""
     overrides = {k.removeprefix("train."): plain(v) for k, v in config.items()}
-    train = validate_section(TrainParams, {**params.train.model_dump(), **overrides, "epochs": params.tune.epochs,
-                                           "resume": True, "checkpoint_dir": str(folder / "checkpoints")},
-                             "the trial config", prefix="train.")
+    train = validate_section(
+        TrainParams,
+        {
+            **params.train.model_dump(),
+            **overrides,
+            "epochs": params.tune.epochs,
+            "resume": True,
+            "checkpoint_dir": str(folder / "checkpoints"),
+        },
+        "the trial config",
+        prefix="train.",
+    )
     res = params.tune.resources
     # Ray hides the GPUs a trial did not reserve, so a CPU-only trial must not ask for CUDA; a GPU trial sees only its
     # own GPU (CUDA_VISIBLE_DEVICES), as cuda:0 whatever its id on the node.
     device = params.base.device if res.gpu > 0 else "cpu"
-    base = params.base.model_copy(update={"threads": max(1, math.floor(res.cpu)),
-                                          "device": "cuda" if device.startswith("cuda") else device})
+    base = params.base.model_copy(
+        update={"threads": max(1, math.floor(res.cpu)), "device": "cuda" if device.startswith("cuda") else device}
+    )
     return params.model_copy(update={"train": train, "base": base})
 
 
@@ -85,7 +95,8 @@ def check_trial_device(device: str, gpu_share: float, gpu_ids: list[str]) -> Non
         raise RuntimeError(
             f"base.device={device!r}: Ray gave this trial GPU {','.join(gpu_ids) or 'none'} (tune.resources.gpu="
             f"{gpu_share}) but torch sees no CUDA device on {socket.gethostname()} (CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}); set base.device: auto to train it on the CPU")
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}); set base.device: auto to train it on the CPU"
+        )
 
 
 def train_trial(config: dict, inputs: SweepInputs) -> None:
@@ -101,10 +112,23 @@ def train_trial(config: dict, inputs: SweepInputs) -> None:
     check_trial_device(params.base.device, inputs.params.tune.resources.gpu, gpu_ids)
     os.environ["MLFLOW_TRACKING_URI"] = inputs.tracking_uri  # tracking.setup() prefers it over the project path
     outputs = TrainOutputs(folder / "model", folder / "train.json", folder / "history.csv")
-    tags = {"mlflow.parentRunId": inputs.parent_run_id, "stage": "tune", "tune_sweep": inputs.sweep,
-            "tune_trial_id": trial_id, "tune_gpu_ids": ",".join(gpu_ids) or "none"}
-    train(params, inputs.split_manifest, inputs.image_root, outputs, inputs.root,
-          on_epoch=lambda row: _report(row, params.train.epochs), run_name=f"trial-{trial_id}", tags=tags)
+    tags = {
+        "mlflow.parentRunId": inputs.parent_run_id,
+        "stage": "tune",
+        "tune_sweep": inputs.sweep,
+        "tune_trial_id": trial_id,
+        "tune_gpu_ids": ",".join(gpu_ids) or "none",
+    }
+    train(
+        params,
+        inputs.split_manifest,
+        inputs.image_root,
+        outputs,
+        inputs.root,
+        on_epoch=lambda row: _report(row, params.train.epochs),
+        run_name=f"trial-{trial_id}",
+        tags=tags,
+    )
 
 
 def _report(row: dict, epochs: int) -> None:
@@ -119,8 +143,9 @@ def _report(row: dict, epochs: int) -> None:
         raise
 
 
-def run_sweep(params: Params, split_manifest: Path, image_root: Path, root: Path, best_file: Path,
-              metrics_file: Path) -> dict:
+def run_sweep(
+    params: Params, split_manifest: Path, image_root: Path, root: Path, best_file: Path, metrics_file: Path
+) -> dict:
     """Run (or resume) the sweep, write best_params + metrics, return the summary."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Save the experiment state every second (Ray's default: every 10 s or more), so that a killed sweep re-runs
@@ -134,24 +159,30 @@ def run_sweep(params: Params, split_manifest: Path, image_root: Path, root: Path
     name = sweep_name(params, split_manifest)
     storage = (root / cfg.results_dir).resolve()
     experiment_id = tracking.setup(params.base, root)  # store + experiment made once here, before parallel trials
-    uri = tracking.tracking_uri(params.base, root)
-    client = MlflowClient(uri)
-    parent = parent_run(client, experiment_id, name, params, root)
+    store = tracking.Store.of(params.base, root)
+    uri = store.uri
+    parent = parent_run(store, experiment_id, name, params, root)
     inputs = SweepInputs(params, split_manifest, image_root, root, uri, parent, storage / name / "trials", name)
-    trainable = tune.with_resources(tune.with_parameters(train_trial, inputs=inputs),
-                                    {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, inputs=inputs), {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
+    )
     started_ray = _init_ray()
     try:
         trials = _outcomes(_tuner(trainable, params, root, storage, name).fit(), cfg.metric, cfg.mode, cfg.epochs)
         summary, best = _summarize(trials, cfg.metric, cfg.mode, name)
         # No trial id in the file: a sweep re-run from scratch gets new ids, and train must not re-run for that.
-        write_best(best_file, best["values"], f"sweep {name}: best of {summary['trials']} trials, {cfg.metric} "
-                   f"{best['value']:.4f} at epoch {best['epoch']}")
+        write_best(
+            best_file,
+            best["values"],
+            f"sweep {name}: best of {summary['trials']} trials, {cfg.metric} "
+            f"{best['value']:.4f} at epoch {best['epoch']}",
+        )
         write_json(metrics_file, summary)  # no seconds in the DVC metrics: they change every rerun's hash
-        finish_parent(client, parent, {**summary, "sweep_seconds": round(time.perf_counter() - t0, 1)},
-                      best["values"], best_file)
+        finish_parent(
+            store, parent, {**summary, "sweep_seconds": round(time.perf_counter() - t0, 1)}, best["values"], best_file
+        )
     except BaseException as exc:
-        client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        store.end(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         if started_ray:
@@ -166,11 +197,16 @@ def _tuner(trainable, params: Params, root: Path, storage: Path, name: str) -> t
         print(f"tune: resuming {storage / name} (finished and failed trials are kept)", flush=True)
         return tune.Tuner.restore(str(storage / name), trainable, resume_unfinished=True, resume_errored=False)
     cfg = params.tune
-    run_config = tune.RunConfig(name=name, storage_path=str(storage), verbose=0,  # trials print their epochs
-                                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                callbacks=[TrialRuns(params.base, root, name, storage / name / "trials")])
-    return tune.Tuner(trainable, param_space=tune_space.to_ray(cfg.space), tune_config=_tune_config(params),
-                      run_config=run_config)
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=str(storage),
+        verbose=0,  # trials print their epochs
+        failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+        callbacks=[TrialRuns(params.base, root, name, storage / name / "trials")],
+    )
+    return tune.Tuner(
+        trainable, param_space=tune_space.to_ray(cfg.space), tune_config=_tune_config(params), run_config=run_config
+    )
 
 
 def _init_ray() -> bool:
@@ -196,16 +232,27 @@ def _tune_config(params: Params) -> tune.TuneConfig:
     if cfg.scheduler == "asha":
         # time_attr "epoch" (not Ray's iteration count): rungs stay right when a trial resumes mid-way.
         # stop_last_trials=False: a trial that reaches max_t ends by itself, so the engine writes its outputs.
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=cfg.grace_period,
-                                  reduction_factor=cfg.reduction_factor, stop_last_trials=False)
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=cfg.epochs,
+            grace_period=cfg.grace_period,
+            reduction_factor=cfg.reduction_factor,
+            stop_last_trials=False,
+        )
     elif cfg.scheduler == "median":
         scheduler = MedianStoppingRule(time_attr="epoch", grace_period=cfg.grace_period)
     else:
         scheduler = FIFOScheduler()
     # Ray applies max_concurrent_trials to Searchers (optuna, hyperopt) only; the random search takes it itself.
     limit = cfg.max_concurrent if cfg.search != "random" else None
-    return tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples, scheduler=scheduler,
-                           search_alg=_search_alg(cfg.search, seed, cfg.max_concurrent), max_concurrent_trials=limit)
+    return tune.TuneConfig(
+        metric=cfg.metric,
+        mode=cfg.mode,
+        num_samples=cfg.num_samples,
+        scheduler=scheduler,
+        search_alg=_search_alg(cfg.search, seed, cfg.max_concurrent),
+        max_concurrent_trials=limit,
+    )
 
 
 def _search_alg(name: str, seed: int, max_concurrent: int | None):
@@ -227,8 +274,14 @@ def _outcomes(grid, metric: str, mode: str, epochs: int) -> list[dict]:
     rows = []
     for result in grid:
         df = result.metrics_dataframe
-        row = {"trial_id": (result.metrics or {}).get("trial_id", "?"), "config": result.config,
-               "status": "failed" if result.error else "completed", "epochs": 0, "value": None, "epoch": None}
+        row = {
+            "trial_id": (result.metrics or {}).get("trial_id", "?"),
+            "config": result.config,
+            "status": "failed" if result.error else "completed",
+            "epochs": 0,
+            "value": None,
+            "epoch": None,
+        }
         if df is not None and metric in df.columns and len(df):
             best = df.loc[df[metric].idxmax() if mode == "max" else df[metric].idxmin()]
             row.update(epochs=int(df["epoch"].max()), value=float(best[metric]), epoch=int(best["epoch"]))
@@ -241,14 +294,19 @@ def _outcomes(grid, metric: str, mode: str, epochs: int) -> list[dict]:
 def _summarize(trials: list[dict], metric: str, mode: str, name: str) -> tuple[dict, dict]:
     ok = [t for t in trials if t["status"] != "failed" and t["value"] is not None]  # sorted by trial id
     if not ok:
-        raise SweepError(f"tune: all {len(trials)} trials of {name} failed; their errors are in Ray's trial "
-                         f"folders (tune.results_dir) and in MLflow (tag tune_error)")
+        raise SweepError(
+            f"tune: all {len(trials)} trials of {name} failed; their errors are in Ray's trial "
+            f"folders (tune.results_dir) and in MLflow (tag tune_error)"
+        )
     sign = 1 if mode == "max" else -1
     best = max(ok, key=lambda t: sign * t["value"])  # ties: the first trial id wins (max keeps the first)
-    summary = {"trials": len(trials), **{s: sum(t["status"] == s for t in trials)
-                                         for s in ("completed", "stopped_early", "failed")},
-               f"best_{metric}": best["value"], "best_epoch": best["epoch"],
-               "epochs_trained": sum(t["epochs"] for t in trials)}
+    summary = {
+        "trials": len(trials),
+        **{s: sum(t["status"] == s for t in trials) for s in ("completed", "stopped_early", "failed")},
+        f"best_{metric}": best["value"],
+        "best_epoch": best["epoch"],
+        "epochs_trained": sum(t["epochs"] for t in trials),
+    }
     values = {k.removeprefix("train."): plain(v) for k, v in best["config"].items()}
     return summary, {**best, "values": values}
 
@@ -257,7 +315,11 @@ def _print_table(trials: list[dict], metric: str, best_file: Path) -> None:
     print(f"tune: {len(trials)} trials ({metric}, best epoch of each):")
     for t in trials:
         value = "-" if t["value"] is None else f"{t['value']:.4f}"
-        config = ", ".join(f"{k.removeprefix('train.')}={plain(v):.4g}" if isinstance(plain(v), float)
-                           else f"{k.removeprefix('train.')}={v}" for k, v in sorted(t["config"].items()))
+        config = ", ".join(
+            f"{k.removeprefix('train.')}={plain(v):.4g}"
+            if isinstance(plain(v), float)
+            else f"{k.removeprefix('train.')}={v}"
+            for k, v in sorted(t["config"].items())
+        )
         print(f"  {t['trial_id']:<14} {t['status']:<14} epochs {t['epochs']}  {value}  {config}")
     print(f"tune: best values -> {best_file}")

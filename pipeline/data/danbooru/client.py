@@ -37,9 +37,9 @@ T = TypeVar("T")
 
 # ------------------------------------------------------------------------------------------------------------ errors
 
+
 class FetchError(RuntimeError):
     """A request failed for good (a refused status, or the retry budget spent). Names the URL, never credentials."""
-
 
 
 class _Retryable(Exception):
@@ -50,8 +50,8 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-
 # ------------------------------------------------------------------------------------------------------- credentials
+
 
 @dataclass(frozen=True)
 class Credentials:
@@ -71,8 +71,10 @@ def load_credentials(cfg: DanbooruSource, root: Path) -> Credentials | None:
         return None
     if not (login and api_key):
         missing = f"{ENV_LOGIN} (or login=)" if api_key else f"{ENV_API_KEY} (or api_key=)"
-        raise ValueError(f"danbooru credentials: {missing} is missing; set both or neither "
-                         f"(acquire.danbooru.credentials_file: {cfg.credentials_file})")
+        raise ValueError(
+            f"danbooru credentials: {missing} is missing; set both or neither "
+            f"(acquire.danbooru.credentials_file: {cfg.credentials_file})"
+        )
     return Credentials(login, api_key)
 
 
@@ -103,11 +105,13 @@ def check_transport(base_url: str, credentials: Credentials | None) -> None:
     except ValueError:
         loopback = False
     if not loopback:
-        raise ValueError(f"acquire.danbooru.base_url: refusing to send credentials over plain http to {host}; "
-                         "use https")
+        raise ValueError(
+            f"acquire.danbooru.base_url: refusing to send credentials over plain http to {host}; use https"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------- politeness
+
 
 class RateLimiter:
     """At most `per_second` request starts per second across all threads: each caller takes the next free slot.
@@ -159,6 +163,7 @@ def _describe(exc: BaseException) -> str:
 
 # -------------------------------------------------------------------------------------------------------------- HTTP
 
+
 class Client:
     """GET with the crawl's manners: shared rate limit, at most max_connections in flight, timeouts, retries.
 
@@ -177,10 +182,15 @@ class Client:
         self._slots = threading.BoundedSemaphore(cfg.max_connections)
         # The read timeout bounds each wait for data (a stalled server), not a whole transfer.
         self._pool = urllib3.PoolManager(
-            num_pools=8, maxsize=cfg.max_connections, headers={"User-Agent": USER_AGENT},
-            timeout=urllib3.Timeout(connect=cfg.timeout_s, read=cfg.timeout_s), retries=False)
-        self._backoff = wait_exponential_jitter(multiplier=cfg.backoff_s, jitter=cfg.backoff_s,
-                                                max=max(60.0, cfg.backoff_s))
+            num_pools=8,
+            maxsize=cfg.max_connections,
+            headers={"User-Agent": USER_AGENT},
+            timeout=urllib3.Timeout(connect=cfg.timeout_s, read=cfg.timeout_s),
+            retries=False,
+        )
+        self._backoff = wait_exponential_jitter(
+            multiplier=cfg.backoff_s, jitter=cfg.backoff_s, max=max(60.0, cfg.backoff_s)
+        )
 
     def host_problem(self, url: str) -> str | None:
         """Why this URL may not be downloaded (None: it may)."""
@@ -203,10 +213,13 @@ class Client:
 
     def get(self, url: str, consume: Callable[[urllib3.BaseHTTPResponse], T]) -> T:
         """GET `url` and hand the 200 response to `consume`; raises FetchError once retrying is pointless."""
-        retrying = Retrying(stop=stop_after_attempt(self.cfg.max_retries + 1), wait=self._wait,
-                            retry=retry_if_exception_type(_Retryable),
-                            before_sleep=lambda state: self._note_retry(url, state),
-                            retry_error_callback=lambda state: self._give_up(url, state))
+        retrying = Retrying(
+            stop=stop_after_attempt(self.cfg.max_retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception_type(_Retryable),
+            before_sleep=lambda state: self._note_retry(url, state),
+            retry_error_callback=lambda state: self._give_up(url, state),
+        )
         return retrying(self._attempt, url, consume)
 
     def _attempt(self, url: str, consume: Callable[[urllib3.BaseHTTPResponse], T]) -> T:
@@ -236,9 +249,11 @@ class Client:
         if resp.status == 429 or resp.status >= 500:
             retry_after = _retry_after(resp.headers.get("Retry-After"))
             if retry_after is not None and retry_after > self.cfg.max_retry_after_s:
-                raise FetchError(f"GET {url}: HTTP {resp.status} asks to retry after {retry_after:.0f} s, more than "
-                                 f"acquire.danbooru.max_retry_after_s={self.cfg.max_retry_after_s:g}: run again "
-                                 "later (finished posts are kept)")
+                raise FetchError(
+                    f"GET {url}: HTTP {resp.status} asks to retry after {retry_after:.0f} s, more than "
+                    f"acquire.danbooru.max_retry_after_s={self.cfg.max_retry_after_s:g}: run again "
+                    "later (finished posts are kept)"
+                )
             if retry_after is not None:
                 self.limiter.pause(retry_after)
             raise _Retryable(f"HTTP {resp.status}", retry_after)
@@ -259,8 +274,10 @@ class Client:
 
     def _give_up(self, url: str, state: RetryCallState) -> NoReturn:
         exc = state.outcome.exception() if state.outcome else None
-        raise FetchError(f"GET {url} failed after {state.attempt_number} attempts "
-                         f"(acquire.danbooru.max_retries={self.cfg.max_retries}); last: {exc}") from exc
+        raise FetchError(
+            f"GET {url} failed after {state.attempt_number} attempts "
+            f"(acquire.danbooru.max_retries={self.cfg.max_retries}); last: {exc}"
+        ) from exc
 
 
 def _read_json_list(resp: urllib3.BaseHTTPResponse) -> list:

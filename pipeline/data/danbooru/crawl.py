@@ -39,8 +39,14 @@ log = logging.getLogger(__name__)
 SOURCE = "danbooru"
 JOURNAL = "journal.jsonl"
 REJECTED = "rejected.parquet"
-EXTRA_SCHEMA: dict[str, pl.DataType] = {"post_id": pl.Int64, "character": pl.String, "artist": pl.String,
-                                        "rating": pl.String, "score": pl.Int64, "source_url": pl.String}
+EXTRA_SCHEMA: dict[str, pl.DataType] = {
+    "post_id": pl.Int64,
+    "character": pl.String,
+    "artist": pl.String,
+    "rating": pl.String,
+    "score": pl.Int64,
+    "source_url": pl.String,
+}
 REJECTED_SCHEMA: dict[str, pl.DataType] = {"post_id": pl.Int64, "reason": pl.String, "detail": pl.String}
 
 
@@ -48,8 +54,8 @@ class CrawlError(ConnectionError):
     """The crawl stopped because an API request failed; what finished is in the journal, a re-run resumes."""
 
 
-
 # ------------------------------------------------------------------------------------------------------- validation
+
 
 def check_config(cfg: DanbooruSource) -> None:
     """What the params model cannot check by type: tag syntax, something to crawl (it checks the URL)."""
@@ -57,15 +63,17 @@ def check_config(cfg: DanbooruSource) -> None:
     if bad:
         raise ValueError(f"acquire.danbooru.characters: {bad} are not single tags (Danbooru tags use underscores)")
     if not cfg.characters and cfg.top_characters == 0:
-        raise ValueError("acquire.danbooru.characters: empty while acquire.danbooru.top_characters is 0; "
-                         "name the characters to crawl or set top_characters")
+        raise ValueError(
+            "acquire.danbooru.characters: empty while acquire.danbooru.top_characters is 0; "
+            "name the characters to crawl or set top_characters"
+        )
     bad = [h for h in cfg.cdn_hosts if not h or any(c in h for c in "/:@ ")]
     if bad:
         raise ValueError(f"acquire.danbooru.cdn_hosts: {bad} are not bare host names (e.g. cdn.donmai.us)")
 
 
-
 # ------------------------------------------------------------------------------------------------------------- crawl
+
 
 def _by_reason(counts: Counter) -> str:
     """`3 (bad_ext 1, not_image 2)`."""
@@ -83,8 +91,10 @@ class Tally:
     rejected: Counter = field(default_factory=Counter)
 
     def summary(self, n_classes: int) -> str:
-        return (f"danbooru: kept {self.kept} posts of {n_classes} characters; rejected {_by_reason(self.rejected)}; "
-                f"skipped {_by_reason(self.skipped)}; failed {self.failed}")
+        return (
+            f"danbooru: kept {self.kept} posts of {n_classes} characters; rejected {_by_reason(self.rejected)}; "
+            f"skipped {_by_reason(self.skipped)}; failed {self.failed}"
+        )
 
 
 class _Crawl:
@@ -113,17 +123,25 @@ class _Crawl:
         try:
             return self.client.get_json(self.cfg.base_url.rstrip("/") + path, params)
         except FetchError as exc:
-            raise CrawlError(f"danbooru: crawl stopped: {exc}. Finished posts are in {self.journal.path}; "
-                             "run again to resume") from exc
+            raise CrawlError(
+                f"danbooru: crawl stopped: {exc}. Finished posts are in {self.journal.path}; run again to resume"
+            ) from exc
 
     def top_characters(self, n: int) -> list[str]:
         """The n character tags with most posts (/tags.json, category 4 = character)."""
         limit, names, page = min(n, 1000), [], 1
         while len(names) < n:
-            rows = self._api("/tags.json", {"search[category]": 4, "search[order]": "count", "limit": limit,
-                                            "page": page})
-            names += [r["name"] for r in rows if isinstance(r, dict) and isinstance(r.get("name"), str)
-                      and r["name"] and not any(c.isspace() for c in r["name"])]
+            rows = self._api(
+                "/tags.json", {"search[category]": 4, "search[order]": "count", "limit": limit, "page": page}
+            )
+            names += [
+                r["name"]
+                for r in rows
+                if isinstance(r, dict)
+                and isinstance(r.get("name"), str)
+                and r["name"]
+                and not any(c.isspace() for c in r["name"])
+            ]
             if len(rows) < limit:
                 break
             page += 1
@@ -227,12 +245,18 @@ class _Crawl:
         record: dict[str, Any] = {"post_id": dl.post_id, "file": self.cfg.file, "url": dl.url}
         # A body that does not match the API's md5/size is fetched once more: a damaged transfer deserves a second
         # try, a post whose md5 is wrong in the API does not deserve more (the rate limit spaces the two requests).
-        once_more = Retrying(stop=stop_after_attempt(2), retry=retry_if_exception(_is_mismatch), reraise=True,
-                             before_sleep=lambda state: log.info("danbooru: post %d: %s; fetching it once more",
-                                                                 dl.post_id, state.outcome.exception()))
+        once_more = Retrying(
+            stop=stop_after_attempt(2),
+            retry=retry_if_exception(_is_mismatch),
+            reraise=True,
+            before_sleep=lambda state: log.info(
+                "danbooru: post %d: %s; fetching it once more", dl.post_id, state.outcome.exception()
+            ),
+        )
         try:
-            saved = once_more(self.client.get, dl.url,
-                              lambda resp: save_image(resp, self.out / dl.path, dl, self.max_bytes))
+            saved = once_more(
+                self.client.get, dl.url, lambda resp: save_image(resp, self.out / dl.path, dl, self.max_bytes)
+            )
         except Rejected as r:
             record.update(status="rejected", reason=r.reason, detail=r.detail)
             if r.reason == "too_large":
@@ -277,17 +301,31 @@ def _is_mismatch(exc: BaseException) -> bool:
 
 def _manifest_row(post: Post, character: str, rec: dict) -> dict[str, Any]:
     artist = post.artists[0] if post.artists else None
-    return {"image_id": f"danbooru-{post.id}", "path": rec["path"], "class_name": character, "source": SOURCE,
-            "group": artist or f"post-{post.id}", "md5": rec["md5"], "width": rec["width"], "height": rec["height"],
-            "split": None, "post_id": post.id, "character": character, "artist": artist, "rating": post.rating,
-            "score": post.score, "source_url": rec["url"]}
+    return {
+        "image_id": f"danbooru-{post.id}",
+        "path": rec["path"],
+        "class_name": character,
+        "source": SOURCE,
+        "group": artist or f"post-{post.id}",
+        "md5": rec["md5"],
+        "width": rec["width"],
+        "height": rec["height"],
+        "split": None,
+        "post_id": post.id,
+        "character": character,
+        "artist": artist,
+        "rating": post.rating,
+        "score": post.score,
+        "source_url": rec["url"],
+    }
 
 
 def _manifest(rows: list[dict[str, Any]]) -> pl.DataFrame:
     """Class ids index the sorted kept characters; rows sorted by (character, post_id): deterministic."""
     ids = {name: i for i, name in enumerate(sorted({r["character"] for r in rows}))}
-    df = pl.DataFrame([{**r, "class_id": ids[r["character"]]} for r in rows],
-                      schema={**manifest.SCHEMA, **EXTRA_SCHEMA})
+    df = pl.DataFrame(
+        [{**r, "class_id": ids[r["character"]]} for r in rows], schema={**manifest.SCHEMA, **EXTRA_SCHEMA}
+    )
     return df.sort("character", "post_id")
 
 

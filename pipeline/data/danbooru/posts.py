@@ -32,8 +32,8 @@ class Rejected(Exception):
         self.reason, self.detail = reason, detail
 
 
-
 # ------------------------------------------------------------------------------------------------------------- posts
+
 
 def _str(d: dict, key: str) -> str:
     v = d.get(key)
@@ -66,11 +66,19 @@ class Post:
         """None when the entry has no usable id (nothing can be named or saved after it)."""
         if not isinstance(d, dict) or (_int(d, "id") or 0) <= 0:
             return None
-        return cls(id=d["id"], md5=_str(d, "md5").lower(), file_url=_str(d, "file_url"),
-                   large_file_url=_str(d, "large_file_url"), file_ext=_str(d, "file_ext").lower(),
-                   file_size=_int(d, "file_size"), characters=tuple(_str(d, "tag_string_character").split()),
-                   artists=tuple(_str(d, "tag_string_artist").split()),
-                   tags=frozenset(_str(d, "tag_string").split()), rating=_str(d, "rating"), score=_int(d, "score"))
+        return cls(
+            id=d["id"],
+            md5=_str(d, "md5").lower(),
+            file_url=_str(d, "file_url"),
+            large_file_url=_str(d, "large_file_url"),
+            file_ext=_str(d, "file_ext").lower(),
+            file_size=_int(d, "file_size"),
+            characters=tuple(_str(d, "tag_string_character").split()),
+            artists=tuple(_str(d, "tag_string_artist").split()),
+            tags=frozenset(_str(d, "tag_string").split()),
+            rating=_str(d, "rating"),
+            score=_int(d, "score"),
+        )
 
 
 def skip_reason(post: Post, cfg: DanbooruSource) -> str | None:
@@ -124,8 +132,9 @@ def plan_download(post: Post, cfg: DanbooruSource, client: Client, max_bytes: in
         raise Rejected("bad_ext", f"file_ext {post.file_ext[:40]!r}, URL {url[:200]}")
     if original and post.file_size is not None and post.file_size > max_bytes:
         raise Rejected("too_large", f"{post.file_size} bytes > acquire.danbooru.max_file_mb")
-    return Download(post.id, url, ext, post.md5 if original and post.md5 else None,
-                    post.file_size if original else None)
+    return Download(
+        post.id, url, ext, post.md5 if original and post.md5 else None, post.file_size if original else None
+    )
 
 
 def save_image(resp: urllib3.BaseHTTPResponse, dest: Path, dl: Download, max_bytes: int) -> dict[str, Any]:
