@@ -16,14 +16,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import torch
 from torch.utils.data import Dataset
 
 from pipeline.data import images
 from pipeline.data.batch_augment import BatchAugment
-from pipeline.data.dataset import image_seeds
+from pipeline.data.dataset import image_rng
 from pipeline.data.transforms import PaperAugment
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -43,12 +42,11 @@ class EncodedDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple:
         i, epoch = key
-        transform_seed, device_seed = image_seeds(self.seed, epoch, i)
-        self.crop.set_random_seed(transform_seed)
+        rng = image_rng(self.seed, epoch, i)  # the draws of the CPU path's worker, in its order: crop, then device
+        self.crop.set_rng(rng)
         top, left, flip = self.crop.draw()
         data = torch.frombuffer(bytearray(images.read_bytes(self.root, self.paths[i])), dtype=torch.uint8)
         size = self.crop.size
-        rng = np.random.default_rng(device_seed)
         params = torch.from_numpy(self.augment.draw(rng, size, size)) if self.augment.needs_params else None
         return data, self.labels[i], torch.tensor([top, left, int(flip)]), params
 

@@ -86,6 +86,10 @@ class PaperAugment:
     def set_random_seed(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
 
+    def set_rng(self, rng: np.random.Generator) -> None:
+        """Draw from `rng` (the dataset's per-image generator, which then draws the device half's parameters)."""
+        self.rng = rng
+
     def draw(self) -> tuple[int, int, bool]:
         """(top, left, flip) of the next image: what `__call__` applies, and what a device decoder gets."""
         top, left = (int(self.rng.integers(0, self.big - self.size + 1)) for _ in range(2))
