@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
 from pipeline.config import TrainParams
-from pipeline.data.dataset import EpochSampler, ManifestDataset, image_rng
+from pipeline.data.dataset import EpochSampler, ImageRng, ManifestDataset
 from pipeline.data.device_decode import DeviceDecoder, EncodedDataset, collate
 from pipeline.data.prefetch import DeviceLoader
 from pipeline.data.synthetic import write_jpeg_shards
@@ -60,7 +60,7 @@ def test_the_device_path_draws_the_cpu_paths_parameters_for_every_key(shards):
             data, label, crop, params = dev[(i, epoch)]
             _, cpu_label, cpu_params = cpu[(i, epoch)]
             assert label == cpu_label and torch.equal(params, cpu_params)  # TrivialAugment op, bin, erasing
-            reference.set_rng(image_rng(7, epoch, i))
+            reference.set_rng(ImageRng().at(7, epoch, i))
             assert tuple(crop.tolist()) == tuple(map(int, reference.draw()))  # the crop the CPU path cut
             assert data.dtype == torch.uint8 and bytes(data[:2].tolist()) in (b"\xff\xd8", b"\x89P")
             flips.add(int(crop[2]))

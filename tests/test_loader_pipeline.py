@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from pipeline.config import TrainParams
 from pipeline.data import trivial_augment
 from pipeline.data.batch_augment import BatchAugment
-from pipeline.data.dataset import EpochSampler, ManifestDataset
+from pipeline.data.dataset import EpochSampler, ImageRng, ManifestDataset
 from pipeline.data.prefetch import DeviceLoader
 from pipeline.data.synthetic import write_jpeg_shards
 from pipeline.data.transforms import (
@@ -195,6 +195,19 @@ def test_same_seed_epoch_index_gives_the_same_pixels_and_leaves_torch_alone(shar
     assert first[0][0].dtype == torch.uint8 and first[0][0].shape == (32, 32, 3)
     other_epoch = [a[(i, 3)][0] for i in range(12)]
     assert sum(torch.equal(x, o) for (x, _, _), o in zip(first, other_epoch)) <= 2
+
+
+def test_image_generators_are_uniform_and_unrelated_between_neighbouring_keys():
+    """The reused generator's state comes from a hash of the key: neighbouring images and epochs draw unrelated
+    numbers, and a key gives the same draws whatever was drawn before."""
+    rng = ImageRng()
+    u = np.array([[rng.at(5, epoch, i).random() for i in range(4000)] for epoch in (1, 2)])
+    counts = np.histogram(u[0], bins=10, range=(0, 1))[0]
+    assert counts.min() > 320 and counts.max() < 480  # 400 expected per bin, 5 sigma is 95
+    assert abs(np.corrcoef(u[0, :-1], u[0, 1:])[0, 1]) < 0.06  # index i vs i + 1 (sigma 0.016)
+    assert abs(np.corrcoef(u[0], u[1])[0, 1]) < 0.06  # epoch 1 vs 2
+    assert ImageRng().at(5, 2, 17).random(3).tolist() == rng.at(5, 2, 17).random(3).tolist()
+    assert rng.at(5, 1, 0).random() == u[0, 0] and rng.at(6, 1, 0).random() != u[0, 0]
 
 
 def test_erasing_draws_torchvisions_rectangles_and_the_device_zeroes_exactly_them():

@@ -13,6 +13,7 @@ an epoch boundary replays exactly what the killed run would have done, whatever 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +40,26 @@ def sample_seed(seed: int, epoch: int, index: int = 0, stream: int = STREAM_AUGM
     return int(np.random.SeedSequence([seed, stream, epoch, index]).generate_state(1)[0])
 
 
-def image_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """One image's generator (run seed, epoch, index) for every draw a worker makes for it: the CPU crop's, then the
-    device-side parameters'. One generator, not one per half: each construction costs a worker a few % of an image's
-    decode + resize (measured with `bench loader`)."""
-    return np.random.default_rng([seed, STREAM_AUGMENT, epoch, index])
+class ImageRng:
+    """Per-image random draws, a pure function of (run seed, epoch, index), from one reused NumPy generator.
+
+    Every draw a worker makes for an image (the CPU crop's, then the device-side parameters') comes from the generator
+    `at(seed, epoch, index)` returns: NumPy's PCG64 with its 128-bit state and stream set from a BLAKE2b hash of the
+    key. Setting the state of one generator costs a worker ~25 us per image where building a new one (SeedSequence +
+    PCG64 + Generator) costs ~65 us, measured between JPEG decodes (the numbers alone are 3x smaller: the
+    construction also evicts the decoder's caches), on a ~0.8 ms decode + resize (`bench loader`).
+    """
+
+    def __init__(self) -> None:
+        self._bits = np.random.PCG64(0)
+        self._generator = np.random.Generator(self._bits)
+
+    def at(self, seed: int, epoch: int, index: int) -> np.random.Generator:
+        key = f"{seed},{STREAM_AUGMENT},{epoch},{index}".encode()
+        digest = hashlib.blake2b(key, digest_size=32).digest()
+        state = {"state": int.from_bytes(digest[:16], "little"), "inc": int.from_bytes(digest[16:], "little") | 1}
+        self._bits.state = {"bit_generator": "PCG64", "state": state, "has_uint32": 0, "uinteger": 0}
+        return self._generator
 
 
 class EpochSampler(Sampler):
@@ -92,6 +108,7 @@ class ManifestDataset(Dataset):
         self.paths = df["path"].to_list()
         self.labels = df["class_id"].to_list()
         self.transform, self.seed = transform, seed
+        self._rng = ImageRng()
         # Small sets (the embedded default) are decoded once; big ones are read from disk every time.
         self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
@@ -111,7 +128,7 @@ class ManifestDataset(Dataset):
         i, epoch = key if isinstance(key, tuple) else (key, None)
         rng = None
         if epoch is not None and hasattr(self.transform, "set_rng"):  # PaperAugment draws from the image's generator
-            rng = image_rng(self.seed, epoch, i)
+            rng = self._rng.at(self.seed, epoch, i)
             self.transform.set_rng(rng)
         elif epoch is not None and hasattr(self.transform, "set_random_seed"):  # an albumentations Compose: a seed
             self.transform.set_random_seed(sample_seed(self.seed, epoch, i))
@@ -121,5 +138,5 @@ class ManifestDataset(Dataset):
         if self.device_params is None:
             return x, self.labels[i]
         if rng is None:
-            rng = image_rng(self.seed, epoch or 0, i)
+            rng = self._rng.at(self.seed, epoch or 0, i)
         return x, self.labels[i], torch.from_numpy(self.device_params.draw(rng, x.shape[0], x.shape[1]))

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from pipeline.data import images
 from pipeline.data.batch_augment import BatchAugment
-from pipeline.data.dataset import image_rng
+from pipeline.data.dataset import ImageRng
 from pipeline.data.transforms import PaperAugment
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -36,13 +36,14 @@ class EncodedDataset(Dataset):
     ):
         self.root, self.crop, self.augment, self.seed = Path(image_root), crop, augment, seed
         self.paths, self.labels = df["path"].to_list(), df["class_id"].to_list()
+        self._rng = ImageRng()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple:
         i, epoch = key
-        rng = image_rng(self.seed, epoch, i)  # the draws of the CPU path's worker, in its order: crop, then device
+        rng = self._rng.at(self.seed, epoch, i)  # the draws of the CPU path's worker, in its order: crop, then device
         self.crop.set_rng(rng)
         top, left, flip = self.crop.draw()
         data = torch.frombuffer(bytearray(images.read_bytes(self.root, self.paths[i])), dtype=torch.uint8)
