@@ -54,17 +54,21 @@ class BatchAugment:
 
     def draw_erase(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
         """One image's rectangle (top, left, height, width); all zero when it is not erased."""
-        if rng.random() >= self.erase_prob:
+        # torchvision's RandomErasing: up to 10 tries of (area, log-uniform aspect), then a uniform position. Each try's
+        # four uniforms come from one Generator call (a call costs a worker more than its numbers).
+        u_erase, *u = rng.random(5).tolist()
+        if u_erase >= self.erase_prob:
             return NO_ERASE
         area = height * width
-        log_ratio = (math.log(self.erase_ratio[0]), math.log(self.erase_ratio[1]))
-        for _ in range(10):
-            target = area * rng.uniform(*self.erase_scale)
-            aspect = math.exp(rng.uniform(*log_ratio))
+        (s0, s1), (r0, r1) = self.erase_scale, (math.log(self.erase_ratio[0]), math.log(self.erase_ratio[1]))
+        for attempt in range(10):
+            if attempt:
+                u = rng.random(4).tolist()
+            target = area * (s0 + (s1 - s0) * u[0])
+            aspect = math.exp(r0 + (r1 - r0) * u[1])
             h, w = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
             if h < height and w < width:
-                top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-                return top, left, h, w
+                return int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1)), h, w
         return NO_ERASE  # torchvision's fallback: no rectangle fits, the image stays
 
     def __call__(self, x: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:

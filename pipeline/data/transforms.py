@@ -91,9 +91,11 @@ class PaperAugment:
         self.rng = rng
 
     def draw(self) -> tuple[int, int, bool]:
-        """(top, left, flip) of the next image: what `__call__` applies, and what a device decoder gets."""
-        top, left = (int(self.rng.integers(0, self.big - self.size + 1)) for _ in range(2))
-        return top, left, bool(self.rng.random() < self.hflip)
+        """(top, left, flip) of the next image: what `__call__` applies, and what a device decoder gets. Three uniforms
+        from one call: each Generator call costs a worker more than its numbers (integers() twice took 18 us)."""
+        u_top, u_left, u_flip = self.rng.random(3).tolist()
+        positions = self.big - self.size + 1
+        return int(u_top * positions), int(u_left * positions), u_flip < self.hflip
 
     def __call__(self, *, image: np.ndarray) -> dict[str, np.ndarray]:
         size = self.size
