@@ -13,7 +13,7 @@ is GLSim's medaugs: TrivialAugmentWide on the uint8 image (torchvision's op set 
 `pipeline/data/trivial_augment_batch.py`), then normalisation, then torchvision's RandomErasing (p, area scale
 (0.02, 0.4), log-uniform aspect ratio (0.3, 3.3), up to 10 tries, value 0 after normalisation: the mean colour).
 Params of one image: columns 0-3 the rectangle (top, left, height, width; height 0: none), 4-11 the TrivialAugment
-draw (`trivial_augment.draw_params`; op 0, Identity, when the recipe has none).
+draw (`trivial_augment.params_of`; op 0, Identity, when the recipe has none).
 """
 
 from __future__ import annotations
@@ -47,16 +47,20 @@ class BatchAugment:
         return self.erase_prob > 0 or self.trivial
 
     def draw(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-        """One image's parameters as float64 (12,): the erased rectangle, then the TrivialAugment draw."""
-        rect = self.draw_erase(rng, height, width) if self.erase_prob > 0 else NO_ERASE
-        trivial = trivial_augment.draw_params(rng, height, width) if self.trivial else NO_TRIVIAL
-        return np.concatenate([np.asarray(rect, np.float64), trivial])
+        """One image's parameters as float64 (12,): the erased rectangle, then the TrivialAugment draw. The uniforms of
+        both (and of erasing's first try) come from one Generator call: a call costs a worker more than its numbers."""
+        u = rng.random(8).tolist()
+        trivial = (
+            trivial_augment.params_of(*trivial_augment.choose(*u[:3]), height, width) if self.trivial else NO_TRIVIAL
+        )
+        rect = self._erase(u[3:], rng, height, width) if self.erase_prob > 0 else NO_ERASE
+        return np.array([*rect, *trivial], np.float64)
 
-    def draw_erase(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
-        """One image's rectangle (top, left, height, width); all zero when it is not erased."""
-        # torchvision's RandomErasing: up to 10 tries of (area, log-uniform aspect), then a uniform position. Each try's
-        # four uniforms come from one Generator call (a call costs a worker more than its numbers).
-        u_erase, *u = rng.random(5).tolist()
+    def _erase(self, u: list[float], rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
+        """One image's rectangle (top, left, height, width), all zero when it is not erased, from five uniforms (the
+        decision and the first try); torchvision's RandomErasing: up to 10 tries of (area, log-uniform aspect), then
+        a uniform position. A further try draws its four uniforms from rng."""
+        u_erase, *u = u
         if u_erase >= self.erase_prob:
             return NO_ERASE
         area = height * width

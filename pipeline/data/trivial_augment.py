@@ -49,7 +49,11 @@ OPS = tuple(SPACE)
 def draw(rng: np.random.Generator) -> tuple[str, float]:
     """(op, signed magnitude): an op uniformly, a bin uniformly (ops with bins), a fair sign (signed ops), all three
     from one call of the generator (three uniforms: a worker draws this per image)."""
-    u_op, u_bin, u_sign = rng.random(3).tolist()
+    return choose(*rng.random(3).tolist())
+
+
+def choose(u_op: float, u_bin: float, u_sign: float) -> tuple[str, float]:
+    """`draw` from three uniforms in [0, 1) that the caller drew."""
     op = OPS[int(u_op * len(OPS))]
     mags, signed = SPACE[op]
     magnitude = mags[int(u_bin * len(mags))]
@@ -59,7 +63,7 @@ def draw(rng: np.random.Generator) -> tuple[str, float]:
 
 
 GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
-N_PARAMS = 8  # (op index, magnitude, a, b, c, d, e, f): one image's draw as `draw_params` packs it
+N_PARAMS = 8  # (op index, magnitude, a, b, c, d, e, f): one image's draw as `params_of` packs it
 
 
 def inverse_affine(op: str, magnitude: float, height: int, width: int) -> tuple[float, ...]:
@@ -80,10 +84,9 @@ def inverse_affine(op: str, magnitude: float, height: int, width: int) -> tuple[
     return (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
-def draw_params(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """One image's draw (`draw`) as float64 (N_PARAMS,), for the batched ops of `trivial_augment_batch`."""
-    op, magnitude = draw(rng)
-    return np.array([OPS.index(op), magnitude, *inverse_affine(op, magnitude, height, width)], np.float64)
+def params_of(op: str, magnitude: float, height: int, width: int) -> tuple[float, ...]:
+    """One image's draw as the N_PARAMS numbers the batched ops of `trivial_augment_batch` read."""
+    return (float(OPS.index(op)), magnitude, *inverse_affine(op, magnitude, height, width))
 
 
 def apply(img: np.ndarray, op: str, magnitude: float) -> np.ndarray:

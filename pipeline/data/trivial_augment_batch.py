@@ -1,6 +1,6 @@
 """TrivialAugmentWide on whole uint8 batches, on any torch device: each image its own op and magnitude.
 
-The parameters come from `trivial_augment.draw_params` (drawn in the DataLoader worker from the image's own
+The parameters come from `trivial_augment.params_of` (drawn in the DataLoader worker from the image's own
 generator, so the same (seed, epoch, index) gives the same op on any device). Images are grouped by op, and each
 group is transformed in a few batched kernels: the colour ops with the arithmetic of the Pillow code torchvision
 runs (`trivial_augment.apply`, the CPU reference: float32 blends truncated to uint8, ImageOps' tables), the
