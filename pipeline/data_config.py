@@ -55,7 +55,7 @@ class _Section(BaseModel):
 class BaseParams(_Section):
     seed: NonNegInt = 42  # the data split, the sweep and the report's picks; each training run gets one of `seeds`
     seeds: tuple[NonNegInt, ...] = (42, 43, 44)  # every variant trains and evaluates once per seed (mean ± std)
-    portable_cpu: bool = False  # true: oneDNN/MKL on AVX2 paths, the same bits on other x86 CPUs, ~2x slower
+    portable_cpu: bool = False  # true: oneDNN/MKL on AVX2, the same bits on other x86 CPUs, steps 0.7-0.9x as fast
     data_root: str = "data"  # folder (relative to the project) that holds the stages' data outputs
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto picks CUDA when available
     threads: PositiveInt = 2  # torch intra-op threads on CPU
