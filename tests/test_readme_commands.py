@@ -38,8 +38,6 @@ SKIP = {
     "hf download xedwin23x/DAFB": "downloads DAF:re from the hub (network)",
     "python -m pipeline pretrain --pack": "needs the pretrain sources (Debian/PyPI downloads) and a GPU; "
     "tests/test_pretrain.py runs the stage's code in tiny form",
-    "python -m pipeline verify-results": "needs a committed run and a rerun; tests/test_seeds.py runs it on a git repo",
-    "python -m pipeline export": "tests/test_export.py exports trained tiny models to hf and onnx and checks them",
 }
 SKIP_LINES = {"make test": "is this test suite itself"}  # single commands left out of a block that runs
 
@@ -79,8 +77,10 @@ def readme_blocks(readme: Path = REPO / "README.md") -> list[Block]:
 RUN = [
     "make repro",
     "python -m pipeline check-params",
+    "python -m pipeline verify-results",
     "python -m pipeline profile",
     "python -m pipeline predict",
+    "python -m pipeline export",
     "dvc exp run",
     "torchrun",
     "source .venv/bin/activate",
@@ -259,6 +259,10 @@ def test_readme_workflow_blocks_run_as_written(project, tmp_path):
     git_commit_all(project, "repro")
 
     run_block(_block("python -m pipeline check-params"), project)
+    # The workspace is the committed run: every variant's seeds are the committed ones to the bit.
+    verdicts = run_block(_block("python -m pipeline verify-results"), project)
+    rows = {ln.split("|")[1].strip(): ln.split("|")[-2].strip() for ln in verdicts.splitlines() if ln.startswith("| ")}
+    assert rows.get("cnn") == rows.get("glsim") == "identical", verdicts
     assert "\nmacs " in run_block(_block("python -m pipeline profile"), project)
 
     twemoji = sorted((project / "datasets/emoji/images/twemoji").glob("*.png"))
@@ -270,6 +274,9 @@ def test_readme_workflow_blocks_run_as_written(project, tmp_path):
     run_block(_block("python -m pipeline predict"), project, {"<run_id>": run_id})
     assert (project / "predictions.jsonl").read_text().count("\n") == 2
     assert sorted(p.suffixes[-2] for p in (project / "explain").iterdir()) == [".crop", ".gls"]
+    run_block(_block("python -m pipeline export"), project)
+    assert (project / "export/glsim-hf/model.safetensors").is_file()
+    assert (project / "export/glsim-onnx/model.onnx").is_file()
 
     experiments = _block("dvc exp run")
     out = run_block(
