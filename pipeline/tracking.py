@@ -137,22 +137,29 @@ def train_run_of(model_file: Path, experiment_id: str):
 
     DVC outputs hold no run ids (they would change every rerun's hashes); the checkpoint's md5 is the link, and it
     holds wherever the model travels (`dvc pull` on another machine, with a shared tracking server)."""
-    import mlflow
 
     from pipeline.io import md5_file
 
     md5 = md5_file(model_file)
     for stage in ("train", "tune"):
-        runs = mlflow.search_runs(
-            experiment_ids=[experiment_id],
-            output_format="list",
-            max_results=1,
-            filter_string=f"tags.{MODEL_MD5_TAG} = '{md5}' and tags.stage = '{stage}'",
-            order_by=["attributes.start_time DESC"],
-        )
-        if runs:
-            return runs[0]
+        run = _latest_run(experiment_id, f"tags.{MODEL_MD5_TAG} = '{md5}' and tags.stage = '{stage}'")
+        if run is not None:
+            return run
     return None
+
+
+def _latest_run(experiment_id: str, filter_string: str):
+    """The newest run of the experiment that matches (MLflow's filter syntax), or None."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        output_format="list",
+        max_results=1,
+        filter_string=filter_string,
+        order_by=["attributes.start_time DESC"],
+    )
+    return runs[0] if runs else None
 
 
 SEED_GROUP_TAG = "seed_group"  # on the parent run of one variant's seed runs: what it groups (variant + settings)
@@ -164,15 +171,9 @@ def seed_group_run(base: BaseParams, root: Path, name: str, group: str, tags: di
     import mlflow
 
     experiment_id = setup(base, root)
-    found = mlflow.search_runs(
-        experiment_ids=[experiment_id],
-        output_format="list",
-        max_results=1,
-        filter_string=f"tags.{SEED_GROUP_TAG} = '{group}'",
-        order_by=["attributes.start_time DESC"],
-    )
-    if found:
-        return found[0].info.run_id
+    found = _latest_run(experiment_id, f"tags.{SEED_GROUP_TAG} = '{group}'")
+    if found is not None:
+        return found.info.run_id
     client = mlflow.MlflowClient()
     run = client.create_run(experiment_id, run_name=name, tags={SEED_GROUP_TAG: group, **tags})
     return run.info.run_id

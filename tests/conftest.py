@@ -114,6 +114,17 @@ def train_run(db: Path, model_file: Path):
     return runs[0]
 
 
+def train_stage_args(root: Path, out: str) -> list[str]:
+    """stages/train.py and its arguments for a tiny project at root (params.yaml, data/split, images in data/raw),
+    every output under root/out."""
+    outputs = {"--out": "models", "--metrics": "train.json", "--seed-metrics": "seeds", "--history": "history"}
+    args = [str(REPO / "stages/train.py"), "--params", str(root / "params.yaml")]
+    args += ["--split", str(root / "data/split/manifest.parquet"), "--images", str(root / "data/raw")]
+    for flag, name in outputs.items():
+        args += [flag, str(root / out / name)]
+    return args
+
+
 def run_cmd(args: list[str], cwd: Path, timeout: float = 1800) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

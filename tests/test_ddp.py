@@ -30,7 +30,7 @@ import yaml
 from pipeline.config import load_params
 from pipeline.data import manifest
 from pipeline.data.acquire import acquire
-from tests.conftest import REPO, train_run, write_tiny_params
+from tests.conftest import REPO, train_run, train_stage_args, write_tiny_params
 
 EPOCHS = 3
 WEIGHT_TOL = 1e-6  # max |w2 - w1|; measured 7e-9 (float32 summation order), while weights move about 1e-3
@@ -88,23 +88,7 @@ def _cmd(root: Path, out: str, processes: int) -> list[str]:
     launch = [sys.executable]
     if processes > 1:  # torchrun as a module, so that it is this venv's; --standalone picks a free local port
         launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    return launch + [
-        str(REPO / "stages/train.py"),
-        "--params",
-        str(root / "params.yaml"),
-        "--split",
-        str(root / "data/split/manifest.parquet"),
-        "--images",
-        str(root / "data/raw"),
-        "--out",
-        str(root / out / "models"),
-        "--metrics",
-        str(root / out / "train.json"),
-        "--seed-metrics",
-        str(root / out / "seeds"),
-        "--history",
-        str(root / out / "history"),
-    ]
+    return launch + train_stage_args(root, out)
 
 
 def _env() -> dict:

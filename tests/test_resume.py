@@ -20,7 +20,7 @@ import yaml
 from pipeline.config import load_params
 from pipeline.data import manifest
 from pipeline.data.acquire import acquire
-from tests.conftest import REPO, make_tiny_emoji, write_tiny_params
+from tests.conftest import REPO, make_tiny_emoji, train_stage_args, write_tiny_params
 
 EPOCHS = 3
 STYLE_SPLIT = {"noto": "train", "openmoji": "train", "emojione": "val", "twemoji": "test"}
@@ -46,24 +46,7 @@ def project(tmp_path_factory) -> Path:
 
 
 def _train_cmd(root: Path, out: str) -> list[str]:
-    return [
-        sys.executable,
-        str(REPO / "stages/train.py"),
-        "--params",
-        str(root / "params.yaml"),
-        "--split",
-        str(root / "data/split/manifest.parquet"),
-        "--images",
-        str(root / "data/raw"),
-        "--out",
-        str(root / out / "models"),
-        "--metrics",
-        str(root / out / "train.json"),
-        "--seed-metrics",
-        str(root / out / "seeds"),
-        "--history",
-        str(root / out / "history"),
-    ]
+    return [sys.executable, *train_stage_args(root, out)]
 
 
 def _env() -> dict:

@@ -31,14 +31,19 @@ import torch
 
 PREFIX = "model."  # their wrapper's attribute holding ViTGLSim
 UNUSED = ("anchor_class_token",)  # present in their checkpoints (anchor_class_token: True), unused by the forward
-_BLOCK = {"proj": "attn.proj", "norm1": "norm1", "norm2": "norm2", "pwff.fc1": "mlp.fc1", "pwff.fc2": "mlp.fc2"}
-_TOP = {
+# The authors' ViT (the same code in their GLSim and ILA repositories) against timm's names: a block's layers, and the
+# tensors outside the blocks (our wrappers hold the timm ViT as `vit`).
+BLOCK_KEYS = {"proj": "attn.proj", "norm1": "norm1", "norm2": "norm2", "pwff.fc1": "mlp.fc1", "pwff.fc2": "mlp.fc2"}
+VIT_KEYS = {
     "patch_embedding.weight": "vit.patch_embed.proj.weight",
     "patch_embedding.bias": "vit.patch_embed.proj.bias",
     "class_token": "vit.cls_token",
     "positional_embedding.pos_embedding": "vit.pos_embed",
     "encoder_norm.weight": "vit.norm.weight",
     "encoder_norm.bias": "vit.norm.bias",
+}
+_TOP = {
+    **VIT_KEYS,
     "aggregator_norm.weight": "aggregator.1.weight",
     "aggregator_norm.bias": "aggregator.1.bias",
     "head.weight": "head.weight",
@@ -75,8 +80,8 @@ def authors_to_ours(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
                 unknown.append(key)  # we build one aggregator block, as every released checkpoint has
             elif name in ("attn.proj_q", "attn.proj_k", "attn.proj_v"):
                 qkv.setdefault(f"{base}.attn.qkv.{kind}", {})[name[-1]] = value
-            elif name in _BLOCK:
-                ours[f"{base}.{_BLOCK[name]}.{kind}"] = value
+            elif name in BLOCK_KEYS:
+                ours[f"{base}.{BLOCK_KEYS[name]}.{kind}"] = value
             else:
                 unknown.append(key)
         else:
@@ -98,7 +103,7 @@ def ours_to_authors(state: dict[str, torch.Tensor], prefix: str = PREFIX) -> dic
     """GLSimViT state dict -> the authors' names (their wrapper's `model.` prefix by default). Their unused
     anchor_class_token is written as zeros so that their strict load_state_dict accepts the result."""
     top = {v: k for k, v in _TOP.items()}
-    block = {v: k for k, v in _BLOCK.items()}
+    block = {v: k for k, v in BLOCK_KEYS.items()}
     out, unknown = {}, []
     for key, value in state.items():
         if key in top:

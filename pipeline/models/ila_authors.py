@@ -42,22 +42,13 @@ import re
 
 import torch
 
+from pipeline.models.glsim_authors import BLOCK_KEYS, VIT_KEYS
 from pipeline.models.ila import downsample_locations
 
 PREFIX = "model."  # their wrapper's attribute holding their ViT
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _W = ("weight", "bias")
-_TOP = {
-    "patch_embedding.weight": "vit.patch_embed.proj.weight",
-    "patch_embedding.bias": "vit.patch_embed.proj.bias",
-    "class_token": "vit.cls_token",
-    "positional_embedding.pos_embedding": "vit.pos_embed",
-    "encoder_norm.weight": "vit.norm.weight",
-    "encoder_norm.bias": "vit.norm.bias",
-    "head.head.weight": "vit.head.weight",
-    "head.head.bias": "vit.head.bias",
-}
-_BLOCK = {"proj": "attn.proj", "norm1": "norm1", "norm2": "norm2", "pwff.fc1": "mlp.fc1", "pwff.fc2": "mlp.fc2"}
+_TOP = {**VIT_KEYS, "head.head.weight": "vit.head.weight", "head.head.bias": "vit.head.bias"}
 _ADAPTER = {"adapter_attn": "adapter_attn", "adapter_pwffn": "adapter_mlp"}
 _ADAPTER_PART = {"adapter_down": "down", "adapter_up": "up"}
 _ILA = {
@@ -154,8 +145,8 @@ def authors_to_ours(
             adapter, _, part = name.partition(".")
             if name in ("attn.proj_q", "attn.proj_k", "attn.proj_v"):
                 qkv.setdefault(f"{inner[index]}.attn.qkv.{kind}", {})[name[-1]] = value
-            elif name in _BLOCK:
-                ours[f"{inner[index]}.{_BLOCK[name]}.{kind}"] = value
+            elif name in BLOCK_KEYS:
+                ours[f"{inner[index]}.{BLOCK_KEYS[name]}.{kind}"] = value
             elif adapter in _ADAPTER and part in _ADAPTER_PART and variant == "ila++":
                 ours[f"{outer[index]}.{_ADAPTER[adapter]}.{_ADAPTER_PART[part]}.{kind}"] = value
             else:
@@ -214,7 +205,7 @@ def ours_to_authors(state: dict[str, torch.Tensor], prefix: str = PREFIX) -> dic
 
 
 _OUR_ILA = {v: k for k, v in _ILA.items()}
-_OUR_BLOCK = {v: k for k, v in _BLOCK.items()}
+_OUR_BLOCK = {v: k for k, v in BLOCK_KEYS.items()}
 _OUR_ADAPTER = {
     f"{ours}.{p_ours}.{w}": f"{theirs}.{p_theirs}.{w}"
     for theirs, ours in _ADAPTER.items()
