@@ -264,49 +264,17 @@ def test_pool_pack_travels_and_trains_like_the_sources(tmp_path):
     sources = _clipart(tmp_path / "src")
     params = _params(tmp_path)
     pack = tmp_path / "pack" / "pool.npz"
-    assert (
-        cli.main(
-            [
-                "pretrain",
-                "--params",
-                str(params),
-                "--work",
-                str(tmp_path / "w"),
-                "--sources",
-                str(sources),
-                "--pack",
-                str(pack),
-            ]
-        )
-        == 0
-    )
+    pretrain = ["pretrain", "--params", str(params)]
+    assert cli.main([*pretrain, "--work", str(tmp_path / "w"), "--sources", str(sources), "--pack", str(pack)]) == 0
     from pipeline.pretrain.pool import load_pool, unpack_pool
 
     built, carried = load_pool(tmp_path / "w" / "pool.npz"), unpack_pool(pack)
     assert np.array_equal(built.images, carried.images)  # lossless by default
     assert carried.groups == built.groups and carried.files == built.files
     out = tmp_path / "out"
-    assert (
-        cli.main(
-            [
-                "pretrain",
-                "--params",
-                str(params),
-                "--work",
-                str(tmp_path / "w2"),
-                "--pool",
-                str(pack),
-                "--out",
-                str(out),
-                "--device",
-                "cpu",
-                "--threads",
-                "1",
-                "--export-each-checkpoint",
-            ]
-        )
-        == 0
-    )
+    on_gpu_host = ["--work", str(tmp_path / "w2"), "--pool", str(pack), "--out", str(out)]
+    on_gpu_host += ["--device", "cpu", "--threads", "1", "--export-each-checkpoint"]
+    assert cli.main([*pretrain, *on_gpu_host]) == 0
     summary = json.loads((out / "tiny.json").read_text())
     assert summary["images"] == 6 and summary["pool_file"] == "pool.npz" and summary["device"] == "cpu"
     assert "Pool read from the pack `pool.npz`" in (out / "tiny.md").read_text()

@@ -53,27 +53,8 @@ def test_macs_are_half_the_flops_and_the_selection_is_priced_as_the_paper_does(v
 
 
 def test_profile_command_prints_one_json_object(capsys):
-    rc = main(
-        [
-            "--model",
-            "test_vit",
-            "--method",
-            "glsim",
-            "--img-size",
-            "32",
-            "--num-classes",
-            "3",
-            "--device",
-            "cpu",
-            "--batch-size",
-            "2",
-            "--warmup",
-            "1",
-            "--iters",
-            "1",
-            "--json",
-        ]
-    )
+    glsim = "--model test_vit --method glsim --img-size 32 --num-classes 3".split()
+    rc = main([*glsim, *"--device cpu --batch-size 2 --warmup 1 --iters 1 --json".split()])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     for key in (
@@ -92,24 +73,7 @@ def test_profile_command_prints_one_json_object(capsys):
     assert out["img_per_s"] > 0 and isinstance(out["peak_mem_mb"], float) and out["encoder_passes"] == 2
     assert out["tokens"] == [5, 5, 5] and 0 < out["selection_flops"] <= 1_000_000
     # On the meta device nothing runs: the same counts, and no speed or memory figure at all.
-    assert (
-        main(
-            [
-                "--model",
-                "test_vit",
-                "--method",
-                "glsim",
-                "--img-size",
-                "32",
-                "--num-classes",
-                "3",
-                "--device",
-                "meta",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert main([*glsim, "--device", "meta", "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
     assert meta["img_per_s"] is None and meta["peak_mem_mb"] is None
     assert (meta["flops"], meta["params_total"], meta["tokens"]) == (out["flops"], out["params_total"], out["tokens"])
