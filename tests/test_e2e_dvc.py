@@ -180,9 +180,10 @@ def test_editing_a_recipe_reruns_training_but_nothing_upstream(repo):
     pipeline/data_config.py and stay up to date. check_params re-validates (its output is constant)."""
     config = repo / "pipeline/config.py"
     original = config.read_text()
-    assert '"lr": 0.01, "augment": "med"' in original  # the GLSim recipe's lr
+    recipe = '"lr": 0.01,\n        "augment": "med",'  # the GLSim recipe's lr, as ruff format lays it out
+    assert original.count(recipe) == 1
     try:
-        config.write_text(original.replace('"lr": 0.01, "augment": "med"', '"lr": 0.02, "augment": "med"'))
+        config.write_text(original.replace(recipe, recipe.replace("0.01", "0.02")))
         changed = set(json.loads(run_cmd(["dvc", "status", "--json"], repo).stdout))
         assert {"train@cnn", "train@vit", "train@glsim", "train@ila"} <= changed
         assert not changed & {"acquire", "faces", "clean", "split"}
