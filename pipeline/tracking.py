@@ -174,20 +174,17 @@ def seed_group_run(base: BaseParams, root: Path, name: str, group: str, tags: di
     found = _latest_run(experiment_id, f"tags.{SEED_GROUP_TAG} = '{group}'")
     if found is not None:
         return found.info.run_id
-    client = mlflow.MlflowClient()
-    run = client.create_run(experiment_id, run_name=name, tags={SEED_GROUP_TAG: group, **tags})
-    return run.info.run_id
+    return Store(mlflow.get_tracking_uri()).create_run(experiment_id, name, {SEED_GROUP_TAG: group, **tags})
 
 
 def log_seed_summary(run_id: str, summary: dict, prefix: str = "") -> None:
     """Log mean, std and n_seeds of a seeds summary (pipeline/seeds.py) to the group run, and close it."""
     import mlflow
 
-    client = mlflow.MlflowClient()
-    for key, value in summary.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            client.log_metric(run_id, f"{prefix}{key}", float(value))
-    client.set_terminated(run_id)
+    store = Store(mlflow.get_tracking_uri())
+    numbers = {f"{prefix}{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    store.log(run_id, metrics=numbers)
+    store.end(run_id)
 
 
 def parent_of(run) -> str | None:
