@@ -2,8 +2,9 @@
 
 Parts (each one a key of the summary):
 - `train_step`: training-step img/s of ViT-B/16 at 224 px in bf16 (the engine's own train_step) and its MFU against
-  the GPU's dense bf16 peak, with channels_last and torch.compile off and on;
-- `glsim_vs_vit`, `ila_vs_frozen_vit`: GLSim / ViT and ILA / frozen-ViT (linear probe) throughput ratios;
+  the GPU's dense bf16 peak, with channels_last, torch.compile off and on, and compiled as CUDA graphs;
+- `glsim_vs_vit`, `ila_vs_frozen_vit`: GLSim / ViT and ILA / frozen-ViT (linear probe) throughput ratios, and ILA's
+  step eager / compiled / as CUDA graphs (compile runs on CUDA only);
 - `loader`: img/s of the training DataLoader reading JPEGs from tar shards at 224 px with GLSim's medaugs, with one
   and with N worker processes, against what the model consumes (workers needed to keep up);
 - `engine_e2e`: the real `train()` for vit, glsim and ila (ViT-B/16 at 224, bf16, the recipes' augmentation, every
@@ -53,6 +54,7 @@ PEAK_BF16_TFLOPS = (
 )
 VIT_B = "vit_base_patch16_224"
 ALL_PARTS = ("train_step", "glsim_vs_vit", "ila_vs_frozen_vit", "loader", "engine_e2e", "sweep", "evaluate")
+OPT_IN_PARTS = ("engine_e2e_compile", "train_step_autotune")  # extras run only when --parts names them
 H100_VIT_B_IMG_PER_S = 2500  # the issue's ViT-B/16 bf16 training consumption on an H100, for the loader's target
 
 
@@ -124,9 +126,11 @@ def _step_fn(
     num_classes: int = 200,
     fused: bool = False,
     sdpa: str | None = None,
+    compile_mode: str | None = None,
 ):
     """A closure running one engine train_step (or one forward) of `method` on a fixed synthetic batch; `fused`: the
-    fused optimiser kernel (CUDA), `sdpa`: force one attention backend (FLASH_ATTENTION, CUDNN_ATTENTION, ...)."""
+    fused optimiser kernel (CUDA), `sdpa`: force one attention backend (FLASH_ATTENTION, CUDNN_ATTENTION, ...),
+    `compile_mode`: torch.compile's mode (None: its default; "reduce-overhead" replays CUDA graphs)."""
     import torch
     from timm.optim import create_optimizer_v2
     from torch import nn
@@ -141,7 +145,7 @@ def _step_fn(
     y = torch.randint(0, num_classes, (sizes.batch_size,), device=device)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    net = torch.compile(model) if compile_ else model
+    net = torch.compile(model, mode=compile_mode) if compile_ else model
     precision = "bf16"
     if not train:
         model.eval()
@@ -193,7 +197,7 @@ def train_flops_per_image(model, x) -> int:
     return counter.get_total_flops()
 
 
-def check_train_step(sizes: Sizes, device, peak: float | None, compile_: bool) -> dict:
+def check_train_step(sizes: Sizes, device, peak: float | None, compile_: bool, autotune: bool = False) -> dict:
     import torch
 
     out: dict = {
@@ -208,13 +212,13 @@ def check_train_step(sizes: Sizes, device, peak: float | None, compile_: bool) -
     flops = train_flops_per_image(model, x)
     out["train_gflops_per_image"] = round(flops / 1e9, 2)
     runs = {}
-    for name, kw in _step_configs(device, compile_).items():
+    for name, kw in _step_configs(device, compile_, autotune).items():
         t0 = time.perf_counter()
         step, model, x = _step_fn("vit", sizes, device, **kw)
         try:
             ips = _img_per_s(step, sizes, device)
-        except RuntimeError as exc:  # a forced attention backend this GPU or shape lacks
-            runs[name] = {"unavailable": str(exc)[:200]}
+        except Exception as exc:  # noqa: BLE001 - a forced attention backend this GPU lacks, a compile mode that fails
+            runs[name] = {"unavailable": f"{type(exc).__name__}: {exc}"[:300]}
             continue
         runs[name] = {
             "img_per_s": round(ips, 1),
@@ -234,9 +238,10 @@ def check_train_step(sizes: Sizes, device, peak: float | None, compile_: bool) -
     return out
 
 
-def _step_configs(device, compile_: bool) -> dict[str, dict]:
+def _step_configs(device, compile_: bool, autotune: bool = False) -> dict[str, dict]:
     """The train-step variants measured: memory format, the fused optimiser and the attention backends (CUDA), and
-    torch.compile (default mode) with the fused optimiser."""
+    torch.compile with the fused optimiser: its default mode, and on CUDA "reduce-overhead" (the step replayed as CUDA
+    graphs: no per-kernel launch cost) and "max-autotune-no-cudagraphs" (Triton GEMM and fusion autotuning)."""
     configs: dict[str, dict] = {"eager": {}, "channels_last": {"channels_last": True}}
     if device.type == "cuda":
         configs |= {"eager_fused": {"fused": True}}
@@ -246,6 +251,10 @@ def _step_configs(device, compile_: bool) -> dict[str, dict]:
         }
     if compile_:
         configs["compile"] = {"compile_": True, "fused": device.type == "cuda"}
+    if compile_ and device.type == "cuda":
+        configs["compile_cudagraphs"] = {"compile_": True, "fused": True, "compile_mode": "reduce-overhead"}
+    if compile_ and autotune:  # minutes of autotuning: only when asked for (--parts ...,train_step_autotune)
+        configs["compile_autotune"] = {"compile_": True, "fused": True, "compile_mode": "max-autotune-no-cudagraphs"}
     return configs
 
 
@@ -267,6 +276,29 @@ def check_ratio(a: str, b: str, sizes: Sizes, device) -> dict:
             f"{mode}_{b}_img_per_s": round(ips[b], 1),
             f"{mode}_ratio": round(ips[a] / ips[b], 3),
         }
+    return out
+
+
+def check_compiled_steps(method: str, sizes: Sizes, device) -> dict:
+    """Training-step img/s of `method` eager, compiled, and compiled as CUDA graphs (issue 20: a frozen backbone's
+    step is short, so launch overhead is a larger share of it)."""
+    import torch
+
+    modes = {
+        "eager": {},
+        "compile": {"compile_": True},
+        "compile_cudagraphs": {"compile_": True, "compile_mode": "reduce-overhead"},
+    }
+    out = {}
+    for name, kw in modes.items():
+        fn, model, x = _step_fn(method, sizes, device, fused=device.type == "cuda", **kw)
+        try:
+            out[f"train_{method}_{name}_img_per_s"] = round(_img_per_s(fn, sizes, device), 1)
+        except Exception as exc:  # noqa: BLE001 - a compile mode that fails is a figure too
+            out[f"train_{method}_{name}_img_per_s"] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
+        del fn, model, x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
@@ -737,11 +769,13 @@ def _run_parts(wanted: set, part, summary: dict, tmp: Path, device, peak: float 
         compiled = ("vit",) if compile_ and "engine_e2e_compile" in wanted else ()
         part("engine_e2e", lambda: check_engine_e2e(sizes, tmp, device, compile_methods=compiled))
     if "train_step" in wanted:
-        part("train_step", lambda: check_train_step(sizes, device, peak, compile_))
+        autotune = "train_step_autotune" in wanted
+        part("train_step", lambda: check_train_step(sizes, device, peak, compile_, autotune))
     if "glsim_vs_vit" in wanted:
         part("glsim_vs_vit", lambda: check_ratio("glsim", "vit", sizes, device) | {"paper_ratio": 0.75})
     if "ila_vs_frozen_vit" in wanted:
-        part("ila_vs_frozen_vit", lambda: check_ratio("ila", "linear", sizes, device))
+        compiled = (lambda: check_compiled_steps("ila", sizes, device)) if compile_ else dict
+        part("ila_vs_frozen_vit", lambda: check_ratio("ila", "linear", sizes, device) | compiled())
     if "loader" in wanted:
         consumption = (summary.get("train_step") or {}).get("best_img_per_s")
         part("loader", lambda: check_loader(sizes, tmp, consumption))
@@ -781,7 +815,8 @@ def add_gpu_check_parser(sub) -> None:
     p.add_argument(
         "--parts",
         help="comma-separated subset: " + ",".join(ALL_PARTS) + " (evaluate includes "
-        "predict and needs the sweep; engine_e2e_compile adds a compiled vit to engine_e2e)",
+        "predict and needs the sweep; engine_e2e_compile adds a compiled vit to engine_e2e; train_step_autotune adds "
+        "torch.compile's max-autotune mode to train_step, minutes of autotuning)",
     )
     p.add_argument("--json-out", type=Path, help="also write the summary to this file, after every part")
     p.set_defaults(fn=_main)
@@ -789,6 +824,11 @@ def add_gpu_check_parser(sub) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     parts = tuple(s.strip() for s in args.parts.split(",")) if args.parts else None
+    unknown = [p for p in parts or () if p not in ALL_PARTS + OPT_IN_PARTS]
+    if unknown:
+        known = ", ".join(ALL_PARTS + OPT_IN_PARTS)
+        print(f"gpu-check: --parts: no part named {', '.join(map(repr, unknown))} (parts: {known})", file=sys.stderr)
+        return 2
     # Everything the parts print (Ray's trial logs, the stages' progress) goes to stderr, at the file-descriptor
     # level (Ray's log threads and child processes write there too): stdout carries the summary only.
     sys.stdout.flush()

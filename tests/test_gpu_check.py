@@ -15,9 +15,8 @@ import pytest
 
 from tests.conftest import BIN, REPO
 
-pytestmark = pytest.mark.slow  # about 1.5 minutes on 2 busy cores (Ray start-up and 4 trials dominate)
 
-
+@pytest.mark.slow  # about 1.5 minutes on 2 busy cores (Ray start-up and 4 trials dominate)
 def test_gpu_check_cpu_form_reports_every_part(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env.update(PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
@@ -76,3 +75,12 @@ def test_gpu_check_cpu_form_reports_every_part(tmp_path):
     assert s["evaluate"]["device"] == "cpu" and s["evaluate"]["test_images"] == s["predict"]["images"] > 0
     assert s["predict"]["agrees_with_evaluate"] == 1.0  # same checkpoint, same preprocessing
     assert list(tmp_path.iterdir()) == []  # everything in a temporary folder, nothing in the working directory
+
+
+def test_an_unknown_part_is_refused_by_name_before_anything_runs(capsys):
+    """A typo in --parts (engine-e2e) used to run nothing and report the empty summary as a success."""
+    from pipeline.cli import main as cli
+
+    assert cli(["gpu-check", "--cpu", "--parts", "engine-e2e,loader"]) == 2
+    err = capsys.readouterr().err
+    assert "no part named 'engine-e2e'" in err and "engine_e2e" in err and "'loader'" not in err
