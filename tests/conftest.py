@@ -19,6 +19,10 @@ BIN = Path(sys.executable).parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# Two xdist workers each start stage processes with 2 torch threads on 2 cores: OpenMP threads that spin
+# while waiting steal the core the other process needs (a tiny training took 7-19 s instead of 3 s). Passive
+# waiting changes the schedule only, never the numbers (verify.NUMERICS_ENV lists what does).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
